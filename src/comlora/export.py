@@ -1,0 +1,69 @@
+"""One component out of a ComLoraModel: as a standard PEFT LoRA adapter, or merged into the base (spec section 7)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from .storage import write_json, write_safetensors
+
+if TYPE_CHECKING:
+    from .model import ComLoraModel
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def peft_lora_config(cm: "ComLoraModel") -> LoraConfig:
+    """The PEFT LoraConfig that places an r-rank adapter on exactly the modules ComLoRA adapted."""
+    cfg = cm.config
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM",
+                      base_model_name_or_path=getattr(cm.model, "name_or_path", None) or None)
+
+
+def peft_adapter_state(cm: "ComLoraModel", component: int) -> dict[str, torch.Tensor]:
+    """PEFT's key names: base_model.model.<module>.lora_A.weight = A_k^T [r, d_in], lora_B.weight = B_k^T [d_out, r]."""
+    state = {}
+    for name, layer in cm.adapted.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[component].T
+        state[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[component].T
+    return state
+
+
+def write_peft_adapter(cm: "ComLoraModel", component: int, path: str | Path) -> Path:
+    """``adapter_model.safetensors`` + ``adapter_config.json``, loadable by ``peft.PeftModel.from_pretrained``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / PEFT_WEIGHTS, peft_adapter_state(cm, component),
+                      metadata={"comlora_component": str(component)})
+    config = peft_lora_config(cm).to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()} | {"inference_mode": True}
+    write_json(path / PEFT_CONFIG, config)
+    return path
+
+
+@torch.no_grad()
+def merge_component(cm: "ComLoraModel", component: int, inplace: bool) -> nn.Module:
+    """Replace every ComLoraLinear by its base nn.Linear with W <- W0 + (alpha/r) (A_k B_k)^T."""
+    model = cm.model
+    if not inplace:
+        with cm.disable_adapters():
+            model = copy.deepcopy(cm.model)
+    names = list(cm.adapted)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        base = layer.base_layer
+        base.weight += layer.delta_weight(component).to(base.weight.dtype)
+        setattr(parent, child, base)
+    if inplace:
+        cm.adapted.clear()
+        cm.selector = None
+    return model

@@ -1,0 +1,69 @@
+"""ComLoraLinear: one frozen linear layer with K stacked LoRA components (spec sections 1-2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class ComLoraLinear(nn.Module):
+    """y = W0 x + (alpha / r) * B_k^T A_k^T x, for one component k or for all K at once.
+
+    ``lora_A`` is ``[K, d_in, r]`` and ``lora_B`` is ``[K, r, d_out]``. Modes:
+
+    - ``competition``: the input batch is the real batch replicated K times along dim 0;
+      slice k (rows k*B .. (k+1)*B-1) goes through component k, all in one batched matmul;
+    - ``active_component = k``: every row goes through component k;
+    - neither: the frozen base layer alone.
+    """
+
+    def __init__(self, base_layer: nn.Linear, num_components: int, r: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"ComLoraLinear adapts torch.nn.Linear only, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.num_components, self.r = num_components, r
+        self.scaling = lora_alpha / r
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(num_components, d_in, r, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(num_components, r, d_out, device=device, dtype=torch.float32))
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.competition = False
+        self.active_component: int | None = None
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A_k ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) independently per component, which is PEFT's
+        kaiming_uniform_(a=sqrt(5)) on its [r, d_in] lora_A; B_k = 0."""
+        bound = 1.0 / math.sqrt(self.lora_A.shape[1])
+        values = torch.rand(self.lora_A.shape, generator=generator, dtype=torch.float32)
+        self.lora_A.copy_((values * 2 - 1) * bound)
+        self.lora_B.zero_()
+
+    def delta_weight(self, component: int) -> torch.Tensor:
+        """scaling * (A_k B_k)^T, shaped like the base weight [d_out, d_in]."""
+        return (self.scaling * (self.lora_A[component] @ self.lora_B[component])).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if not self.competition and self.active_component is None:
+            return result
+        h = self.dropout(x).to(self.lora_A.dtype)
+        if self.competition:
+            k = self.num_components
+            if h.shape[0] % k:
+                raise ValueError(f"competition forward needs a batch of K*B rows (K={k}), got {h.shape[0]}")
+            stacked = h.reshape(k, -1, h.shape[-1])                      # [K, B*L, d_in]
+            delta = torch.bmm(torch.bmm(stacked, self.lora_A), self.lora_B)  # [K, B*L, d_out]
+            delta = delta.reshape(*result.shape)
+        else:
+            delta = h @ self.lora_A[self.active_component] @ self.lora_B[self.active_component]
+        return result + (self.scaling * delta).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_components={self.num_components}, r={self.r}, scaling={self.scaling:g}"

@@ -1,0 +1,331 @@
+"""ComLoraModel: injection of the K components and the selector, the competition step, winner
+selection, save and load (spec sections 2-6). Export and merge of one component: ``export.py``."""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .config import ComLoraConfig
+from .layers import ComLoraLinear
+from .losses import add_noise, alignment_loss, anneal_eta, pairwise_loss, sequence_losses
+from .selector import LoraSelector
+from .storage import write_json, write_safetensors
+
+STATE_CONFIG = "comlora_config.json"
+STATE_WEIGHTS = "comlora_model.safetensors"
+
+
+@dataclass
+class CompetitionOutput:
+    """What one competition step computed. ``per_sample_loss`` and ``sim`` are ``[B, K]``;
+    rows where ``valid`` is False (no target token) are zero and were left out of every loss."""
+
+    loss: torch.Tensor
+    parts: dict[str, float]
+    per_sample_loss: torch.Tensor
+    sim: torch.Tensor | None
+    valid: torch.Tensor
+    num_target_tokens: int
+
+
+@dataclass
+class WinnerReport:
+    """Winner selection on a validation set (Eq. 11-12), plus each component's validation loss."""
+
+    winner: int
+    winner_by_similarity: int | None
+    winner_by_loss: int | None
+    similarity: list[float] | None
+    val_loss: list[float] | None
+    num_samples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def matches_target(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a regex string must fullmatch the module name; a list entry must equal it or be a dotted suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the nn.Linear modules of ``model`` that ``targets`` selects; a clear error if none."""
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    found = [n for n in linear_names if matches_target(n, targets)]
+    if isinstance(targets, list):
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear_names)]
+        if missing:
+            available = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+            raise ValueError(f"target_modules {missing} match no linear module of {type(model).__name__}; "
+                             f"linear modules it has: {available}")
+    if not found:
+        available = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        raise ValueError(f"target_modules {targets!r} match no linear module of {type(model).__name__}; "
+                         f"linear modules it has: {available}")
+    return found
+
+
+class ComLoraModel(nn.Module):
+    """A frozen causal LM with K competing LoRA components per target module and a LoRA selector."""
+
+    def __init__(self, model: nn.Module, config: ComLoraConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.winner: int | None = None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        names = find_target_modules(model, config.target_modules)
+        self.adapted: dict[str, ComLoraLinear] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            for name in names:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                layer = ComLoraLinear(getattr(parent, child), config.num_components, config.r, config.lora_alpha,
+                                      config.lora_dropout)
+                setattr(parent, child, layer)
+                self.adapted[name] = layer
+            embed = model.get_input_embeddings()
+            self.selector = None
+            if config.use_selector:
+                self.selector = LoraSelector(embed.embedding_dim, config.num_components, config.selector_dim,
+                                             config.selector_heads, config.selector_ffn_dim,
+                                             config.selector_dropout, config.selector_init_std)
+                self.selector.to(embed.weight.device)
+
+    # ---- modes -------------------------------------------------------------------------
+    def _set_mode(self, competition: bool, component: int | None) -> tuple[bool, int | None]:
+        previous = next(iter(self.adapted.values()))
+        before = (previous.competition, previous.active_component)
+        for layer in self.adapted.values():
+            layer.competition, layer.active_component = competition, component
+        return before
+
+    @contextmanager
+    def _mode(self, competition: bool, component: int | None):
+        before = self._set_mode(competition, component)
+        try:
+            yield self
+        finally:
+            self._set_mode(*before)
+
+    def use_component(self, component: int):
+        """Context: every forward / generate uses base + component ``component`` alone."""
+        self._check_component(component)
+        return self._mode(False, component)
+
+    def disable_adapters(self):
+        """Context: the frozen base model alone."""
+        return self._mode(False, None)
+
+    def _check_component(self, component: int) -> None:
+        if not isinstance(component, int) or not 0 <= component < self.config.num_components:
+            raise ValueError(f"component must be an integer in 0..{self.config.num_components - 1}, got {component!r}")
+
+    def _require_mode(self) -> None:
+        layer = next(iter(self.adapted.values()))
+        if layer.competition or layer.active_component is not None:
+            return
+        if self.config.num_components == 1:
+            self._set_mode(False, 0)
+            return
+        raise RuntimeError(f"this ComLoraModel has K={self.config.num_components} components: choose one with "
+                           "`with model.use_component(k):`, or use `with model.disable_adapters():` for the base model")
+
+    def forward(self, *args, **kwargs):
+        self._require_mode()
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        self._require_mode()
+        return self.model.generate(*args, **kwargs)
+
+    # ---- the competition ---------------------------------------------------------------
+    def component_losses(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched forward of all K components: returns ``l [B, K]`` and the target-token count ``[B]``.
+
+        The batch is replicated K times, slice k through component k (``losses.sequence_losses``).
+        """
+        with self._mode(True, None):
+            return sequence_losses(self.model, input_ids, attention_mask, labels, self.config.num_components,
+                                   self.config.loss_reduction)
+
+    def similarity(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """sim [B, K] from the selector on the frozen input embeddings (Eq. 1-3)."""
+        if self.selector is None:
+            raise RuntimeError("this ComLoraModel was built with use_selector=False: it has no selector")
+        with torch.no_grad():
+            embeddings = self.model.get_input_embeddings()(input_ids)
+        return self.selector(embeddings, attention_mask)
+
+    def competition_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                         step: int, total_steps: int, generator: torch.Generator | None = None) -> CompetitionOutput:
+        """L = w_lm L_LM + w_align L_align + w_pair L_pairwise for one batch (Eq. 4-10)."""
+        cfg = self.config
+        losses, counts = self.component_losses(input_ids, attention_mask, labels)
+        valid = counts > 0
+        if not bool(valid.any()):
+            raise ValueError("the batch has no target token at all (every label is -100): check the label masking "
+                             "and cutoff_len; prompts longer than cutoff_len leave no response token")
+        l = losses[valid]
+        eta = anneal_eta(cfg.anneal, step, total_steps, cfg.anneal_rate)
+        lm = l.mean()
+        total = cfg.lm_weight * lm if cfg.lm_loss else lm.new_zeros(())
+        parts = {"lm": float(lm.detach()), "eta": eta}
+        sim = None
+        if self.selector is not None:
+            sim_all = self.similarity(input_ids, attention_mask)
+            sim = sim_all[valid]
+            align = alignment_loss(sim, l, cfg.top_n, eta, cfg.align_sign)
+            noisy = add_noise(l.detach() if cfg.pairwise_detach_lm else l, cfg.noise_alpha, generator)
+            pair = pairwise_loss(sim, noisy, cfg.pairwise_direction)
+            if cfg.align_loss:
+                total = total + cfg.align_weight * align
+            if cfg.pairwise_loss:
+                total = total + cfg.pairwise_weight * pair
+            parts.update(align=float(align.detach()), pairwise=float(pair.detach()))
+            sim = sim_all.detach() * valid.unsqueeze(1)
+        parts["loss"] = float(total.detach())
+        return CompetitionOutput(loss=total, parts=parts, per_sample_loss=(losses * valid.unsqueeze(1)).detach(),
+                                 sim=sim, valid=valid, num_target_tokens=int(counts.sum()))
+
+    # ---- winner ------------------------------------------------------------------------
+    @torch.no_grad()
+    def select_winner(self, batches, compute_loss: bool = True) -> WinnerReport:
+        """s_val[k] = sum over validation samples of sim[b, k]; winner = argmax_k s_val[k] (Eq. 11-12).
+
+        ``batches`` yields dicts with input_ids, attention_mask and (for the loss) labels. Without a
+        selector the winner is the component with the lowest validation loss.
+        """
+        if self.selector is None and not compute_loss:
+            raise ValueError("without a selector the winner is chosen by validation loss: compute_loss must be True")
+        was_training = self.training
+        self.eval()
+        k = self.config.num_components
+        sim_sum, loss_sum, samples, loss_samples = torch.zeros(k), torch.zeros(k), 0, 0
+        try:
+            for batch in batches:
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                samples += ids.shape[0]
+                if self.selector is not None:
+                    sim_sum += self.similarity(ids, mask).float().sum(0).cpu()
+                if compute_loss:
+                    losses, counts = self.component_losses(ids, mask, batch["labels"])
+                    loss_sum += losses[counts > 0].float().sum(0).cpu()
+                    loss_samples += int((counts > 0).sum())
+        finally:
+            self.train(was_training)
+        if samples == 0:
+            raise ValueError("select_winner got no validation batch")
+        if compute_loss and loss_samples == 0:
+            raise ValueError("no validation sample has a target token: cannot compute validation losses")
+        by_sim = int(sim_sum.argmax()) if self.selector is not None else None
+        val_loss = (loss_sum / loss_samples).tolist() if compute_loss else None
+        by_loss = int(torch.tensor(val_loss).argmin()) if compute_loss else None
+        report = WinnerReport(winner=by_sim if by_sim is not None else by_loss, winner_by_similarity=by_sim,
+                              winner_by_loss=by_loss, similarity=sim_sum.tolist() if by_sim is not None else None,
+                              val_loss=val_loss, num_samples=samples)
+        self.winner = report.winner
+        return report
+
+    # ---- export / merge (export.py) ------------------------------------------------------
+    def _resolve_component(self, component: int | None) -> int:
+        if component is None:
+            if self.winner is None:
+                raise ValueError("no component given and no winner selected yet: call select_winner() first "
+                                 "or pass component=k")
+            component = self.winner
+        self._check_component(component)
+        return component
+
+    def export_adapter(self, path: str | Path, component: int | None = None) -> Path:
+        """Write component ``component`` (default: the winner) as a standard PEFT LoRA adapter."""
+        from .export import write_peft_adapter
+
+        return write_peft_adapter(self, self._resolve_component(component), path)
+
+    def merge(self, component: int | None = None, inplace: bool = False) -> nn.Module:
+        """A plain transformers model with W = W0 + (alpha/r) (A_k B_k)^T; ``inplace`` reuses (and
+        consumes) this model's base to save memory, otherwise a copy is merged and this model stays usable."""
+        from .export import merge_component
+
+        return merge_component(self, self._resolve_component(component), inplace)
+
+    # ---- parameters ----------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        lora = sum(l.lora_A.numel() + l.lora_B.numel() for l in self.adapted.values())
+        selector = sum(p.numel() for p in self.selector.parameters()) if self.selector is not None else 0
+        base = sum(p.numel() for n, p in self.model.named_parameters() if ".lora_" not in n)
+        return {"lora": lora, "selector": selector, "base": base}
+
+    def print_trainable_parameters(self) -> None:
+        """LoRA and selector parameters as counts and % of the base model (the paper's L/S column)."""
+        c = self.parameter_counts()
+        print(f"trainable params: LoRA {c['lora']:,} ({100 * c['lora'] / c['base']:.4f}%) | "
+              f"selector {c['selector']:,} ({100 * c['selector'] / c['base']:.4f}%) | "
+              f"base (frozen) {c['base']:,} | L/S = {100 * c['lora'] / c['base']:.2f}/{100 * c['selector'] / c['base']:.2f}")
+
+    # ---- save / load ---------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, layer in self.adapted.items():
+            tensors[f"{name}.lora_A"] = layer.lora_A
+            tensors[f"{name}.lora_B"] = layer.lora_B
+        if self.selector is not None:
+            tensors.update({f"selector.{k}": v for k, v in self.selector.state_dict().items()})
+        return tensors
+
+    def save(self, path: str | Path) -> Path:
+        """Every component, the selector and the config: ``comlora_config.json`` + ``comlora_model.safetensors``."""
+        path = Path(path)
+        write_safetensors(path / STATE_WEIGHTS, self.state_tensors())
+        write_json(path / STATE_CONFIG, {
+            "comlora_config": self.config.to_dict(),
+            "base_model_name_or_path": getattr(self.model, "name_or_path", None),
+            "winner": self.winner,
+        })
+        return path
+
+    @classmethod
+    def load(cls, model: nn.Module, path: str | Path) -> "ComLoraModel":
+        """Rebuild a saved ComLoraModel on ``model`` (the same base it was trained on)."""
+        path = Path(path)
+        for f in (STATE_CONFIG, STATE_WEIGHTS):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{path} is not a saved ComLoraModel: {f} is missing")
+        meta = json.loads((path / STATE_CONFIG).read_text())
+        cm = cls(model, ComLoraConfig.from_dict(meta["comlora_config"]))
+        cm.load_state_tensors(load_file(str(path / STATE_WEIGHTS)), source=str(path))
+        cm.winner = meta.get("winner")
+        return cm
+
+    @torch.no_grad()
+    def load_state_tensors(self, saved: dict[str, torch.Tensor], source: str = "state") -> None:
+        """Copy saved tensors in; every missing, unexpected or wrongly shaped tensor is named in one error."""
+        expected = self.state_tensors()
+        problems = [f"missing {k}" for k in expected if k not in saved]
+        problems += [f"unexpected {k}" for k in saved if k not in expected]
+        problems += [f"{k}: saved shape {list(saved[k].shape)}, this model expects {list(v.shape)}"
+                     for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+        if problems:
+            raise ValueError(f"{source} does not fit this base model (was it saved from another one?):\n  "
+                             + "\n  ".join(problems))
+        for k, v in expected.items():
+            v.copy_(saved[k])
+
+
+def get_comlora_model(model: nn.Module, config: ComLoraConfig) -> ComLoraModel:
+    """Freeze ``model`` and inject K LoRA components into every target module, plus the selector."""
+    return ComLoraModel(model, config)

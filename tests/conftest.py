@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny randomly initialised Llama models (milliseconds per forward)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 97
+
+
+def make_tiny_llama(seed: int = 0, hidden_size: int = 32, layers: int = 2, vocab: int = VOCAB) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_batch(batch_size: int = 3, length: int = 9, seed: int = 1, prompt_len: int = 4):
+    """Right-padded batch: last row 2 tokens shorter; labels -100 on the prompt and on padding."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch_size, length), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[-1, -2:] = 0
+    input_ids[-1, -2:] = 0
+    labels = input_ids.clone()
+    labels[:, :prompt_len] = -100
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama
+
+
+@pytest.fixture
+def batch():
+    return make_batch()
+
+
+def make_tokenizer():
+    """A byte-level tokenizer with no merges (256 byte tokens + specials): offline, exact round trip."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(byte_vocab):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+TINY_TEXT_VOCAB = 3 + 256
+
+
+def make_tiny_text_model(tmp_path, seed: int = 0):
+    """A tiny random Llama + byte tokenizer saved as a local model folder (what `--model PATH` takes)."""
+    model = make_tiny_llama(seed=seed, vocab=TINY_TEXT_VOCAB)
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    return make_tiny_text_model(tmp_path)

@@ -1,0 +1,42 @@
+import pytest
+
+from comlora import ComLoraConfig
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_components": 0}, "num_components"),
+    ({"num_components": 2, "top_n": 3}, "top_n must be in 1..K=2"),
+    ({"num_components": 4, "top_n": 0}, "top_n"),
+    ({"r": 0}, "r must be"),
+    ({"anneal": "sigmoid"}, "unknown annealing schedule 'sigmoid'"),
+    ({"loss_reduction": "median"}, "loss_reduction"),
+    ({"pairwise_direction": "backwards"}, "pairwise_direction"),
+    ({"align_sign": 0}, "align_sign"),
+    ({"use_selector": False}, "use_selector=False"),
+    ({"lm_loss": False, "align_loss": False, "pairwise_loss": False}, "at least one"),
+    ({"selector_dim": 30, "selector_heads": 8}, "not divisible"),
+    ({"lora_dropout": 1.0}, "lora_dropout"),
+])
+def test_bad_config_values_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ComLoraConfig(**kwargs)
+
+
+def test_defaults_are_the_specs():
+    cfg = ComLoraConfig()
+    assert (cfg.noise_alpha, cfg.anneal, cfg.anneal_rate, cfg.loss_reduction) == (0.1, "exponential", 5.0, "mean")
+    assert (cfg.pairwise_direction, cfg.pairwise_detach_lm, cfg.align_sign) == ("intended", True, 1)
+    assert cfg.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert cfg.scaling == cfg.lora_alpha / cfg.r
+
+
+def test_every_field_has_help():
+    from dataclasses import fields
+    assert all(f.metadata.get("help") for f in fields(ComLoraConfig))
+
+
+def test_round_trip_and_unknown_field():
+    cfg = ComLoraConfig(num_components=4, top_n=3, anneal="cosine")
+    assert ComLoraConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        ComLoraConfig.from_dict({"num_component": 2})

@@ -1,0 +1,263 @@
+"""ComLoraModel against PEFT, gradient semantics, merge, save/load and bad inputs, on tiny Llamas."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+
+from comlora import ComLoraConfig, ComLoraModel, get_comlora_model
+from comlora.layers import ComLoraLinear
+
+from conftest import make_batch, make_tiny_llama
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def make_config(**overrides):
+    values = dict(num_components=3, r=4, lora_alpha=8, top_n=2, target_modules=TARGETS, selector_heads=4,
+                  selector_ffn_dim=64, selector_dropout=0.0, seed=3)
+    values.update(overrides)
+    return ComLoraConfig(**values)
+
+
+def randomise_components(cm, seed=5):
+    """B = 0 at init makes every component equal the base; give them distinct non-zero weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in cm.adapted.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+
+
+def reference_per_sample_loss(logits, labels):
+    """Plain masked mean NLL per sample from full logits (no shared code with the library)."""
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    nll = -logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    return nll.sum(1) / mask.sum(1)
+
+
+def test_batched_competition_matches_peft_running_each_exported_component(tmp_path, batch):
+    base = make_tiny_llama()
+    reference_base = copy.deepcopy(base)
+    cm = get_comlora_model(base, make_config())
+    randomise_components(cm)
+    cm.eval()
+    out = cm.competition_step(**batch, step=0, total_steps=10)
+    for k in range(3):
+        cm.export_adapter(tmp_path / f"c{k}", component=k)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(reference_base), tmp_path / f"c{k}").eval()
+        assert not [w for w in caught if "key" in str(w.message).lower()], [str(w.message) for w in caught]
+        with torch.no_grad():
+            peft_logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with cm.use_component(k):
+                ours = cm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert (ours - peft_logits).abs().max() < 1e-5
+        expected = reference_per_sample_loss(peft_logits, batch["labels"])
+        assert (out.per_sample_loss[:, k].double() - expected).abs().max() < 1e-5
+    # the components really differ, so the comparison above is not vacuous
+    assert (out.per_sample_loss[:, 0] - out.per_sample_loss[:, 1]).abs().max() > 1e-3
+
+
+def test_exported_adapter_files_are_peft_format(tmp_path):
+    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm.export_adapter(tmp_path / "a", component=1)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    with pytest.raises(ValueError, match="select_winner"):
+        cm.export_adapter(tmp_path / "b")
+    with pytest.raises(ValueError, match="component must be"):
+        cm.export_adapter(tmp_path / "b", component=3)
+
+
+def grads(module):
+    return [p.grad for p in module.parameters() if p.requires_grad]
+
+
+def nonzero(grads_list):
+    return any(g is not None and g.abs().sum() > 0 for g in grads_list)
+
+
+def lora_grads(cm):
+    return [p.grad for layer in cm.adapted.values() for p in (layer.lora_A, layer.lora_B)]
+
+
+def run_step(cm, batch, **kwargs):
+    cm.zero_grad(set_to_none=True)
+    cm.competition_step(**batch, step=5, total_steps=10, **kwargs).loss.backward()
+
+
+def test_base_gets_no_gradient_and_selector_only_from_pairwise(batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config())
+    randomise_components(cm)
+    run_step(cm, batch)
+    assert all(p.grad is None for n, p in cm.model.named_parameters() if ".lora_" not in n)
+    assert nonzero(grads(cm.selector)) and nonzero(lora_grads(cm))
+
+    cm.config.pairwise_loss = False                 # LM + alignment: no selector gradient
+    run_step(cm, batch)
+    assert not nonzero(grads(cm.selector)) and nonzero(lora_grads(cm))
+
+
+@pytest.mark.parametrize("lm, align, pairwise, detach, components_learn", [
+    (True, False, False, True, True),               # L_LM alone trains the components
+    (False, True, False, True, True),               # L_align alone trains the components
+    (False, False, True, True, False),              # detached pairwise: components get nothing
+    (False, False, True, False, True),              # undetached pairwise (camera-ready) reaches them
+])
+def test_which_loss_trains_the_components(batch, lm, align, pairwise, detach, components_learn):
+    cm = get_comlora_model(make_tiny_llama(), make_config(lm_loss=lm, align_loss=align, pairwise_loss=pairwise,
+                                                          pairwise_detach_lm=detach))
+    randomise_components(cm)
+    run_step(cm, batch)
+    assert nonzero(lora_grads(cm)) == components_learn
+    assert nonzero(grads(cm.selector)) == pairwise
+
+
+def test_selector_learns_to_prefer_the_lowest_loss_component():
+    """Only the pairwise loss, fixed per-component losses: the best component gets the highest similarity."""
+    torch.manual_seed(0)
+    cm = get_comlora_model(make_tiny_llama(), make_config(num_components=4, top_n=2))
+    fixed = torch.tensor([1.3, 0.6, 1.9, 1.0])
+    opt = torch.optim.Adam(cm.selector.parameters(), lr=1e-3)
+    batch = make_batch(batch_size=6, seed=2)
+    from comlora.losses import add_noise, pairwise_loss
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        sim = cm.similarity(batch["input_ids"], batch["attention_mask"])
+        loss = pairwise_loss(sim, add_noise(fixed.expand(6, 4), 0.1, g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        sim = cm.similarity(batch["input_ids"], batch["attention_mask"])
+    assert (sim.argmax(1) == 1).all()
+    assert (sim.argsort(1, descending=True) == torch.tensor([1, 3, 0, 2])).all()
+
+
+def test_merged_model_equals_the_component_and_costs_what_the_base_costs(batch):
+    base = make_tiny_llama()
+    fresh = make_tiny_llama()
+    cm = get_comlora_model(base, make_config())
+    randomise_components(cm)
+    with torch.no_grad(), cm.use_component(2):
+        expected = cm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    merged = cm.merge(2)
+    assert isinstance(merged, LlamaForCausalLM)
+    with torch.no_grad():
+        got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (got - expected).abs().max() < 1e-4
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in fresh.parameters())
+    assert [type(m) for m in merged.modules()] == [type(m) for m in fresh.modules()]
+    # not in place: the ComLoraModel keeps all components
+    assert all(isinstance(layer, ComLoraLinear) for layer in cm.adapted.values())
+    inplace = cm.merge(2, inplace=True)
+    with torch.no_grad():
+        got_inplace = inplace(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (got_inplace - expected).abs().max() < 1e-4
+    assert not any(isinstance(m, ComLoraLinear) for m in inplace.modules())
+
+
+def test_save_load_round_trip_is_bit_for_bit(tmp_path, batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config(noise_alpha=0.1))
+    randomise_components(cm)
+    cm.winner = 1
+    cm.save(tmp_path / "state")
+    cm2 = ComLoraModel.load(make_tiny_llama(), tmp_path / "state")
+    assert cm2.config == cm.config and cm2.winner == 1
+    for model in (cm, cm2):
+        model.eval()
+    a = cm.competition_step(**batch, step=3, total_steps=10, generator=torch.Generator().manual_seed(7))
+    b = cm2.competition_step(**batch, step=3, total_steps=10, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.per_sample_loss, b.per_sample_loss)
+    assert torch.equal(a.sim, b.sim)
+    with torch.no_grad(), cm.use_component(1), cm2.use_component(1):
+        assert torch.equal(cm(input_ids=batch["input_ids"]).logits, cm2(input_ids=batch["input_ids"]).logits)
+
+
+def test_loading_onto_a_different_base_names_the_mismatched_modules(tmp_path):
+    get_comlora_model(make_tiny_llama(), make_config()).save(tmp_path / "state")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A: saved shape \[3, 32, 4\], "
+                                         r"this model expects \[3, 48, 4\]"):
+        ComLoraModel.load(make_tiny_llama(hidden_size=48), tmp_path / "state")
+    with pytest.raises(ValueError, match="missing model.layers.2"):
+        ComLoraModel.load(make_tiny_llama(layers=3), tmp_path / "state")
+    with pytest.raises(FileNotFoundError, match="comlora_config.json is missing"):
+        ComLoraModel.load(make_tiny_llama(), tmp_path)
+
+
+def test_absent_target_modules_list_what_exists():
+    with pytest.raises(ValueError, match=r"\['qkv'\] match no linear module.*'down_proj'.*'q_proj'"):
+        get_comlora_model(make_tiny_llama(), make_config(target_modules=["q_proj", "qkv"]))
+
+
+def test_batch_without_any_target_token_raises(batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config())
+    labels = torch.full_like(batch["labels"], -100)
+    with pytest.raises(ValueError, match="no target token"):
+        cm.competition_step(batch["input_ids"], batch["attention_mask"], labels, step=0, total_steps=1)
+
+
+def test_a_sample_without_target_tokens_is_left_out_not_nan(batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config(noise_alpha=0.0))
+    randomise_components(cm)
+    cm.eval()
+    labels = batch["labels"].clone()
+    labels[1] = -100
+    out = cm.competition_step(batch["input_ids"], batch["attention_mask"], labels, step=2, total_steps=4)
+    keep = [0, 2]
+    ref = cm.competition_step(batch["input_ids"][keep], batch["attention_mask"][keep], labels[keep], step=2, total_steps=4)
+    assert torch.isfinite(out.loss) and out.valid.tolist() == [True, False, True]
+    assert out.loss.item() == pytest.approx(ref.loss.item(), abs=1e-6)
+    assert out.per_sample_loss[1].abs().sum() == 0
+
+
+def test_forward_requires_a_component_and_modes_are_restored(batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config())
+    with pytest.raises(RuntimeError, match="use_component"):
+        cm(input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="component must be"):
+        cm.use_component(5)
+    with cm.use_component(1):
+        pass
+    layer = next(iter(cm.adapted.values()))
+    assert layer.active_component is None and not layer.competition
+
+
+def test_select_winner_accumulates_similarity_and_validation_losses(batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config())
+    randomise_components(cm)
+    batches = [make_batch(seed=s) for s in range(3)]
+    report = cm.select_winner(batches)
+    expected_sim = sum(cm.similarity(b["input_ids"], b["attention_mask"]).sum(0) for b in batches)
+    assert report.similarity == pytest.approx(expected_sim.tolist(), rel=1e-5)
+    assert report.winner == report.winner_by_similarity == int(expected_sim.argmax())
+    losses = torch.cat([cm.component_losses(**b)[0] for b in batches])
+    assert report.val_loss == pytest.approx(losses.mean(0).tolist(), rel=1e-5)
+    assert report.winner_by_loss == int(losses.mean(0).argmin()) and cm.winner == report.winner
+    assert report.num_samples == 9
+
+
+def test_without_selector_the_winner_is_the_lowest_validation_loss(batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config(use_selector=False, align_loss=False, pairwise_loss=False))
+    randomise_components(cm)
+    assert cm.selector is None
+    out = cm.competition_step(**batch, step=0, total_steps=1)
+    assert out.sim is None and out.loss.item() == pytest.approx(out.parts["lm"])
+    report = cm.select_winner([batch])
+    assert report.winner == report.winner_by_loss == int(torch.tensor(report.val_loss).argmin())
+
+
+def test_parameter_counts(capsys):
+    cm = get_comlora_model(make_tiny_llama(), make_config())
+    counts = cm.parameter_counts()
+    # per layer: q(32->32) k(32->16) v(32->16) up(32->48) down(48->32); 2 layers, K=3, r=4
+    per_layer = sum(4 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 48), (48, 32)])
+    assert counts["lora"] == 2 * 3 * per_layer
+    assert counts["base"] == sum(p.numel() for p in make_tiny_llama().parameters())
+    cm.print_trainable_parameters()
+    assert "LoRA 7,680 (" in capsys.readouterr().out
