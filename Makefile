@@ -27,3 +27,7 @@ test-slow: setup
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# The main job: ComLoRA K=2 r=8 and LoRA r=8 on SmolLM2-135M + commonsense-mini, then evaluation.
+demo: setup
+	$(VENV)/bin/comlora demo

@@ -68,3 +68,34 @@ def make_tiny_text_model(tmp_path, seed: int = 0):
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     return make_tiny_text_model(tmp_path)
+
+
+TASK_ANSWERS = {"boolq": ["true", "false"], "piqa": ["solution1", "solution2"],
+                "social_i_qa": ["answer1", "answer2", "answer3"], "hellaswag": ["ending1", "ending2", "ending3", "ending4"],
+                "winogrande": ["option1", "option2"], "ARC-Challenge": ["answer1", "answer2", "answer3", "answer4"],
+                "ARC-Easy": ["answer1", "answer2", "answer3", "answer4"],
+                "openbookqa": ["answer1", "answer2", "answer3", "answer4"]}
+WITH_TRAIN = {"boolq", "ARC-Challenge", "ARC-Easy", "openbookqa"}
+
+
+def write_commonsense_root(root, test_items: int = 12, train_items: int = 10):
+    """A data root in the shared layout with short LLM-Adapters items for all 8 tasks."""
+    import json
+
+    for task, answers in TASK_ANSWERS.items():
+        folder = root / "commonsense" / task
+        folder.mkdir(parents=True)
+        splits = {"test": test_items, **({"train": train_items} if task in WITH_TRAIN else {})}
+        for split, n in splits.items():
+            items = []
+            for i in range(n):
+                answer = answers[i % len(answers)]
+                items.append({"instruction": f"{task} {split} q{i}? Answer format: {'/'.join(answers)}", "input": "",
+                              "output": f"the correct answer is {answer}", "answer": answer})
+            (folder / f"{split}.json").write_text(json.dumps(items, indent=4))
+    return root
+
+
+@pytest.fixture
+def commonsense_root(tmp_path):
+    return write_commonsense_root(tmp_path / "data")

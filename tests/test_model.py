@@ -257,7 +257,7 @@ def test_parameter_counts(capsys):
     counts = cm.parameter_counts()
     # per layer: q(32->32) k(32->16) v(32->16) up(32->48) down(48->32); 2 layers, K=3, r=4
     per_layer = sum(4 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 48), (48, 32)])
-    assert counts["lora"] == 2 * 3 * per_layer
+    assert counts["adapter"] == 2 * 3 * per_layer
     assert counts["base"] == sum(p.numel() for p in make_tiny_llama().parameters())
     cm.print_trainable_parameters()
     assert "LoRA 7,680 (" in capsys.readouterr().out

@@ -201,6 +201,14 @@ class ComLoraModel(nn.Module):
         return CompetitionOutput(loss=total, parts=parts, per_sample_loss=(losses * valid.unsqueeze(1)).detach(),
                                  sim=sim, valid=valid, num_target_tokens=int(counts.sum()))
 
+    def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
+        """The trainer's interface: the total loss and its parts, plus each component's mean loss on the batch."""
+        out = self.competition_step(input_ids, attention_mask, labels, step, total_steps)
+        parts = dict(out.parts, component_loss=out.per_sample_loss[out.valid].mean(0).tolist(),
+                     target_tokens=out.num_target_tokens)
+        return out.loss, parts
+
     # ---- winner ------------------------------------------------------------------------
     @torch.no_grad()
     def select_winner(self, batches, compute_loss: bool = True) -> WinnerReport:
@@ -265,17 +273,18 @@ class ComLoraModel(nn.Module):
 
     # ---- parameters ----------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
+        """{"adapter": LoRA components, "router": the selector, "base": the frozen base model}."""
         lora = sum(l.lora_A.numel() + l.lora_B.numel() for l in self.adapted.values())
         selector = sum(p.numel() for p in self.selector.parameters()) if self.selector is not None else 0
         base = sum(p.numel() for n, p in self.model.named_parameters() if ".lora_" not in n)
-        return {"lora": lora, "selector": selector, "base": base}
+        return {"adapter": lora, "router": selector, "base": base}
 
     def print_trainable_parameters(self) -> None:
         """LoRA and selector parameters as counts and % of the base model (the paper's L/S column)."""
         c = self.parameter_counts()
-        print(f"trainable params: LoRA {c['lora']:,} ({100 * c['lora'] / c['base']:.4f}%) | "
-              f"selector {c['selector']:,} ({100 * c['selector'] / c['base']:.4f}%) | "
-              f"base (frozen) {c['base']:,} | L/S = {100 * c['lora'] / c['base']:.2f}/{100 * c['selector'] / c['base']:.2f}")
+        lora, selector = 100 * c["adapter"] / c["base"], 100 * c["router"] / c["base"]
+        print(f"trainable params: LoRA {c['adapter']:,} ({lora:.4f}%) | selector {c['router']:,} ({selector:.4f}%) | "
+              f"base (frozen) {c['base']:,} | L/S = {lora:.2f}/{selector:.2f}")
 
     # ---- save / load ---------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,220 @@
+"""The ``comlora`` command line: train, select, export, eval, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .train_config import TrainConfig, apply_overrides, load_yaml
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--num-components`` for num_components), its help from the field."""
+    for f in fields(TrainConfig):
+        if f.name == "method_options":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif "list" in kind:
+            parser.add_argument(flag, type=lambda v: [x for x in v.split(",") if x], default=None,
+                                help=help_text + " Comma-separated.")
+        else:
+            cast = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, type=cast, default=None, help=help_text)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """YAML file first, then ``--set key=value``, then explicit flags."""
+    values = load_yaml(args.config) if args.config else {}
+    values = apply_overrides(values, args.set or [])
+    for f in fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .trainer import train
+
+    cfg = train_config_from_args(args)
+    run = train(cfg, resume=args.resume)
+    print(f"run finished: {run}")
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from .model import ComLoraModel
+    from .storage import write_json
+    from .trainer import reload_method, run_validation_batches
+
+    method, tokenizer, cfg = reload_method(args.run)
+    if not isinstance(method, ComLoraModel):
+        raise SystemExit(f"error: {args.run} is a {cfg.method} run; winner selection applies to comlora runs")
+    batches = run_validation_batches(Path(args.run), cfg, tokenizer, method.model.device, args.data)
+    report = method.select_winner(batches)
+    out = Path(args.out) if args.out else Path(args.run) / ("winner.json" if args.data is None else
+                                                          f"winner-{Path(args.data).stem}.json")
+    write_json(out, report.to_dict())
+    print(f"winner: component {report.winner} (similarity {report.similarity}, validation loss {report.val_loss}) -> {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .model import ComLoraModel
+    from .trainer import reload_method
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} is not empty; choose a new --out (nothing was written)")
+    method, tokenizer, cfg = reload_method(args.run)
+    if isinstance(method, ComLoraModel):
+        component = method._resolve_component(args.component)
+        if args.merge:
+            merged = method.merge(component, inplace=True)
+            merged.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        else:
+            method.export_adapter(out, component)
+        print(f"exported component {component}{' merged' if args.merge else ''} -> {out}")
+        return
+    if args.component not in (None, 0):
+        raise SystemExit(f"error: a {cfg.method} run has no components to choose from")
+    if args.merge:
+        if not getattr(method, "mergeable", False):
+            raise SystemExit(f"error: {cfg.method} cannot be merged into the base weights")
+        merged = method.peft_model.merge_and_unload()
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    else:
+        method.save(out)
+    print(f"exported {cfg.method}{' merged' if args.merge else ''} -> {out}")
+
+
+def evaluation_targets(args: argparse.Namespace):
+    """Yield (label, model, tokenizer) for every model the eval command names."""
+    from .model import ComLoraModel
+    from .models import load_model_and_tokenizer
+    from .trainer import reload_method
+
+    if args.run:
+        method, tokenizer, cfg = reload_method(args.run, device=args.device)
+        name = Path(args.run).name
+        if not isinstance(method, ComLoraModel):
+            yield f"{name}", method, tokenizer
+            return
+        if args.components == "all":
+            choice = list(range(method.config.num_components))
+        elif args.components == "winner":
+            choice = [method._resolve_component(None)]
+        else:
+            choice = [int(args.components)]
+        for k in choice:
+            with method.use_component(k):
+                yield f"{name}-component{k}" + ("-winner" if k == method.winner else ""), method, tokenizer
+        return
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    if args.adapter:
+        from peft import PeftModel
+
+        yield Path(args.adapter).name, PeftModel.from_pretrained(model, args.adapter).eval(), tokenizer
+    else:
+        yield f"base-{Path(args.model).name}", model.eval(), tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .data import build_commonsense_mini, data_root
+    from .evaluation import evaluate_commonsense, markdown_table, write_results
+
+    if args.adapter and args.run:
+        raise SystemExit("error: give --adapter or --run, not both")
+    tasks = args.tasks.split(",") if args.tasks else None
+    suite = build_commonsense_mini(data_root(args.data_root), tasks, eval_size=args.eval_size, train_per_task=0,
+                                   val_size=0, seed=args.seed)
+    if args.limit is not None and args.limit > args.eval_size:
+        raise SystemExit(f"error: --limit {args.limit} exceeds --eval-size {args.eval_size} (the reserved subset)")
+    out = Path(args.out) if args.out else (Path(args.run) / "eval" if args.run else Path("eval-results"))
+    results = {}
+    for label, model, tokenizer in evaluation_targets(args):
+        result = evaluate_commonsense(model, tokenizer, suite.evaluation, args.limit, args.batch_size,
+                                      args.max_new_tokens, 1 if args.greedy else args.num_beams)
+        result["settings"].update(model=args.model, adapter=args.adapter, run=args.run, seed=args.seed,
+                                  eval_size=args.eval_size)
+        write_results(out, f"commonsense-{label}", result)
+        results[label] = result
+    print(markdown_table(results))
+    print(f"results in {out}/")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), limit=args.limit, config_dir=Path(args.configs))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comlora", description="Competitive LoRA fine-tuning (ComLoRA) and baselines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="Train comlora (or a baseline method) and select, export and plot at the end.")
+    p.add_argument("--config", help="YAML file of TrainConfig options (experiments/*.yaml).")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override one option (repeatable); "
+                   "method_options.NAME=VALUE sets a field of the method's config.")
+    p.add_argument("--resume", action="store_true", help="Continue the run in --out from its last checkpoint.")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("select", help="Re-run ComLoRA winner selection of a finished run.")
+    p.add_argument("run", help="Run directory.")
+    p.add_argument("--data", help="Another validation set (LLM-Adapters JSON file or folder).")
+    p.add_argument("--out", help="Where to write the report (default RUN/winner.json, or RUN/winner-<data>.json).")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("export", help="Export one component (default: the winner) as a PEFT adapter or a merged model.")
+    p.add_argument("run", help="Run directory.")
+    p.add_argument("--component", type=int, help="Component index (default: the winner).")
+    p.add_argument("--merge", action="store_true", help="Write a merged transformers model instead of an adapter.")
+    p.add_argument("--out", required=True, help="New (or empty) output folder.")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="Evaluate a base model, a PEFT adapter or a run's components.")
+    p.add_argument("--model", default="smollm2-135m", help="Base model (ignored with --run: the run's own).")
+    p.add_argument("--adapter", help="A PEFT adapter folder to evaluate on --model.")
+    p.add_argument("--run", help="A run directory to evaluate.")
+    p.add_argument("--components", default="winner", help="With --run (comlora): all, winner, or an index.")
+    p.add_argument("--task", default="commonsense", choices=["commonsense"], help="Evaluation suite.")
+    p.add_argument("--tasks", help="Comma-separated commonsense tasks (default: all 8).")
+    p.add_argument("--limit", type=int, help="Items per task (the first N of the reserved evaluation subset).")
+    p.add_argument("--eval-size", type=int, default=100, help="Reserved evaluation items per task (as in training).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the evaluation subset (as in training).")
+    p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of beam search.")
+    p.add_argument("--num-beams", type=int, default=4, help="Beam width (LLM-Adapters: 4).")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="New tokens per answer (LLM-Adapters: 32).")
+    p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
+    p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--out", help="Output folder (default RUN/eval or ./eval-results).")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="The main job: train ComLoRA and LoRA on SmolLM2, evaluate base, LoRA and the winner.")
+    p.add_argument("--out", default="runs/demo", help="Folder for the demo's runs and results.")
+    p.add_argument("--limit", type=int, default=10, help="Evaluation items per task.")
+    p.add_argument("--configs", default="experiments", help="Folder holding demo-comlora.yaml and demo-lora.yaml.")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""LoRATRF (loratrf.txt; spec section 10): plain LoRA plus a task-aware filter on every decoder layer's output.
+
+Reading of the paper ("Task-Aware Filters", Eq. 4-5 and footnote 1):
+
+- placement: the filter acts on "the representation vector h^l in each Transformer layer l", and
+  the refined information "is added to the original representation": here, on the output hidden
+  state of every decoder layer ``model.base_model.layers[l]`` (a forward hook), before the next layer;
+- h~_i = clamp(cos(h_i, t), 0, 1) * h_i per token, with a learnable task vector t (d). The text says
+  the product with t is "clamped to [0, 1]" and Eq. 4 measures it by cosine similarity: the clamp of
+  the cosine, so a token pointing away from t (cos <= 0) is left untouched;
+- h^_i = h~_i T with T (d x d) approximated by two low-rank factors (footnote 1): T = T1 T2,
+  T1 (d x filter_rank), T2 (filter_rank x d); h <- h + h^;
+- initialisation (not given in the paper): T1 ~ U(-1/sqrt(d), 1/sqrt(d)) and T2 = 0, as LoRA's A and
+  B, so the filter starts as the identity; t ~ N(0, I) (the cosine ignores its scale);
+- LoRA on ``o_proj, gate_proj, up_proj, down_proj`` by default (the paper's W_o, W_f1, W_f2 for LLaMA).
+
+Not mergeable: the filter's clamp(cos(h, t), 0, 1) weighting makes it a non-linear map of h.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter_state import AdapterModel, ConfigDict, inject_linear_layers, mean_lm_loss
+from .layers import ComLoraLinear
+
+LORATRF_TARGET_MODULES = ["o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraTrfConfig(ConfigDict):
+    """Configuration of LoRATRF: rank-r LoRA on the target modules and a task-aware filter per decoder layer."""
+
+    r: int = field(default=8, metadata={"help": "Rank of the LoRA on every target module."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is (lora_alpha / r) * B^T A^T x."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input x (0 = off)."})
+    target_modules: list[str] | str = field(
+        default_factory=lambda: list(LORATRF_TARGET_MODULES),
+        metadata={"help": "Linear modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the full module name."},
+    )
+    filter_rank: int = field(default=8, metadata={"help": "Rank of the filter's transform T = T1 T2 (d x filter_rank x d)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the LoRA and filter initialisation."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        checks = [
+            (isinstance(self.r, int) and self.r >= 1, f"r must be an integer >= 1, got {self.r!r}"),
+            (isinstance(self.filter_rank, int) and self.filter_rank >= 1, f"filter_rank must be an integer >= 1, got {self.filter_rank!r}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
+            (bool(self.target_modules), "target_modules must name at least one module"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"LoraTrfConfig: {message}")
+
+
+class TaskFilter(nn.Module):
+    """h <- h + (clamp(cos(h, t), 0, 1) * h) T1 T2, per token (Eq. 4-5); T2 = 0 at init: the identity."""
+
+    def __init__(self, hidden_size: int, rank: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.task_vector = nn.Parameter(torch.empty(hidden_size, device=device, dtype=torch.float32))
+        self.T1 = nn.Parameter(torch.empty(hidden_size, rank, device=device, dtype=torch.float32))
+        self.T2 = nn.Parameter(torch.zeros(rank, hidden_size, device=device, dtype=torch.float32))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """t ~ N(0, I); T1 ~ U(-1/sqrt(d), 1/sqrt(d)); T2 = 0. Drawn on the CPU (same weights on every device)."""
+        self.task_vector.copy_(torch.randn(self.task_vector.shape, dtype=torch.float32))
+        bound = 1.0 / math.sqrt(self.T1.shape[0])
+        self.T1.copy_((torch.rand(self.T1.shape, dtype=torch.float32) * 2 - 1) * bound)
+        self.T2.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.to(self.T1.dtype)
+        relevance = F.cosine_similarity(x, self.task_vector, dim=-1).clamp(0.0, 1.0)   # [...]
+        return h + ((relevance.unsqueeze(-1) * x) @ self.T1 @ self.T2).to(h.dtype)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.T1.shape[0]}, rank={self.T1.shape[1]}"
+
+
+def filter_decoder_output(layer: nn.Module, args, output):
+    """Forward hook of a decoder layer: its output hidden state (a tensor, or the first item of a tuple
+    in older transformers) goes through ``layer.task_filter``."""
+    if isinstance(output, tuple):
+        return (layer.task_filter(output[0]), *output[1:])
+    return layer.task_filter(output)
+
+
+class LoraTrfModel(AdapterModel):
+    """A frozen causal LM with a rank-r LoRA on every target module (``ComLoraLinear`` with one component)
+    and a ``TaskFilter`` on the output of every decoder layer (``layers[l].task_filter``, applied by a
+    forward hook). ``mergeable = False``: the filter is not a linear map of the hidden state."""
+
+    config_class = LoraTrfConfig
+    state_name = "loratrf"
+
+    def __init__(self, model: nn.Module, config: LoraTrfConfig) -> None:
+        super().__init__(model, config)
+        decoder_layers = getattr(model.base_model, "layers", None)
+        if not isinstance(decoder_layers, nn.ModuleList):
+            raise ValueError(f"LoRATRF filters the output of every decoder layer, but {type(model).__name__} has no "
+                             "decoder-layer list at model.base_model.layers (Llama-family models have one)")
+        layers_prefix = next(n for n, m in model.named_modules() if m is decoder_layers)
+        hidden_size = model.get_input_embeddings().embedding_dim
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.injected = inject_linear_layers(model, config.target_modules, lambda linear: ComLoraLinear(
+                linear, 1, config.r, config.lora_alpha, config.lora_dropout))
+            for layer in self.injected.values():
+                layer.active_component = 0
+            for i, decoder_layer in enumerate(decoder_layers):
+                decoder_layer.task_filter = TaskFilter(hidden_size, config.filter_rank,
+                                                       next(decoder_layer.parameters()).device)
+                decoder_layer.register_forward_hook(filter_decoder_output)
+                self.injected[f"{layers_prefix}.{i}.task_filter"] = decoder_layer.task_filter
+
+    def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
+        """L = L_LM: LoRATRF adds no auxiliary loss."""
+        lm, target_tokens = mean_lm_loss(self.model, input_ids, attention_mask, labels)
+        return lm, {"lm": float(lm.detach()), "loss": float(lm.detach()), "target_tokens": target_tokens}
+
+
+def get_loratrf_model(model: nn.Module, config: LoraTrfConfig) -> LoraTrfModel:
+    """Freeze ``model``, put a LoRA on every target module and a task-aware filter on every decoder layer."""
+    return LoraTrfModel(model, config)

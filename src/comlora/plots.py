@@ -1,0 +1,90 @@
+"""The paper's training figures from a run's metrics.jsonl: Figure 2 (per-component training loss)
+and Figure 3 (how often each component had the lowest loss, per window of steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def smooth(values: list[float], span: int) -> list[float]:
+    """Trailing moving average over ``span`` steps."""
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - span + 1): i + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def plot_loss_curves(runs: dict[str, str | Path], out: str | Path, span: int = 5) -> Path:
+    """Figure 2: each ComLoRA component's training loss, and the LM loss of any other run given."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, run in runs.items():
+        rows = read_metrics(run)
+        steps = [r["step"] for r in rows]
+        if rows and "component_loss" in rows[0]:
+            for k in range(len(rows[0]["component_loss"])):
+                ax.plot(steps, smooth([r["component_loss"][k] for r in rows], span), label=f"{label} component {k}")
+        else:
+            ax.plot(steps, smooth([r["lm"] for r in rows], span), label=label, linestyle="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss (moving average over {span} steps)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def lowest_loss_shares(rows: list[dict], window: int) -> list[list[float]]:
+    """Per window of ``window`` steps, the fraction of its steps at which each component had the lowest loss."""
+    k = len(rows[0]["component_loss"])
+    shares = []
+    for start in range(0, len(rows), window):
+        chunk = rows[start:start + window]
+        counts = [sum(r["lowest_loss_component"] == c for r in chunk) for c in range(k)]
+        shares.append([c / len(chunk) for c in counts])
+    return shares
+
+
+def plot_lowest_loss_share(run: str | Path, out: str | Path, window: int = 50) -> Path:
+    """Figure 3: stacked bars, one per window of steps."""
+    rows = read_metrics(run)
+    shares = lowest_loss_shares(rows, window)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(shares)
+    x = [f"{i * window + 1}-{min((i + 1) * window, len(rows))}" for i in range(len(shares))]
+    for c in range(len(shares[0])):
+        heights = [s[c] for s in shares]
+        ax.bar(x, heights, bottom=bottom, label=f"component {c}")
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xlabel("steps")
+    ax.set_ylabel("share of steps with the lowest loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_run(run: str | Path, window: int = 50) -> list[Path]:
+    """Draw the figures a run's metrics support into the run directory."""
+    run = Path(run)
+    rows = read_metrics(run)
+    if not rows:
+        return []
+    paths = [plot_loss_curves({run.name: run}, run / "loss_curves.png")]
+    if "component_loss" in rows[0]:
+        paths.append(plot_lowest_loss_share(run, run / "lowest_loss_share.png", window))
+    return paths

@@ -1,0 +1,158 @@
+"""TeamLoRA (teamlora.txt Sec. 3.3; spec section 10): one shared A, K expert matrices B_i, and a
+competition module that mixes the experts per token through a learnable interaction matrix M.
+
+Not mergeable: the expert weights omega depend on the input token, so no fixed weight update reproduces a layer.
+
+Reading of the paper (Eq. 8-13) and of the spec:
+
+- collaboration: ``z = x A`` with ``A (d_in x r_A)``, ``r_A = K r_B``, split into K slices ``z_i`` of
+  width r_B (Eq. 8), ``h_i = z_i B_i`` with ``B_i (r_B x d_out)`` (Eq. 9);
+- competition: ``phi = softmax(S(x))`` from a bias-free ``Linear(d_in -> K)`` per token (Eq. 11),
+  ``omega_i = sum_j M_ij phi_j``, i.e. ``omega = M phi`` (Eq. 12);
+- output ``W0 x + (lora_alpha / r_B) * sum_i omega_i h_i`` (Eq. 13; the scaling is per expert rank,
+  as a MoELoRA expert of rank r_B would have);
+- "M is initialized with a uniform distribution, with all diagonal elements set to 1": the
+  off-diagonal entries are drawn from U(-a, a) and the diagonal is exactly 1. The paper gives no
+  range; a = ``interaction_init_range`` = 0.1 by default (the authors' released code draws its
+  off-diagonal interactions from U(-0.1, 0.1)); a = 0 makes M the identity (plain softmax routing).
+  M is neither renormalised nor constrained during training: Eq. 12 applies it as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter_state import AdapterModel, ConfigDict, inject_linear_layers, mean_lm_loss
+from .config import DEFAULT_TARGET_MODULES
+
+
+@dataclass
+class TeamLoraConfig(ConfigDict):
+    """Configuration of TeamLoRA: K experts of rank r_B sharing one A of rank r_A = K * r_B per target module."""
+
+    num_experts: int = field(default=4, metadata={"help": "K: expert matrices B_i per adapted layer."})
+    r_B: int = field(default=8, metadata={"help": "Rank of every expert B_i (the paper's 'Rank' column)."})
+    r_A: int | None = field(default=None, metadata={"help": "Rank of the shared A; None = K * r_B. If given it must equal K * r_B (a check, not a second knob)."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: the update is (lora_alpha / r_B) * sum_i omega_i h_i."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input x (0 = off; the router sees x without it)."})
+    target_modules: list[str] | str = field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        metadata={"help": "Linear modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the full module name."},
+    )
+    interaction_init_range: float = field(default=0.1, metadata={"help": "a: off-diagonal entries of M start ~ U(-a, a); the diagonal starts at 1 (a = 0: M = I)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the A, router and interaction-matrix initialisation."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        k = self.num_experts
+        checks = [
+            (isinstance(k, int) and k >= 1, f"num_experts (K) must be an integer >= 1, got {k!r}"),
+            (isinstance(self.r_B, int) and self.r_B >= 1, f"r_B must be an integer >= 1, got {self.r_B!r}"),
+            (self.r_A is None or (isinstance(self.r_A, int) and self.r_A >= 1), f"r_A must be None or an integer >= 1, got {self.r_A!r}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
+            (self.interaction_init_range >= 0, f"interaction_init_range must be >= 0, got {self.interaction_init_range!r}"),
+            (bool(self.target_modules), "target_modules must name at least one module"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TeamLoraConfig: {message}")
+        if self.r_A is None:
+            self.r_A = k * self.r_B
+        elif self.r_A % k:
+            raise ValueError(f"TeamLoraConfig: r_A={self.r_A} is not divisible by num_experts K={k}: "
+                             "z = x A is split into K slices of equal width r_B = r_A / K")
+        elif self.r_A != k * self.r_B:
+            raise ValueError(f"TeamLoraConfig: r_A={self.r_A} is inconsistent with K * r_B = {k} * {self.r_B} = "
+                             f"{k * self.r_B}; set r_B={self.r_A // k} or leave r_A unset")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r_B
+
+
+class TeamLoraLinear(nn.Module):
+    """y = W0 x + (alpha / r_B) * sum_i omega_i(x) h_i,  h_i = split(x A)_i B_i,  omega = M softmax(S x).
+
+    ``lora_A`` is ``[d_in, K*r_B]`` (shared), ``lora_B`` is ``[K, r_B, d_out]`` (expert i is ``lora_B[i]``),
+    the router S is a bias-free ``Linear(d_in -> K)`` and ``interaction`` is M ``[K, K]``.
+    """
+
+    def __init__(self, base_layer: nn.Linear, num_experts: int, r_B: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, interaction_init_range: float = 0.1) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"TeamLoraLinear adapts torch.nn.Linear only, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.num_experts, self.r_B = num_experts, r_B
+        self.scaling = lora_alpha / r_B
+        self.interaction_init_range = interaction_init_range
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(d_in, num_experts * r_B, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, r_B, d_out, device=device, dtype=torch.float32))
+        self.router = torch.nn.utils.skip_init(nn.Linear, d_in, num_experts, bias=False, device=device,
+                                               dtype=torch.float32)
+        self.interaction = nn.Parameter(torch.empty(num_experts, num_experts, device=device, dtype=torch.float32))
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A and the router ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's / nn.Linear's kaiming_uniform_(a=sqrt(5)));
+        B_i = 0; M: off-diagonal ~ U(-a, a), diagonal 1. Drawn on the CPU, so a seed gives the same weights on every device."""
+        bound = 1.0 / math.sqrt(self.lora_A.shape[0])
+        for p in (self.lora_A, self.router.weight):
+            p.copy_((torch.rand(p.shape, dtype=torch.float32) * 2 - 1) * bound)
+        self.lora_B.zero_()
+        a = self.interaction_init_range
+        m = (torch.rand(self.interaction.shape, dtype=torch.float32) * 2 - 1) * a
+        self.interaction.copy_(m.fill_diagonal_(1.0))
+
+    def expert_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """omega = M phi, phi = softmax(S x), per token: ``[..., K]`` (Eq. 11-12)."""
+        phi = torch.softmax(self.router(x), dim=-1)
+        return phi @ self.interaction.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        x = x.to(self.lora_A.dtype)
+        omega = self.expert_weights(x)
+        z = (self.dropout(x) @ self.lora_A).unflatten(-1, (self.num_experts, self.r_B))  # z_i = split(x A)_i
+        delta = torch.einsum("...kr,kro->...o", z * omega.unsqueeze(-1), self.lora_B)    # sum_i omega_i z_i B_i
+        return result + (self.scaling * delta).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, r_B={self.r_B}, scaling={self.scaling:g}"
+
+
+class TeamLoraModel(AdapterModel):
+    """A frozen causal LM with a TeamLoraLinear on every target module. ``mergeable = False``: the expert
+    weights omega depend on the token, so the experts cannot be folded into W0."""
+
+    config_class = TeamLoraConfig
+    state_name = "teamlora"
+
+    def __init__(self, model: nn.Module, config: TeamLoraConfig) -> None:
+        super().__init__(model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.injected = inject_linear_layers(model, config.target_modules, lambda linear: TeamLoraLinear(
+                linear, config.num_experts, config.r_B, config.lora_alpha, config.lora_dropout,
+                config.interaction_init_range))
+
+    def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
+        """L = L_LM: the paper adds no auxiliary loss to TeamLoRA."""
+        lm, target_tokens = mean_lm_loss(self.model, input_ids, attention_mask, labels)
+        return lm, {"lm": float(lm.detach()), "loss": float(lm.detach()), "target_tokens": target_tokens}
+
+
+def get_teamlora_model(model: nn.Module, config: TeamLoraConfig) -> TeamLoraModel:
+    """Freeze ``model`` and put a shared A, K experts B_i, a router and M on every target module."""
+    return TeamLoraModel(model, config)

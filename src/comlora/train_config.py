@@ -1,0 +1,114 @@
+"""TrainConfig: one training run (model, method, data, optimiser, run directory), loadable from YAML."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+METHODS = ("comlora", "lora", "dora", "moelora", "teamlora", "loratrf")
+SCHEDULERS = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``comlora train`` needs; the resolved copy is written to ``RUN_DIR/config.yaml``."""
+
+    out: str = field(default="runs/latest", metadata={"help": "Run directory (metrics, checkpoints, state, adapter, plots)."})
+    model: str = field(default="smollm2-135m", metadata={"help": "Base model: 'smollm2-135m' (embedded default), a Hub id or a local path."})
+    method: str = field(default="comlora", metadata={"help": f"Training method: one of {METHODS}."})
+    num_components: int = field(default=2, metadata={"help": "K: competing components (comlora) or experts (moelora, teamlora)."})
+    r: int = field(default=8, metadata={"help": "LoRA rank (per component / expert)."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+                                      metadata={"help": "Linear modules to adapt (name suffixes)."})
+    top_n: int | None = field(default=None, metadata={"help": "ComLoRA top-N of the alignment loss; None = K."})
+    noise_alpha: float = field(default=0.1, metadata={"help": "ComLoRA noise std on the per-sample losses (Eq. 6)."})
+    anneal: str = field(default="exponential", metadata={"help": "ComLoRA annealing of the alignment loss: constant, cosine, exponential, linear."})
+    method_options: dict = field(default_factory=dict, metadata={"help": "Further fields of the method's config dataclass (e.g. pairwise_detach_lm, align_sign)."})
+    data: str = field(default="commonsense-mini", metadata={"help": "'commonsense-mini' or a LLM-Adapters JSON file / folder of them."})
+    data_root: str | None = field(default=None, metadata={"help": "Data root (default: $COMLORA_DATA or ../shared/data)."})
+    tasks: list[str] | None = field(default=None, metadata={"help": "commonsense-mini tasks (default: all 8)."})
+    train_per_task: int = field(default=25, metadata={"help": "commonsense-mini training items per task."})
+    eval_size: int = field(default=100, metadata={"help": "commonsense-mini evaluation items reserved per task (never trained on)."})
+    val_size: int = field(default=120, metadata={"help": "Validation items for winner selection (the paper's 120)."})
+    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training item (prompt + response)."})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens (else they are masked with -100)."})
+    lr: float = field(default=3e-4, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler: str = field(default="linear", metadata={"help": f"Decay after warm-up: one of {SCHEDULERS}."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+    epochs: int = field(default=1, metadata={"help": "Epochs over the training items (ignored when max_steps > 0)."})
+    max_steps: int = field(default=0, metadata={"help": "Optimizer steps to run; 0 = epochs * steps per epoch."})
+    batch_size: int = field(default=8, metadata={"help": "Micro-batch per process."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})
+    group_by_length: bool = field(default=True, metadata={"help": "Batch items of similar length together (less padding; order stays random)."})
+    seed: int = field(default=0, metadata={"help": "Seed of data order, initialisation, dropout and noise."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0 = only at the end)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints kept."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps (with accelerate launch: per process)."})
+    dtype: str = field(default="auto", metadata={"help": "Base model dtype: auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16."})
+    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no or bf16."})
+    window: int = field(default=50, metadata={"help": "Steps per bar of the lowest-loss-share plot (Figure 3)."})
+
+    def __post_init__(self) -> None:
+        positive = ["num_components", "r", "cutoff_len", "batch_size", "grad_accum", "epochs", "window", "keep_checkpoints"]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ["max_steps", "save_every", "warmup_steps", "train_per_task", "eval_size", "val_size"]:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig: {name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"TrainConfig: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"TrainConfig: lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"TrainConfig: mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.method_options, dict):
+            raise ValueError(f"TrainConfig: method_options must be a mapping, got {self.method_options!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value")
+    return values
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """``key=value`` pairs (value parsed as YAML); ``a.b=value`` sets a nested key such as method_options.align_sign."""
+    values = dict(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        value = yaml.safe_load(raw)
+        head, _, rest = key.partition(".")
+        if rest:
+            values[head] = {**(values.get(head) or {}), rest: value}
+        else:
+            values[key] = value
+    return values

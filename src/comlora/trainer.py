@@ -1,0 +1,335 @@
+"""The training loop: plain AdamW steps over micro-batches, with Accelerate for devices and processes.
+
+Run directory (``cfg.out``):
+  config.yaml         the resolved TrainConfig
+  metrics.jsonl       one line per optimizer step (loss parts, eta, per-component loss, lr, tokens/s, memory)
+  checkpoints/step-N  trainable tensors, optimizer, scheduler, RNG, position (written atomically)
+  state/              the final method state (ComLoRA: every component + selector; LoRA: the PEFT adapter)
+  winner.json         ComLoRA winner selection on the validation set; validation.json for other methods
+  adapter/            the winner (or the LoRA) as a standard PEFT adapter, when the method is mergeable
+  *.png               Figure 2 (per-component loss curves) and Figure 3 (lowest-loss share)
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .data import build_commonsense_mini, collate, data_root, load_items, tokenize_item
+from .methods import build_method, load_method
+from .model import ComLoraModel
+from .models import load_model_and_tokenizer
+from .storage import write_json, write_safetensors, write_text
+from .train_config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingObjective(nn.Module):
+    """What Accelerate wraps (DDP across processes): forward = the method's training loss."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict, step: int, total_steps: int):
+        return self.method.training_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], step, total_steps)
+
+
+def load_training_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(training items, validation items) as tokenised examples, with their source items kept."""
+    if cfg.data == "commonsense-mini":
+        suite = build_commonsense_mini(data_root(cfg.data_root), cfg.tasks, cfg.eval_size, cfg.train_per_task,
+                                       cfg.val_size, cfg.seed)
+        train_items, val_items = suite.train, suite.validation
+    else:
+        items = load_items(cfg.data)
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        if cfg.val_size >= len(items):
+            raise ValueError(f"{cfg.data}: {len(items)} items cannot hold out val_size={cfg.val_size} for validation")
+        val_items = [items[i] for i in order[:cfg.val_size]]
+        train_items = [items[i] for i in order[cfg.val_size:]]
+    return tokenize_with_targets(train_items, "training", cfg, tokenizer), \
+        tokenize_with_targets(val_items, "validation", cfg, tokenizer)
+
+
+def tokenize_with_targets(items: list[dict], split: str, cfg: TrainConfig, tokenizer) -> list[dict]:
+    """Tokenised items, leaving out (and reporting) those whose prompt fills cutoff_len: no target token left."""
+    examples = [tokenize_item(tokenizer, item, cfg.cutoff_len, cfg.train_on_inputs) for item in items]
+    kept = [e for e in examples if any(label != -100 for label in e["labels"][1:])]
+    if len(kept) < len(examples):
+        print(f"note: {len(examples) - len(kept)} of {len(examples)} {split} items have no response token within "
+              f"cutoff_len={cfg.cutoff_len} and are left out", file=sys.stderr)
+    if not kept:
+        raise ValueError(f"no {split} item has a response token within cutoff_len={cfg.cutoff_len}")
+    return kept
+
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    return sorted((run / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def trainable_tensors(method: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in method.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: int, keep: int) -> Path:
+    """Everything a resume needs, written into a temp folder that is renamed into place when complete."""
+    final = run / CHECKPOINTS / f"step-{step:08d}"
+    tmp = run / CHECKPOINTS / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_safetensors(tmp / "trainable.safetensors", trainable_tensors(method))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    write_safetensors(tmp / "rng.safetensors", rng)
+    write_json(tmp / "trainer_state.json", {"step": step})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in checkpoint_dirs(run)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler) -> int:
+    """Restore a checkpoint in place; returns its optimizer step. Only tensors are unpickled (weights_only)."""
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = trainable_tensors(method)
+    if set(saved) != set(params):
+        raise ValueError(f"checkpoint {path} does not match this run's method: "
+                         f"missing {sorted(set(params) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(params))[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    return json.loads((path / "trainer_state.json").read_text())["step"]
+
+
+def micro_batches(lengths: list[int], per_process: int, num_processes: int, rank: int, seed: int, epoch: int,
+                  group_by_length: bool = True):
+    """One epoch of micro-batches for process ``rank``.
+
+    A seeded permutation is cut into global micro-batches of ``per_process * num_processes`` items and
+    process ``rank`` takes its slice of each, so N processes see what one process with the global batch
+    sees. With ``group_by_length`` the permutation is sorted by length inside chunks of 16 global
+    batches and the batches are then shuffled, which cuts padding while keeping the order random.
+    """
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    global_batch = per_process * num_processes
+    if group_by_length:
+        chunk = 16 * global_batch
+        order = [i for s in range(0, len(order), chunk)
+                 for i in sorted(order[s:s + chunk], key=lambda i: -lengths[i])]
+    batches = [order[s:s + global_batch] for s in range(0, len(order) - global_batch + 1, global_batch)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    for batch in batches:
+        yield batch[rank * per_process: (rank + 1) * per_process]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def validation_batches(examples: list[dict], batch_size: int, pad_token_id: int, device):
+    for start in range(0, len(examples), batch_size):
+        yield {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    run = Path(cfg.out)
+    config_file = run / "config.yaml"
+    if resume:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"--resume: {run} holds no run (config.yaml is missing)")
+        saved = yaml.safe_load(config_file.read_text())
+        if saved != cfg.to_dict():
+            diff = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))
+            raise ValueError(f"--resume: the options differ from the run's config.yaml in {diff}")
+        if (run / "state").is_dir():
+            raise ValueError(f"--resume: the run in {run} is already complete (it has a final state/)")
+    elif run.exists() and any(run.iterdir()):
+        raise FileExistsError(f"run directory {run} is not empty: choose another --out, or --resume it")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | None = None,
+          stop_after: int | None = None) -> Path:
+    """Train ``cfg.method`` as configured; returns the run directory. ``stop_after`` ends the loop early
+    after that many optimizer steps (as a kill would), leaving the run resumable."""
+    accelerator = accelerator or Accelerator(
+        cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    main = accelerator.is_main_process
+    run = prepare_run_dir(cfg, resume) if main else Path(cfg.out)
+    accelerator.wait_for_everyone()
+    if main and not resume:
+        write_text(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    torch.manual_seed(cfg.seed)
+    device = accelerator.device if cfg.device == "auto" else cfg.device
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=str(device), dtype=cfg.dtype)
+    train_examples, val_examples = load_training_data(cfg, tokenizer)
+    method = build_method(cfg, model).to(model.device)
+    if main and hasattr(method, "print_trainable_parameters"):
+        method.print_trainable_parameters()
+
+    per_step = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
+    steps_per_epoch = len(train_examples) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_examples)} training items are fewer than one optimizer step needs "
+                         f"(batch_size {cfg.batch_size} x {accelerator.num_processes} processes x grad_accum {cfg.grad_accum})")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    objective = accelerator.prepare(TrainingObjective(method))
+
+    step = 0
+    if resume and checkpoint_dirs(run):
+        step = load_checkpoint(checkpoint_dirs(run)[-1], method, optimizer, scheduler)
+    metrics_file = run / "metrics.jsonl"
+    if main:   # keep only the lines of steps the restored state has seen
+        lines = metrics_file.read_text().splitlines() if resume and metrics_file.exists() else []
+        write_text(metrics_file, "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"train {cfg.method}", dynamic_ncols=True)
+    batches = (b for epoch in range(sys.maxsize)
+               for b in micro_batches(lengths, cfg.batch_size, accelerator.num_processes,
+                                      accelerator.process_index, cfg.seed, epoch, cfg.group_by_length))
+    for _ in range(step * cfg.grad_accum):       # the data position of a resumed run
+        next(batches)
+    objective.train()
+    end = total_steps if stop_after is None else min(total_steps, step + stop_after)
+    while step < end:
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(accelerator.device) for k, v in
+                     collate([train_examples[i] for i in next(batches)], tokenizer.pad_token_id).items()}
+            tokens += int(batch["attention_mask"].sum())
+            sync = micro == cfg.grad_accum - 1
+            with (nullcontext() if sync else accelerator.no_sync(objective)), accelerator.autocast():
+                loss, parts = objective(batch, step, total_steps)
+                accelerator.backward(loss / cfg.grad_accum)
+            for key, value in parts.items():
+                if isinstance(value, list):
+                    sums[key] = [a + b / cfg.grad_accum for a, b in zip(sums.get(key, [0.0] * len(value)), value)]
+                else:
+                    sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - started
+        record = {"step": step, **_mean_over_processes(accelerator, sums), "lr": scheduler.get_last_lr()[0],
+                  "tokens_per_s": tokens * accelerator.num_processes / seconds, "step_seconds": seconds,
+                  "peak_rss_mb": peak_rss_mb()}
+        if "component_loss" in record:
+            record["lowest_loss_component"] = min(range(len(record["component_loss"])),
+                                                  key=record["component_loss"].__getitem__)
+        if main:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.update(1)
+            progress.set_postfix({k: f"{record[k]:.3f}" for k in ("lm", "align", "pairwise", "eta") if k in record}
+                                 | {"tok/s": f"{record['tokens_per_s']:.0f}"})
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and main:
+            save_checkpoint(run, method, optimizer, scheduler, step, cfg.keep_checkpoints)
+    progress.close()
+    accelerator.wait_for_everyone()
+    if step < total_steps:              # stopped early on purpose: leave a checkpoint to resume from
+        if main:
+            save_checkpoint(run, method, optimizer, scheduler, step, cfg.keep_checkpoints)
+        return run
+    if main:
+        finish_run(cfg, run, method, tokenizer, val_examples)
+    accelerator.wait_for_everyone()
+    return run
+
+
+def _mean_over_processes(accelerator: Accelerator, values: dict) -> dict:
+    if accelerator.num_processes == 1:
+        return values
+    out = {}
+    for key, value in values.items():
+        tensor = torch.tensor(value, dtype=torch.float64, device=accelerator.device)
+        out[key] = accelerator.reduce(tensor, reduction="mean").tolist()
+    return out
+
+
+def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_examples: list[dict]) -> None:
+    """Save the final state, select the winner on the validation set, export the adapter, draw the plots."""
+    from .plots import plot_run
+
+    method.eval()
+    batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
+    if isinstance(method, ComLoraModel):
+        report = method.select_winner(batches)
+        write_json(run / "winner.json", report.to_dict())
+        method.export_adapter(run / "adapter")
+    else:
+        with torch.no_grad():
+            losses = [method.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[0].item()
+                      * len(b["input_ids"]) for b in batches]
+        write_json(run / "validation.json", {"val_loss": sum(losses) / max(1, len(val_examples)),
+                                             "num_samples": len(val_examples)})
+        if getattr(method, "mergeable", False):
+            method.save(run / "adapter")
+    method.save(run / "state")
+    plot_run(run, cfg.window)
+    if checkpoint_dirs(run):
+        shutil.rmtree(run / CHECKPOINTS)         # the run is complete: its state/ supersedes them
+
+
+def reload_method(run: str | Path, device: str | None = None):
+    """(method model, tokenizer, TrainConfig) of a finished run, on a freshly loaded base model."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (config.yaml is missing)")
+    if not (run / "state").is_dir():
+        raise FileNotFoundError(f"{run} has no final state/ (did the run finish? resume it with --resume)")
+    cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device or cfg.device, dtype=cfg.dtype)
+    return load_method(cfg, model, run / "state").eval(), tokenizer, cfg
+
+
+def run_validation_batches(run: Path, cfg: TrainConfig, tokenizer, device, data: str | None = None):
+    """Validation batches of a run (or of another LLM-Adapters file/folder given as ``data``)."""
+    if data is None:
+        _, val_examples = load_training_data(cfg, tokenizer)
+    else:
+        val_examples = tokenize_with_targets(load_items(data), "validation", cfg, tokenizer)
+    return list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, device))

@@ -1,0 +1,120 @@
+"""The command line end to end on a tiny random Llama and a tiny data root (seconds)."""
+
+import json
+import warnings
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from comlora.cli import main
+from comlora.train_config import TrainConfig
+from comlora.trainer import train
+
+
+def train_args(model_dir, data_root, out, *extra):
+    return ["train", "--model", str(model_dir), "--data-root", str(data_root), "--out", str(out), "--device", "cpu",
+            "--train-per-task", "2", "--val-size", "6", "--eval-size", "4", "--batch-size", "4", "--max-steps", "4",
+            "--cutoff-len", "256", "--lr", "0.01", "--window", "2", *extra]
+
+
+def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, capsys):
+    run = tmp_path / "run"
+    main(train_args(tiny_model_dir, commonsense_root, run, "--num-components", "3", "--top-n", "2",
+                    "--set", "method_options.selector_heads=4", "--set", "method_options.selector_ffn_dim=32"))
+    for name in ["config.yaml", "metrics.jsonl", "winner.json", "loss_curves.png", "lowest_loss_share.png",
+                 "state/comlora_model.safetensors", "adapter/adapter_model.safetensors"]:
+        assert (run / name).is_file(), name
+    assert not (run / "checkpoints").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ["lm", "align", "pairwise", "eta", "component_loss", "lowest_loss_component", "lr", "tokens_per_s",
+                "peak_rss_mb"]:
+        assert key in rows[0], key
+    assert len(rows[0]["component_loss"]) == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["method_options"] == {"selector_heads": 4, "selector_ffn_dim": 32}
+    winner = json.loads((run / "winner.json").read_text())
+    assert winner["num_samples"] == 6 and len(winner["similarity"]) == 3 and len(winner["val_loss"]) == 3
+
+    main(["select", str(run), "--out", str(tmp_path / "again.json")])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["winner"] == winner["winner"] and again["similarity"] == pytest.approx(winner["similarity"], rel=1e-5)
+    assert again["val_loss"] == pytest.approx(winner["val_loss"], rel=1e-5)
+
+    main(["export", str(run), "--component", "1", "--out", str(tmp_path / "c1")])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "c1").eval()
+    assert not [w for w in caught if "key" in str(w.message).lower()]
+    main(["export", str(run), "--component", "1", "--merge", "--out", str(tmp_path / "m1")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m1").eval()
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        assert (merged(ids).logits - peft_model(input_ids=ids).logits).abs().max() < 1e-4
+    with pytest.raises(SystemExit):
+        main(["export", str(run), "--out", str(tmp_path / "m1")])          # not empty: refused
+
+    capsys.readouterr()
+    main(["eval", "--run", str(run), "--components", "all", "--data-root", str(commonsense_root), "--eval-size", "4",
+          "--limit", "2", "--greedy", "--max-new-tokens", "4", "--tasks", "boolq,piqa", "--out", str(tmp_path / "ev")])
+    table = capsys.readouterr().out
+    assert "run-component0" in table and "run-component2" in table
+    files = sorted((tmp_path / "ev").glob("commonsense-run-component*.json"))
+    assert len(files) == 3 and f"component{winner['winner']}-winner" in files[winner["winner"]].name
+    result = json.loads(files[1].read_text())
+    assert set(result["tasks"]) == {"boolq", "piqa"} and result["tasks"]["boolq"]["n"] == 2
+    main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "c1"), "--data-root", str(commonsense_root),
+          "--eval-size", "4", "--limit", "1", "--greedy", "--max-new-tokens", "3", "--tasks", "winogrande",
+          "--out", str(tmp_path / "ev")])
+    assert (tmp_path / "ev" / "commonsense-c1.json").is_file()
+
+
+def test_lora_baseline_run_exports_a_peft_adapter(tmp_path, tiny_model_dir, commonsense_root):
+    run = tmp_path / "lora"
+    main(train_args(tiny_model_dir, commonsense_root, run, "--method", "lora", "--r", "4"))
+    assert json.loads((run / "validation.json").read_text())["num_samples"] == 6
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lm"] < rows[0]["lm"] * 1.5 and len(rows) == 4
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, commonsense_root):
+    values = dict(model=str(tiny_model_dir), data_root=str(commonsense_root), device="cpu", train_per_task=4,
+                  val_size=4, eval_size=4, batch_size=4, grad_accum=2, max_steps=5, cutoff_len=256, lr=0.01,
+                  noise_alpha=0.1, lora_dropout=0.1, save_every=2,
+                  method_options={"selector_heads": 4, "selector_ffn_dim": 32})
+    train(TrainConfig(out=str(tmp_path / "straight"), **values))
+    interrupted = TrainConfig(out=str(tmp_path / "resumed"), **values)
+    train(interrupted, stop_after=3)                 # as if killed after step 3
+    ckpts = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000003"]
+    (tmp_path / "resumed" / "checkpoints" / ".tmp-step-00000004").mkdir()   # a write the kill interrupted
+    with pytest.raises(FileExistsError, match="not empty"):
+        train(interrupted)
+    train(interrupted, resume=True)
+    a = load_file(str(tmp_path / "straight" / "state" / "comlora_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "state" / "comlora_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    resumed = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    drop = lambda line: {k: v for k, v in json.loads(line).items()  # noqa: E731
+                         if k not in ("tokens_per_s", "step_seconds", "peak_rss_mb")}
+    assert [drop(l) for l in straight] == [drop(l) for l in resumed]
+    with pytest.raises(ValueError, match="already complete"):
+        train(interrupted, resume=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--method", "nope"], "unknown method 'nope'"),
+    (["train", "--set", "bogus=1"], "unknown training option"),
+    (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+    (["train", "--resume", "--out", "/nonexistent-run"], "config.yaml is missing"),
+])
+def test_bad_training_input_is_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
