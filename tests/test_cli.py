@@ -110,7 +110,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, common
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--method", "nope"], "unknown method 'nope'"),
-    (["train", "--set", "bogus=1"], "unknown training option"),
+    (["train", "--set", "bogus=1"], "TrainConfig: unknown field(s) ['bogus']"),
     (["train", "--config", "/nonexistent.yaml"], "does not exist"),
     (["train", "--resume", "--out", "/nonexistent-run"], "config.yaml is missing"),
 ])
@@ -118,3 +118,59 @@ def test_bad_training_input_is_a_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_every_method_trains_evaluates_and_compares(tmp_path, tiny_model_dir, commonsense_root, capsys):
+    runs = []
+    for method, extra in [("comlora", ["--set", "method_options.selector_heads=4", "--set", "method_options.selector_ffn_dim=32"]),
+                          ("lora", ["--seed", "0"]), ("lora", ["--seed", "1"]), ("dora", []),
+                          ("moelora", ["--num-components", "2", "--set", "method_options.top_k=1",
+                                       "--set", "method_options.load_balance_weight=0.01"]),
+                          ("teamlora", ["--num-components", "2", "--r", "2"]), ("loratrf", [])]:
+        run = tmp_path / f"{method}-{len(runs)}"
+        main(train_args(tiny_model_dir, commonsense_root, run, "--method", method, "--max-steps", "2", *extra))
+        params = json.loads((run / "parameters.json").read_text())
+        assert params["adapter"] > 0 and params["mergeable"] == (method in ("comlora", "lora", "dora"))
+        assert (run / "adapter").is_dir() == params["mergeable"]
+        main(["eval", "--run", str(run), "--data-root", str(commonsense_root), "--eval-size", "4", "--limit", "1",
+              "--greedy", "--max-new-tokens", "3", "--tasks", "boolq,piqa"])
+        runs.append(run)
+    capsys.readouterr()
+    main(["compare", *map(str, runs), "--out", str(tmp_path / "table")])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| configuration | runs | params % (L/S) | boolq | piqa | avg | inference |"
+    lora_row = next(line for line in table if line.startswith("| method=lora, r=8 |"))
+    assert "| 2 |" in lora_row                                      # two seeds grouped
+    assert sum("not mergeable" in line for line in table) == 3
+    assert (tmp_path / "table.csv").read_text().startswith("configuration,runs,params % (L/S),boolq,piqa,avg,inference")
+
+
+def test_compare_refuses_an_unevaluated_run(tmp_path, tiny_model_dir, commonsense_root, capsys):
+    run = tmp_path / "lora"
+    main(train_args(tiny_model_dir, commonsense_root, run, "--method", "lora", "--max-steps", "1"))
+    with pytest.raises(SystemExit):
+        main(["compare", str(run)])
+    assert "comlora eval --run" in capsys.readouterr().err
+
+
+def test_mmlu_and_convai2_train_and_evaluate(tmp_path, tiny_model_dir, capsys):
+    """Training on MMLU-format and ConvAI2 data, and both evaluations, through the same commands (real data root)."""
+    from comlora.data import data_root
+
+    root = str(data_root())
+    common = ["--model", str(tiny_model_dir), "--data-root", root, "--device", "cpu", "--batch-size", "4",
+              "--max-steps", "2", "--cutoff-len", "1024", "--method", "lora"]
+    main(["train", *common, "--data", "mmlu", "--val-size", "8", "--out", str(tmp_path / "mmlu")])
+    main(["train", *common, "--data", "convai2", "--history-turns", "0", "--val-size", "8", "--out", str(tmp_path / "convai2")])
+    assert json.loads((tmp_path / "convai2" / "validation.json").read_text())["num_samples"] == 8
+    capsys.readouterr()
+    main(["eval", "--run", str(tmp_path / "mmlu"), "--task", "mmlu", "--data-root", root, "--subjects",
+          "anatomy,virology", "--limit", "2", "--shots", "1"])
+    out = capsys.readouterr().out
+    assert "micro avg" in out
+    result = json.loads((tmp_path / "mmlu" / "eval" / "mmlu-mmlu.json").read_text())
+    assert result["n"] == 4 and {r["subject"] for r in result["items"]} == {"anatomy", "virology"}
+    main(["eval", "--run", str(tmp_path / "convai2"), "--task", "convai2", "--data-root", root, "--limit", "3",
+          "--greedy", "--max-new-tokens", "4", "--no-bertscore"])
+    result = json.loads((tmp_path / "convai2" / "eval" / "convai2-convai2.json").read_text())
+    assert result["n"] == 3 and result["metrics"]["bleu"] is not None and result["metrics"]["bertscore_f1"] is None

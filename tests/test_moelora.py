@@ -166,7 +166,8 @@ def test_save_load_round_trip_is_bit_exact_and_a_different_base_is_refused(tmp_p
     mm = get_moelora_model(make_tiny_llama(), make_config(top_k=2))
     randomise_experts(mm)
     mm.save(tmp_path / "state")
-    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["moelora_config.json", "moelora_model.safetensors"]
+    saved = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert saved == ["moelora_config.json", "moelora_model.safetensors"]
     loaded = MoeLoraModel.load(make_tiny_llama(), tmp_path / "state")
     assert loaded.config == mm.config
     assert torch.equal(logits(loaded, batch), logits(mm, batch))

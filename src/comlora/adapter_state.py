@@ -1,96 +1,26 @@
-"""What the related methods (MoELoRA, TeamLoRA, LoRATRF; spec section 10) share: injection into a frozen
-causal LM, the L_LM loss, parameter counts, and save / load of the trainable tensors (config JSON + safetensors)."""
+"""AdapterModel: what the related methods' wrappers (MoELoRA, TeamLoRA, LoRATRF; spec section 10) share:
+pass-through inference, parameter counts, and save / load of the trainable tensors (config JSON + safetensors)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .losses import sequence_losses
-from .model import find_target_modules
-from .storage import write_json, write_safetensors
-
-
-class ConfigDict:
-    """``to_dict`` / ``from_dict`` / ``from_json`` for a config dataclass; an unknown field is an error naming it."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, path: str | Path):
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def inject_linear_layers(model: nn.Module, targets: list[str] | str,
-                         make_layer: Callable[[nn.Linear], nn.Module]) -> dict[str, nn.Module]:
-    """Freeze every parameter of ``model``, then replace each target ``nn.Linear`` by ``make_layer(linear)``.
-
-    Returns ``{module name: new layer}``; a target that matches nothing is a ValueError listing the
-    linear modules the model has (``model.find_target_modules``).
-    """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = {}
-    for name in find_target_modules(model, targets):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layers[name] = make_layer(getattr(parent, child))
-        setattr(parent, child, layers[name])
-    return layers
-
-
-def mean_lm_loss(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """L_LM = mean over samples with a target token of the per-sample mean NLL (ComLoRA's Eq. 4 with K = 1).
-
-    Returns ``(L_LM, number of target tokens)``.
-    """
-    losses, counts = sequence_losses(causal_lm, input_ids, attention_mask, labels)
-    valid = counts > 0
-    if not bool(valid.any()):
-        raise ValueError("the batch has no target token at all (every label is -100): check the label masking "
-                         "and cutoff_len; prompts longer than cutoff_len leave no response token")
-    return losses[valid, 0].mean(), int(counts.sum())
-
-
-@torch.no_grad()
-def load_state_tensors(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], source: str = "state") -> None:
-    """Copy ``saved`` into ``expected``; every missing, unexpected or wrongly shaped tensor is named in one error."""
-    problems = [f"missing {k}" for k in expected if k not in saved]
-    problems += [f"unexpected {k}" for k in saved if k not in expected]
-    problems += [f"{k}: saved shape {list(saved[k].shape)}, this model expects {list(v.shape)}"
-                 for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
-    if problems:
-        raise ValueError(f"{source} does not fit this base model (was it saved from another one?):\n  "
-                         + "\n  ".join(problems))
-    for k, v in expected.items():
-        v.copy_(saved[k])
+from .storage import load_state_tensors, write_json, write_safetensors
 
 
 class AdapterModel(nn.Module):
     """Base of the related methods' wrappers: ``.model`` is the causal LM with the method's modules injected.
 
-    A subclass sets ``config_class`` and ``state_name``, injects its modules in ``__init__`` and records
+    A subclass sets ``config_class``, ``state_name`` and ``mergeable``, injects its modules in ``__init__`` and records
     each in ``self.injected`` (name inside ``.model`` -> module). Tensors named ``lora_*`` count as the
     adapter, every other tensor the method adds (router, interaction matrix, filter) as the router.
     """
 
-    mergeable = False
     config_class: type
     state_name: str
 
@@ -121,7 +51,8 @@ class AdapterModel(nn.Module):
         return {**groups["adapter"], **groups["router"]}
 
     def parameter_counts(self) -> dict[str, int]:
-        """{"adapter": LoRA / expert weights, "router": router, interaction or filter, "base": the frozen base model}."""
+        """{"adapter": LoRA / expert weights, "router": router, interaction matrix or filter,
+        "base": the frozen base model (without the adapter's tensors)}."""
         groups = self.parameter_groups()
         added = {id(p) for group in groups.values() for p in group.values()}
         counts = {key: sum(p.numel() for p in group.values()) for key, group in groups.items()}

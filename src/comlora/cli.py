@@ -125,27 +125,51 @@ def evaluation_targets(args: argparse.Namespace):
         yield f"base-{Path(args.model).name}", model.eval(), tokenizer
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def evaluation_task(args: argparse.Namespace):
+    """(evaluate(model, tokenizer) -> result, markdown table function) for ``args.task``."""
     from .data import build_commonsense_mini, data_root
-    from .evaluation import evaluate_commonsense, markdown_table, write_results
+
+    root = data_root(args.data_root)
+    if args.task == "commonsense":
+        from .evaluation import evaluate_commonsense, markdown_table
+
+        if args.limit is not None and args.limit > args.eval_size:
+            raise ValueError(f"--limit {args.limit} exceeds --eval-size {args.eval_size} (the reserved subset)")
+        tasks = args.tasks.split(",") if args.tasks else None
+        suite = build_commonsense_mini(root, tasks, eval_size=args.eval_size, train_per_task=0, val_size=0, seed=args.seed)
+        return (lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, args.limit, args.batch_size,
+                                                        args.max_new_tokens, 1 if args.greedy else args.num_beams)), markdown_table
+    if args.task == "mmlu":
+        from .mmlu import evaluate_mmlu, load_mmlu, markdown_table
+
+        subjects = args.subjects.split(",") if args.subjects else None
+        items = load_mmlu(root, "test", subjects, args.limit)
+        dev = load_mmlu(root, "dev", subjects) if args.shots else None
+        return (lambda model, tok: evaluate_mmlu(model, tok, items, args.shots, dev, args.mmlu_mode, args.prompt_style,
+                                                 args.batch_size, args.max_new_tokens)), markdown_table
+    from .convai2 import CONVAI2_FILE, convai2_examples, evaluate_convai2, load_convai2, markdown_table, split_dialogues
+
+    dialogues = split_dialogues(load_convai2(root / CONVAI2_FILE), seed=args.seed)[args.split]
+    examples = convai2_examples(dialogues, args.history_turns)[:args.limit]
+    return (lambda model, tok: evaluate_convai2(model, tok, examples, 1 if args.greedy else args.num_beams,
+                                                args.length_penalty, args.no_repeat_ngram_size, args.max_new_tokens,
+                                                args.batch_size, bertscore=not args.no_bertscore)), markdown_table
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluation import write_results
 
     if args.adapter and args.run:
-        raise SystemExit("error: give --adapter or --run, not both")
-    tasks = args.tasks.split(",") if args.tasks else None
-    suite = build_commonsense_mini(data_root(args.data_root), tasks, eval_size=args.eval_size, train_per_task=0,
-                                   val_size=0, seed=args.seed)
-    if args.limit is not None and args.limit > args.eval_size:
-        raise SystemExit(f"error: --limit {args.limit} exceeds --eval-size {args.eval_size} (the reserved subset)")
+        raise ValueError("give --adapter or --run, not both")
+    evaluate, table = evaluation_task(args)
     out = Path(args.out) if args.out else (Path(args.run) / "eval" if args.run else Path("eval-results"))
     results = {}
     for label, model, tokenizer in evaluation_targets(args):
-        result = evaluate_commonsense(model, tokenizer, suite.evaluation, args.limit, args.batch_size,
-                                      args.max_new_tokens, 1 if args.greedy else args.num_beams)
-        result["settings"].update(model=args.model, adapter=args.adapter, run=args.run, seed=args.seed,
-                                  eval_size=args.eval_size)
-        write_results(out, f"commonsense-{label}", result)
+        result = evaluate(model, tokenizer)
+        result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed)
+        write_results(out, f"{args.task}-{label}", result, table)
         results[label] = result
-    print(markdown_table(results))
+    print(table(results))
     print(f"results in {out}/")
 
 
@@ -153,6 +177,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(Path(args.out), limit=args.limit, config_dir=Path(args.configs))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import comparison_rows, run_summary, to_csv, to_markdown
+    from .storage import write_text
+
+    rows = comparison_rows([run_summary(r) for r in args.runs], tuple(args.group_by.split(",")))
+    table = to_markdown(rows)
+    print(table)
+    if args.out:
+        write_text(Path(args.out).with_suffix(".md"), table)
+        write_text(Path(args.out).with_suffix(".csv"), to_csv(rows))
+        print(f"written: {Path(args.out).with_suffix('.md')} and .csv")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,23 +222,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="A PEFT adapter folder to evaluate on --model.")
     p.add_argument("--run", help="A run directory to evaluate.")
     p.add_argument("--components", default="winner", help="With --run (comlora): all, winner, or an index.")
-    p.add_argument("--task", default="commonsense", choices=["commonsense"], help="Evaluation suite.")
-    p.add_argument("--tasks", help="Comma-separated commonsense tasks (default: all 8).")
-    p.add_argument("--limit", type=int, help="Items per task (the first N of the reserved evaluation subset).")
-    p.add_argument("--eval-size", type=int, default=100, help="Reserved evaluation items per task (as in training).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the evaluation subset (as in training).")
+    p.add_argument("--task", default="commonsense", choices=["commonsense", "mmlu", "convai2"], help="Evaluation suite.")
+    p.add_argument("--limit", type=int, help="commonsense: items per task (first N of the reserved subset); "
+                   "mmlu: rows per subject; convai2: examples.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the commonsense subset / the ConvAI2 split (as in training).")
     p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of beam search.")
     p.add_argument("--num-beams", type=int, default=4, help="Beam width (LLM-Adapters: 4).")
     p.add_argument("--max-new-tokens", type=int, default=32, help="New tokens per answer (LLM-Adapters: 32).")
+    g = p.add_argument_group("commonsense")
+    g.add_argument("--tasks", help="Comma-separated commonsense tasks (default: all 8).")
+    g.add_argument("--eval-size", type=int, default=100, help="Reserved evaluation items per task (as in training).")
+    g = p.add_argument_group("mmlu")
+    g.add_argument("--subjects", help="Comma-separated MMLU subjects (default: all 57).")
+    g.add_argument("--shots", type=int, default=0, help="Dev-split examples per subject in the prompt (0 = zero-shot).")
+    g.add_argument("--mmlu-mode", default="logits", choices=["logits", "generate"],
+                   help="logits: compare the log-probabilities of ' A'..' D'; generate: generate and take the first letter.")
+    g.add_argument("--prompt-style", default="harness", choices=["harness", "alpaca"],
+                   help="harness: lm-evaluation-harness prompt; alpaca: the form of MMLU training items.")
+    g = p.add_argument_group("convai2")
+    g.add_argument("--split", default="test", choices=["train", "validation", "test"], help="Dialogue split to evaluate.")
+    g.add_argument("--history-turns", type=int, help="Earlier turn pairs in the prompt (default: all).")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="Beam-search length penalty.")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="Forbid repeating n-grams of this size (0 = off).")
+    g.add_argument("--no-bertscore", action="store_true", help="Skip BERTScore (the slowest metric).")
     p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
     p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--out", help="Output folder (default RUN/eval or ./eval-results).")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("compare", help="Table of evaluated runs: params %% (L/S), accuracy per task, average, inference cost.")
+    p.add_argument("runs", nargs="+", help="Run directories (each evaluated with `comlora eval --run`).")
+    p.add_argument("--group-by", default="method,r,num_components", help="config.yaml keys that define a configuration; "
+                   "runs sharing them (e.g. other seeds) give mean ± std.")
+    p.add_argument("--out", help="Also write OUT.md and OUT.csv.")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("demo", help="The main job: train ComLoRA and LoRA on SmolLM2, evaluate base, LoRA and the winner.")
     p.add_argument("--out", default="runs/demo", help="Folder for the demo's runs and results.")
-    p.add_argument("--limit", type=int, default=10, help="Evaluation items per task.")
+    p.add_argument("--limit", type=int, default=25, help="Evaluation items per task.")
     p.add_argument("--configs", default="experiments", help="Folder holding demo-comlora.yaml and demo-lora.yaml.")
     p.set_defaults(func=cmd_demo)
     return parser

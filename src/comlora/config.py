@@ -12,8 +12,27 @@ PAIRWISE_DIRECTIONS = ("intended", "literal")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
+class ConfigDict:
+    """``to_dict`` / ``from_dict`` / ``from_json`` for a config dataclass; an unknown field is an error naming it."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
 @dataclass
-class ComLoraConfig:
+class ComLoraConfig(ConfigDict):
     """Configuration of competitive LoRA: K components of rank r per adapted layer, a selector, three losses."""
 
     num_components: int = field(default=2, metadata={"help": "K: LoRA components per adapted layer that compete."})
@@ -83,18 +102,3 @@ class ComLoraConfig:
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ComLoraConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ComLoraConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ComLoraConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -4,8 +4,12 @@ the commonsense-mini suite; base, LoRA and the ComLoRA winner (merged) evaluated
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from pathlib import Path
+
+import torch
 
 from .data import build_commonsense_mini, data_root
 from .evaluation import evaluate_commonsense, markdown_table, write_results
@@ -15,7 +19,7 @@ from .train_config import TrainConfig, load_yaml
 from .trainer import reload_method, train
 
 
-def run_demo(out: Path, limit: int = 10, config_dir: Path = Path("experiments")) -> dict:
+def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments")) -> dict:
     started = time.perf_counter()
     out = out if not out.exists() else out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     seconds: dict[str, float] = {}
@@ -50,7 +54,11 @@ def run_demo(out: Path, limit: int = 10, config_dir: Path = Path("experiments"))
         write_results(out / "eval", label.split(" ")[0].lower(), result)
     table = markdown_table(results)
     winner_report = json.loads((out / "comlora" / "winner.json").read_text())
-    summary = {"limit_per_task": limit, "seconds": seconds, "winner": winner_report,
+    summary = {"command": f"comlora demo --limit {limit} --configs {config_dir}", "date": time.strftime("%Y-%m-%d"),
+               "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
+               "configs": {name: c.to_dict() for name, c in configs.items()}, "limit_per_task": limit,
+               "eval_seed": cfg.seed, "seconds": seconds, "winner": winner_report,
+               "accuracy": {k: {t: v["tasks"][t]["accuracy"] for t in v["tasks"]} for k, v in results.items()},
                "average_accuracy": {k: v["average"] for k, v in results.items()}}
     write_json(out / "results.json", summary)
     timing = "\n".join(f"- {k}: {v:.0f} s" for k, v in seconds.items())

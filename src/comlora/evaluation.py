@@ -71,9 +71,9 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: str | Path, name: str, result: dict) -> Path:
-    """``<out>/<name>.json`` (settings, per-item responses, accuracies) and ``<out>/<name>.md``."""
+def write_results(out: str | Path, name: str, result: dict, table=markdown_table) -> Path:
+    """``<out>/<name>.json`` (settings, per-item predictions, metrics) and ``<out>/<name>.md`` (``table``)."""
     out = Path(out)
     write_json(out / f"{name}.json", result)
-    write_text(out / f"{name}.md", markdown_table({name: result}))
+    write_text(out / f"{name}.md", table({name: result}))
     return out / f"{name}.json"

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_state import AdapterModel, ConfigDict, inject_linear_layers, mean_lm_loss
+from .adapter_state import AdapterModel
+from .config import ConfigDict
+from .injection import inject_linear_layers
+from .losses import mean_lm_loss
 from .layers import ComLoraLinear
 
 LORATRF_TARGET_MODULES = ["o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,7 +54,8 @@ class LoraTrfConfig(ConfigDict):
             self.target_modules = list(self.target_modules)
         checks = [
             (isinstance(self.r, int) and self.r >= 1, f"r must be an integer >= 1, got {self.r!r}"),
-            (isinstance(self.filter_rank, int) and self.filter_rank >= 1, f"filter_rank must be an integer >= 1, got {self.filter_rank!r}"),
+            (isinstance(self.filter_rank, int) and self.filter_rank >= 1,
+             f"filter_rank must be an integer >= 1, got {self.filter_rank!r}"),
             (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
             (bool(self.target_modules), "target_modules must name at least one module"),
@@ -103,6 +107,7 @@ class LoraTrfModel(AdapterModel):
 
     config_class = LoraTrfConfig
     state_name = "loratrf"
+    mergeable = False
 
     def __init__(self, model: nn.Module, config: LoraTrfConfig) -> None:
         super().__init__(model, config)

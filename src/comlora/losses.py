@@ -46,6 +46,20 @@ def sequence_losses(causal_lm, input_ids: torch.Tensor, attention_mask: torch.Te
     return losses.reshape(copies, b).T, counts[:b]
 
 
+def mean_lm_loss(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """L_LM = mean over samples with a target token of the per-sample mean NLL (ComLoRA's Eq. 4 with K = 1).
+
+    Returns ``(L_LM, number of target tokens)``.
+    """
+    losses, counts = sequence_losses(causal_lm, input_ids, attention_mask, labels)
+    valid = counts > 0
+    if not bool(valid.any()):
+        raise ValueError("the batch has no target token at all (every label is -100): check the label masking "
+                         "and cutoff_len; prompts longer than cutoff_len leave no response token")
+    return losses[valid, 0].mean(), int(counts.sum())
+
+
 def anneal_eta(schedule: str, step: int, total_steps: int, rate: float = 5.0) -> float:
     """eta(t): constant 1; cosine 0.5(1 - cos(pi t/T)); exponential 1 - exp(-rate t/T); linear t/T (Eq. 13-14)."""
     if total_steps <= 0:

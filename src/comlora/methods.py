@@ -13,19 +13,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .config import ComLoraConfig
-from .losses import sequence_losses
+from .config import DEFAULT_TARGET_MODULES, ComLoraConfig
+from .loratrf import LoraTrfConfig, LoraTrfModel
+from .losses import mean_lm_loss
 from .model import ComLoraModel
+from .moelora import MoeLoraConfig, MoeLoraModel
+from .teamlora import TeamLoraConfig, TeamLoraModel
 from .train_config import TrainConfig
-
-
-def mean_lm_loss(causal_lm, input_ids, attention_mask, labels) -> torch.Tensor:
-    """L_LM = mean over samples with a target token of the per-sample mean NLL (ComLoRA's Eq. 4 with K = 1)."""
-    losses, counts = sequence_losses(causal_lm, input_ids, attention_mask, labels)
-    valid = counts > 0
-    if not bool(valid.any()):
-        raise ValueError("the batch has no target token at all (every label is -100): check the label masking and cutoff_len")
-    return losses[valid, 0].mean()
 
 
 class PeftLoraModel(nn.Module):
@@ -54,9 +48,8 @@ class PeftLoraModel(nn.Module):
         return self.peft_model.generate(*args, **kwargs)
 
     def training_loss(self, input_ids, attention_mask, labels, step: int, total_steps: int):
-        loss = mean_lm_loss(self.model, input_ids, attention_mask, labels)
-        return loss, {"lm": float(loss.detach()), "loss": float(loss.detach()),
-                      "target_tokens": int((labels[:, 1:] != -100).sum())}
+        loss, target_tokens = mean_lm_loss(self.model, input_ids, attention_mask, labels)
+        return loss, {"lm": float(loss.detach()), "loss": float(loss.detach()), "target_tokens": target_tokens}
 
     def parameter_counts(self) -> dict[str, int]:
         adapter = sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad)
@@ -64,7 +57,8 @@ class PeftLoraModel(nn.Module):
         return {"adapter": adapter, "router": 0, "base": base}
 
     def save(self, path: str | Path) -> Path:
-        self.peft_model.save_pretrained(path)
+        # no embedding-layer check: it would look the base model up on the Hub
+        self.peft_model.save_pretrained(path, save_embedding_layers=False)
         return Path(path)
 
     @classmethod
@@ -72,29 +66,40 @@ class PeftLoraModel(nn.Module):
         return cls(PeftModel.from_pretrained(model, path, is_trainable=True))
 
 
-def comlora_config(cfg: TrainConfig) -> ComLoraConfig:
-    values = dict(num_components=cfg.num_components, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                  target_modules=cfg.target_modules, top_n=cfg.top_n or cfg.num_components,
-                  noise_alpha=cfg.noise_alpha, anneal=cfg.anneal, seed=cfg.seed)
-    return ComLoraConfig.from_dict({**values, **cfg.method_options})
+def method_config(cfg: TrainConfig):
+    """The method's config dataclass from the run's shared options plus its ``method_options``."""
+    shared = dict(lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, seed=cfg.seed)
+    if cfg.target_modules is not None:
+        shared["target_modules"] = cfg.target_modules
+    if cfg.method == "comlora":
+        values = dict(num_components=cfg.num_components, r=cfg.r, top_n=cfg.top_n or cfg.num_components,
+                      noise_alpha=cfg.noise_alpha, anneal=cfg.anneal)
+        return ComLoraConfig.from_dict({**shared, **values, **cfg.method_options})
+    if cfg.method == "moelora":
+        return MoeLoraConfig.from_dict({**shared, "num_experts": cfg.num_components, "r": cfg.r, **cfg.method_options})
+    if cfg.method == "teamlora":
+        return TeamLoraConfig.from_dict({**shared, "num_experts": cfg.num_components, "r_B": cfg.r, **cfg.method_options})
+    if cfg.method == "loratrf":
+        return LoraTrfConfig.from_dict({**shared, "r": cfg.r, **cfg.method_options})
+    raise ValueError(f"method {cfg.method!r} has no config dataclass")
+
+
+WRAPPERS = {"comlora": ComLoraModel, "moelora": MoeLoraModel, "teamlora": TeamLoraModel, "loratrf": LoraTrfModel}
 
 
 def build_method(cfg: TrainConfig, model: nn.Module) -> nn.Module:
     """A fresh method model on ``model`` (whose weights it freezes)."""
-    if cfg.method == "comlora":
-        return ComLoraModel(model, comlora_config(cfg))
     if cfg.method in ("lora", "dora"):
         if cfg.method_options:
             raise ValueError(f"method {cfg.method} takes no method_options, got {sorted(cfg.method_options)}")
-        return PeftLoraModel.create(model, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                                    use_dora=cfg.method == "dora", seed=cfg.seed)
-    raise ValueError(f"method {cfg.method!r} is not wired into training yet")
+        return PeftLoraModel.create(model, cfg.r, cfg.lora_alpha, cfg.lora_dropout,
+                                    cfg.target_modules or list(DEFAULT_TARGET_MODULES), use_dora=cfg.method == "dora",
+                                    seed=cfg.seed)
+    return WRAPPERS[cfg.method](model, method_config(cfg))
 
 
 def load_method(cfg: TrainConfig, model: nn.Module, path: str | Path) -> nn.Module:
     """The method model saved in ``path`` by ``save``, rebuilt on ``model``."""
-    if cfg.method == "comlora":
-        return ComLoraModel.load(model, path)
     if cfg.method in ("lora", "dora"):
         return PeftLoraModel.load(model, path)
-    raise ValueError(f"method {cfg.method!r} is not wired into loading yet")
+    return WRAPPERS[cfg.method].load(model, path)

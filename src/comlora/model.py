@@ -4,7 +4,6 @@ selection, save and load (spec sections 2-6). Export and merge of one component:
 from __future__ import annotations
 
 import json
-import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,10 +13,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import ComLoraConfig
+from .injection import inject_linear_layers
 from .layers import ComLoraLinear
 from .losses import add_noise, alignment_loss, anneal_eta, pairwise_loss, sequence_losses
 from .selector import LoraSelector
-from .storage import write_json, write_safetensors
+from .storage import load_state_tensors, write_json, write_safetensors
 
 STATE_CONFIG = "comlora_config.json"
 STATE_WEIGHTS = "comlora_model.safetensors"
@@ -51,51 +51,21 @@ class WinnerReport:
         return asdict(self)
 
 
-def matches_target(name: str, targets: list[str] | str) -> bool:
-    """PEFT's rule: a regex string must fullmatch the module name; a list entry must equal it or be a dotted suffix."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def find_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]:
-    """Names of the nn.Linear modules of ``model`` that ``targets`` selects; a clear error if none."""
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    found = [n for n in linear_names if matches_target(n, targets)]
-    if isinstance(targets, list):
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear_names)]
-        if missing:
-            available = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-            raise ValueError(f"target_modules {missing} match no linear module of {type(model).__name__}; "
-                             f"linear modules it has: {available}")
-    if not found:
-        available = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-        raise ValueError(f"target_modules {targets!r} match no linear module of {type(model).__name__}; "
-                         f"linear modules it has: {available}")
-    return found
-
-
 class ComLoraModel(nn.Module):
     """A frozen causal LM with K competing LoRA components per target module and a LoRA selector."""
+
+    mergeable = True        # the winner merges into the base weights: zero inference overhead
 
     def __init__(self, model: nn.Module, config: ComLoraConfig) -> None:
         super().__init__()
         self.model = model
         self.config = config
         self.winner: int | None = None
-        for p in model.parameters():
-            p.requires_grad_(False)
-        names = find_target_modules(model, config.target_modules)
-        self.adapted: dict[str, ComLoraLinear] = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            for name in names:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                layer = ComLoraLinear(getattr(parent, child), config.num_components, config.r, config.lora_alpha,
-                                      config.lora_dropout)
-                setattr(parent, child, layer)
-                self.adapted[name] = layer
+            self.adapted: dict[str, ComLoraLinear] = inject_linear_layers(
+                model, config.target_modules,
+                lambda linear: ComLoraLinear(linear, config.num_components, config.r, config.lora_alpha, config.lora_dropout))
             embed = model.get_input_embeddings()
             self.selector = None
             if config.use_selector:
@@ -316,24 +286,9 @@ class ComLoraModel(nn.Module):
                 raise FileNotFoundError(f"{path} is not a saved ComLoraModel: {f} is missing")
         meta = json.loads((path / STATE_CONFIG).read_text())
         cm = cls(model, ComLoraConfig.from_dict(meta["comlora_config"]))
-        cm.load_state_tensors(load_file(str(path / STATE_WEIGHTS)), source=str(path))
+        load_state_tensors(cm.state_tensors(), load_file(str(path / STATE_WEIGHTS)), source=str(path))
         cm.winner = meta.get("winner")
         return cm
-
-    @torch.no_grad()
-    def load_state_tensors(self, saved: dict[str, torch.Tensor], source: str = "state") -> None:
-        """Copy saved tensors in; every missing, unexpected or wrongly shaped tensor is named in one error."""
-        expected = self.state_tensors()
-        problems = [f"missing {k}" for k in expected if k not in saved]
-        problems += [f"unexpected {k}" for k in saved if k not in expected]
-        problems += [f"{k}: saved shape {list(saved[k].shape)}, this model expects {list(v.shape)}"
-                     for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
-        if problems:
-            raise ValueError(f"{source} does not fit this base model (was it saved from another one?):\n  "
-                             + "\n  ".join(problems))
-        for k, v in expected.items():
-            v.copy_(saved[k])
-
 
 def get_comlora_model(model: nn.Module, config: ComLoraConfig) -> ComLoraModel:
     """Freeze ``model`` and inject K LoRA components into every target module, plus the selector."""

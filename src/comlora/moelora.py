@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_state import AdapterModel, ConfigDict, inject_linear_layers, mean_lm_loss
-from .config import DEFAULT_TARGET_MODULES
+from .adapter_state import AdapterModel
+from .injection import inject_linear_layers
+from .losses import mean_lm_loss
+from .config import DEFAULT_TARGET_MODULES, ConfigDict
 
 
 @dataclass
@@ -75,7 +77,8 @@ class MoeLoraLinear(nn.Module):
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(num_experts, d_in, r, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, r, d_out, device=device, dtype=torch.float32))
-        self.router = torch.nn.utils.skip_init(nn.Linear, d_in, num_experts, bias=False, device=device, dtype=torch.float32)
+        self.router = torch.nn.utils.skip_init(nn.Linear, d_in, num_experts, bias=False, device=device,
+                                               dtype=torch.float32)
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.record_router = False
         self.router_probs: torch.Tensor | None = None
@@ -83,7 +86,8 @@ class MoeLoraLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """A_k and the router ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's / nn.Linear's kaiming_uniform_(a=sqrt(5))); B_k = 0.
+        """A_k and the router ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's / nn.Linear's
+        kaiming_uniform_(a=sqrt(5))); B_k = 0.
 
         Drawn on the CPU from the global generator, so a seed gives the same weights on every device.
         """
@@ -93,7 +97,8 @@ class MoeLoraLinear(nn.Module):
         self.lora_B.zero_()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(softmax probabilities, gates g) per token, both ``[..., K]``; g = the probabilities, or their top-k renormalised."""
+        """(softmax probabilities, gates g) per token, both ``[..., K]``; g = the probabilities,
+        or the top-k of them renormalised to sum to 1 (the rest 0)."""
         probs = torch.softmax(self.router(x), dim=-1)
         if self.top_k is None:
             return probs, probs
@@ -131,6 +136,7 @@ class MoeLoraModel(AdapterModel):
 
     config_class = MoeLoraConfig
     state_name = "moelora"
+    mergeable = False
 
     def __init__(self, model: nn.Module, config: MoeLoraConfig) -> None:
         super().__init__(model, config)
@@ -141,7 +147,8 @@ class MoeLoraModel(AdapterModel):
 
     def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                       step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
-        """L = L_LM + w_bal * L_bal, L_bal = the mean over adapted layers of the Switch loss on the real (unpadded) tokens."""
+        """L = L_LM + w_bal * L_bal; L_bal = mean over the adapted layers of the Switch loss on the
+        real (unpadded) tokens of the batch."""
         layers = list(self.injected.values())
         for layer in layers:
             layer.record_router = True

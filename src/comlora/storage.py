@@ -42,3 +42,18 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     """safetensors only (no pickle); tensors are made contiguous and moved to the CPU first."""
     cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt", **(metadata or {})}))
+
+
+@torch.no_grad()
+def load_state_tensors(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor],
+                       source: str = "state") -> None:
+    """Copy ``saved`` into ``expected``; every missing, unexpected or wrongly shaped tensor is named in one error."""
+    problems = [f"missing {k}" for k in expected if k not in saved]
+    problems += [f"unexpected {k}" for k in saved if k not in expected]
+    problems += [f"{k}: saved shape {list(saved[k].shape)}, this model expects {list(v.shape)}"
+                 for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"{source} does not fit this base model (was it saved from another one?):\n  "
+                         + "\n  ".join(problems))
+    for k, v in expected.items():
+        v.copy_(saved[k])

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_state import AdapterModel, ConfigDict, inject_linear_layers, mean_lm_loss
-from .config import DEFAULT_TARGET_MODULES
+from .adapter_state import AdapterModel
+from .injection import inject_linear_layers
+from .losses import mean_lm_loss
+from .config import DEFAULT_TARGET_MODULES, ConfigDict
 
 
 @dataclass
@@ -53,10 +55,12 @@ class TeamLoraConfig(ConfigDict):
         checks = [
             (isinstance(k, int) and k >= 1, f"num_experts (K) must be an integer >= 1, got {k!r}"),
             (isinstance(self.r_B, int) and self.r_B >= 1, f"r_B must be an integer >= 1, got {self.r_B!r}"),
-            (self.r_A is None or (isinstance(self.r_A, int) and self.r_A >= 1), f"r_A must be None or an integer >= 1, got {self.r_A!r}"),
+            (self.r_A is None or (isinstance(self.r_A, int) and self.r_A >= 1),
+             f"r_A must be None or an integer >= 1, got {self.r_A!r}"),
             (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
-            (self.interaction_init_range >= 0, f"interaction_init_range must be >= 0, got {self.interaction_init_range!r}"),
+            (self.interaction_init_range >= 0,
+             f"interaction_init_range must be >= 0, got {self.interaction_init_range!r}"),
             (bool(self.target_modules), "target_modules must name at least one module"),
         ]
         for ok, message in checks:
@@ -105,7 +109,8 @@ class TeamLoraLinear(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """A and the router ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's / nn.Linear's kaiming_uniform_(a=sqrt(5)));
-        B_i = 0; M: off-diagonal ~ U(-a, a), diagonal 1. Drawn on the CPU, so a seed gives the same weights on every device."""
+        B_i = 0; M: off-diagonal ~ U(-a, a), diagonal 1. Drawn on the CPU: a seed gives the same weights on
+        every device."""
         bound = 1.0 / math.sqrt(self.lora_A.shape[0])
         for p in (self.lora_A, self.router.weight):
             p.copy_((torch.rand(p.shape, dtype=torch.float32) * 2 - 1) * bound)
@@ -137,6 +142,7 @@ class TeamLoraModel(AdapterModel):
 
     config_class = TeamLoraConfig
     state_name = "teamlora"
+    mergeable = False
 
     def __init__(self, model: nn.Module, config: TeamLoraConfig) -> None:
         super().__init__(model, config)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from .config import ConfigDict
 
 METHODS = ("comlora", "lora", "dora", "moelora", "teamlora", "loratrf")
 SCHEDULERS = ("linear", "cosine", "constant")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigDict):
     """Everything ``comlora train`` needs; the resolved copy is written to ``RUN_DIR/config.yaml``."""
 
     out: str = field(default="runs/latest", metadata={"help": "Run directory (metrics, checkpoints, state, adapter, plots)."})
@@ -22,8 +24,8 @@ class TrainConfig:
     r: int = field(default=8, metadata={"help": "LoRA rank (per component / expert)."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by lora_alpha / r."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
-                                      metadata={"help": "Linear modules to adapt (name suffixes)."})
+    target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Linear modules to adapt (name suffixes); default: the method's own (q,k,v,up,down; LoRATRF: o,gate,up,down)."})
     top_n: int | None = field(default=None, metadata={"help": "ComLoRA top-N of the alignment loss; None = K."})
     noise_alpha: float = field(default=0.1, metadata={"help": "ComLoRA noise std on the per-sample losses (Eq. 6)."})
     anneal: str = field(default="exponential", metadata={"help": "ComLoRA annealing of the alignment loss: constant, cosine, exponential, linear."})
@@ -34,6 +36,7 @@ class TrainConfig:
     train_per_task: int = field(default=25, metadata={"help": "commonsense-mini training items per task."})
     eval_size: int = field(default=100, metadata={"help": "commonsense-mini evaluation items reserved per task (never trained on)."})
     val_size: int = field(default=120, metadata={"help": "Validation items for winner selection (the paper's 120)."})
+    history_turns: int | None = field(default=None, metadata={"help": "ConvAI2 data: earlier turn pairs in each prompt (None = all)."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training item (prompt + response)."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens (else they are masked with -100)."})
     lr: float = field(default=3e-4, metadata={"help": "Peak learning rate of AdamW."})
@@ -72,17 +75,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
         if not isinstance(self.method_options, dict):
             raise ValueError(f"TrainConfig: method_options must be a mapping, got {self.method_options!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**values)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -29,7 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
 from .data import build_commonsense_mini, collate, data_root, load_items, tokenize_item
+from .mmlu import mmlu_training_items
 from .methods import build_method, load_method
 from .model import ComLoraModel
 from .models import load_model_and_tokenizer
@@ -50,19 +52,38 @@ class TrainingObjective(nn.Module):
         return self.method.training_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], step, total_steps)
 
 
-def load_training_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
-    """(training items, validation items) as tokenised examples, with their source items kept."""
+def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(training items, validation items) of ``cfg.data``:
+
+    - ``commonsense-mini``: the suite of ``data.build_commonsense_mini``;
+    - ``mmlu`` / ``mmlu:dev`` / ``mmlu:test`` / ``mmlu:FOLDER``: MMLU CSVs as LLM-Adapters items (default: the
+      dev split), ``val_size`` of them held out at random;
+    - ``convai2``: turns of the dialogues of the train split, validation turns from the validation split
+      (``convai2.split_dialogues``, by dialogue);
+    - a LLM-Adapters JSON file or folder, ``val_size`` items held out at random.
+    """
+    root = lambda: data_root(cfg.data_root)  # noqa: E731
     if cfg.data == "commonsense-mini":
-        suite = build_commonsense_mini(data_root(cfg.data_root), cfg.tasks, cfg.eval_size, cfg.train_per_task,
-                                       cfg.val_size, cfg.seed)
-        train_items, val_items = suite.train, suite.validation
+        suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size, cfg.seed)
+        return suite.train, suite.validation
+    if cfg.data == "convai2":
+        splits = split_dialogues(load_convai2(root() / CONVAI2_FILE), seed=cfg.seed)
+        return (convai2_training_items(splits["train"], cfg.history_turns),
+                convai2_training_items(splits["validation"], cfg.history_turns)[:cfg.val_size])
+    if cfg.data == "mmlu" or cfg.data.startswith("mmlu:"):
+        source = cfg.data.partition(":")[2] or "dev"
+        items = mmlu_training_items(root(), source) if source in ("dev", "test") else mmlu_training_items(source)
     else:
         items = load_items(cfg.data)
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        if cfg.val_size >= len(items):
-            raise ValueError(f"{cfg.data}: {len(items)} items cannot hold out val_size={cfg.val_size} for validation")
-        val_items = [items[i] for i in order[:cfg.val_size]]
-        train_items = [items[i] for i in order[cfg.val_size:]]
+    if cfg.val_size >= len(items):
+        raise ValueError(f"{cfg.data}: {len(items)} items cannot hold out val_size={cfg.val_size} for validation")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return [items[i] for i in order[cfg.val_size:]], [items[i] for i in order[:cfg.val_size]]
+
+
+def load_training_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Tokenised (training, validation) examples of ``cfg.data``."""
+    train_items, val_items = training_items(cfg)
     return tokenize_with_targets(train_items, "training", cfg, tokenizer), \
         tokenize_with_targets(val_items, "validation", cfg, tokenizer)
 
@@ -295,6 +316,7 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
     from .plots import plot_run
 
     method.eval()
+    write_json(run / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
     batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
     if isinstance(method, ComLoraModel):
         report = method.select_winner(batches)

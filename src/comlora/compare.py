@@ -1,0 +1,78 @@
+"""``comlora compare``: runs side by side in the paper's Table 3 layout (method, Params % L/S, one column
+per task, average, inference cost), mean and standard deviation over runs that share a configuration."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+import yaml
+
+GROUP_KEYS = ("method", "r", "num_components")
+
+
+def run_summary(run: str | Path) -> dict:
+    """Configuration, parameter counts and commonsense accuracies of one evaluated run."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (config.yaml is missing)")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if not (run / "parameters.json").is_file():
+        raise FileNotFoundError(f"{run} has no parameters.json: the run did not finish")
+    params = json.loads((run / "parameters.json").read_text())
+    files = sorted((run / "eval").glob("commonsense-*.json"))
+    if config["method"] == "comlora":
+        files = [f for f in files if f.stem.endswith("-winner")]
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise ValueError(f"{run}: expected one commonsense evaluation of the {'winner' if config['method'] == 'comlora' else 'run'} "
+                         f"in {run / 'eval'} (found {found}); run `comlora eval --run {run}`")
+    result = json.loads(files[0].read_text())
+    return {"run": str(run), "config": config, "params": params,
+            "accuracy": {task: v["accuracy"] for task, v in result["tasks"].items()}, "average": result["average"]}
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def comparison_rows(summaries: list[dict], group_by: tuple[str, ...] = GROUP_KEYS) -> list[dict]:
+    """One row per configuration (``group_by`` keys of config.yaml): mean ± std over its runs."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in summaries:
+        key = tuple(s["config"].get(k) if not (k == "num_components" and s["config"]["method"] in ("lora", "dora", "loratrf"))
+                    else None for k in group_by)
+        groups.setdefault(key, []).append(s)
+    tasks = list(summaries[0]["accuracy"])
+    rows = []
+    for key, members in groups.items():
+        p = members[0]["params"]
+        row = {"configuration": ", ".join(f"{k}={v}" for k, v in zip(group_by, key) if v is not None),
+               "runs": len(members),
+               "params % (L/S)": f"{100 * p['adapter'] / p['base']:.2f}/{100 * p['router'] / p['base']:.2f}"}
+        for task in tasks:
+            row[task] = _mean_std([m["accuracy"].get(task, float("nan")) for m in members])
+        row["avg"] = _mean_std([m["average"] for m in members])
+        row["inference"] = "mergeable (zero overhead)" if p["mergeable"] else "not mergeable (runs its modules)"
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
