@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-slow demo bench clean
 
 WORDNET := /usr/share/wordnet/data.noun
 
@@ -32,6 +32,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+# Side-by-side training and inference benchmark (bench/bench.py): MODE=full (SmolLM2, minutes) or quick.
+MODE ?= full
+bench: setup
+	$(PY) bench/bench.py --mode $(MODE)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

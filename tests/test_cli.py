@@ -174,3 +174,21 @@ def test_mmlu_and_convai2_train_and_evaluate(tmp_path, tiny_model_dir, capsys):
           "--greedy", "--max-new-tokens", "4", "--no-bertscore"])
     result = json.loads((tmp_path / "convai2" / "eval" / "convai2-convai2.json").read_text())
     assert result["n"] == 3 and result["metrics"]["bleu"] is not None and result["metrics"]["bertscore_f1"] is None
+
+
+def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_model_dir, commonsense_root, capsys):
+    from comlora.demo import run_demo
+
+    shared = dict(model=str(tiny_model_dir), data_root=str(commonsense_root), device="cpu", train_per_task=1,
+                  val_size=4, eval_size=2, batch_size=4, max_steps=1, cutoff_len=256, window=1)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "demo-comlora.yaml").write_text(yaml.safe_dump(
+        dict(shared, method="comlora", method_options={"selector_heads": 4, "selector_ffn_dim": 32})))
+    (tmp_path / "cfg" / "demo-lora.yaml").write_text(yaml.safe_dump(dict(shared, method="lora")))
+    summary = run_demo(tmp_path / "demo", limit=1, config_dir=tmp_path / "cfg")
+    assert len(summary["average_accuracy"]) == 3 and summary["configs"]["lora"]["method"] == "lora"
+    for name in ["results.json", "results.md", "loss_curves_vs_lora.png", "comlora/winner.json", "lora/adapter"]:
+        assert (tmp_path / "demo" / name).exists(), name
+    assert "wall time" in capsys.readouterr().out
+    run_demo(tmp_path / "demo", limit=1, config_dir=tmp_path / "cfg")          # never overwrites the first demo
+    assert len(list(tmp_path.glob("demo-*"))) == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 ANNEAL_SCHEDULES = ("constant", "cosine", "exponential", "linear")
 LOSS_REDUCTIONS = ("mean", "sum")
 PAIRWISE_DIRECTIONS = ("intended", "literal")
+COMPETITION_MODES = ("batched", "low_memory")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -66,6 +67,10 @@ class ComLoraConfig(ConfigDict):
     selector_ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width of the selector's Transformer encoder layer."})
     selector_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the selector's Transformer encoder layer."})
     selector_init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of the K component embeddings E."})
+    competition: str = field(
+        default="batched",
+        metadata={"help": "'batched': all K components in one forward and backward (fastest); 'low_memory': the same "
+                          "gradients with one component's activations alive at a time (K+1 forwards, for memory-bound users)."})
     seed: int = field(default=0, metadata={"help": "Seed of the component and selector initialisation."})
 
     def __post_init__(self) -> None:
@@ -84,6 +89,7 @@ class ComLoraConfig(ConfigDict):
             (self.anneal_rate > 0, f"anneal_rate must be > 0, got {self.anneal_rate!r}"),
             (self.loss_reduction in LOSS_REDUCTIONS, f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}"),
             (self.pairwise_direction in PAIRWISE_DIRECTIONS, f"pairwise_direction must be one of {PAIRWISE_DIRECTIONS}, got {self.pairwise_direction!r}"),
+            (self.competition in COMPETITION_MODES, f"competition must be one of {COMPETITION_MODES}, got {self.competition!r}"),
             (self.align_sign in (1, -1), f"align_sign must be 1 or -1, got {self.align_sign!r}"),
             (self.selector_dim is None or self.selector_dim >= 1, f"selector_dim must be None or >= 1, got {self.selector_dim!r}"),
             (self.selector_heads >= 1 and self.selector_ffn_dim >= 1, "selector_heads and selector_ffn_dim must be >= 1"),

@@ -14,6 +14,7 @@ import torch
 from .data import build_commonsense_mini, data_root
 from .evaluation import evaluate_commonsense, markdown_table, write_results
 from .models import load_model_and_tokenizer
+from .plots import plot_loss_curves
 from .storage import write_json, write_text
 from .train_config import TrainConfig, load_yaml
 from .trainer import reload_method, train
@@ -52,6 +53,8 @@ def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments"))
 
     for label, result in results.items():
         write_results(out / "eval", label.split(" ")[0].lower(), result)
+    figure2 = plot_loss_curves({"ComLoRA": out / "comlora", f"LoRA r={configs['lora'].r}": out / "lora"},
+                               out / "loss_curves_vs_lora.png")
     table = markdown_table(results)
     winner_report = json.loads((out / "comlora" / "winner.json").read_text())
     summary = {"command": f"comlora demo --limit {limit} --configs {config_dir}", "date": time.strftime("%Y-%m-%d"),
@@ -67,6 +70,6 @@ def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments"))
     print(f"winner: component {winner}; selector similarity {winner_report['similarity']}, "
           f"validation loss {winner_report['val_loss']}")
     print(f"wall time: {seconds['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items() if k != 'total')})")
-    print(f"plots: {out / 'comlora' / 'loss_curves.png'}, {out / 'comlora' / 'lowest_loss_share.png'}")
+    print(f"plots: {figure2}, {out / 'comlora' / 'lowest_loss_share.png'}")
     print(f"results: {out / 'results.md'}")
     return summary

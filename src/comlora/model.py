@@ -144,7 +144,19 @@ class ComLoraModel(nn.Module):
                          step: int, total_steps: int, generator: torch.Generator | None = None) -> CompetitionOutput:
         """L = w_lm L_LM + w_align L_align + w_pair L_pairwise for one batch (Eq. 4-10)."""
         cfg = self.config
-        losses, counts = self.component_losses(input_ids, attention_mask, labels)
+        if cfg.competition == "low_memory":
+            anchor = next(iter(self.adapted.values())).lora_A
+            losses, counts = LowMemoryComponentLosses.apply(self, input_ids, attention_mask, labels, anchor)
+        else:
+            losses, counts = self.component_losses(input_ids, attention_mask, labels)
+        return self.competition_objective(losses, counts, input_ids, attention_mask, step, total_steps, generator)
+
+    def competition_objective(self, losses: torch.Tensor, counts: torch.Tensor, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor, step: int, total_steps: int,
+                              generator: torch.Generator | None = None) -> CompetitionOutput:
+        """The losses of Eq. 4-10 given the per-sample, per-component losses ``l [B, K]`` and target counts ``[B]``
+        (however they were computed); samples with no target token are left out."""
+        cfg = self.config
         valid = counts > 0
         if not bool(valid.any()):
             raise ValueError("the batch has no target token at all (every label is -100): check the label masking "
@@ -289,6 +301,39 @@ class ComLoraModel(nn.Module):
         load_state_tensors(cm.state_tensors(), load_file(str(path / STATE_WEIGHTS)), source=str(path))
         cm.winner = meta.get("winner")
         return cm
+
+class LowMemoryComponentLosses(torch.autograd.Function):
+    """``l [B, K]`` with only one component's activations alive at a time (``competition="low_memory"``).
+
+    Forward: all K per-sample losses in one batched pass without a graph. Backward receives dL/dl
+    (the losses' gradient from whatever objective used them) and runs each component k alone,
+    forward and backward with that upstream gradient, accumulating into the LoRA parameters. The
+    gradients equal the batched mode's when lora_dropout is 0 (the re-run draws new dropout masks).
+    ``anchor`` is one LoRA parameter, passed only so that autograd calls this backward.
+    """
+
+    @staticmethod
+    def forward(ctx, cm: "ComLoraModel", input_ids, attention_mask, labels, anchor):
+        ctx.cm = cm
+        ctx.save_for_backward(input_ids, attention_mask, labels)
+        with torch.no_grad():
+            losses, counts = cm.component_losses(input_ids, attention_mask, labels)
+        ctx.mark_non_differentiable(counts)
+        return losses, counts
+
+    @staticmethod
+    def backward(ctx, grad_losses, _grad_counts):
+        input_ids, attention_mask, labels = ctx.saved_tensors
+        cm = ctx.cm
+        with torch.enable_grad():
+            for k in range(cm.config.num_components):
+                if not bool(grad_losses[:, k].any()):
+                    continue
+                with cm.use_component(k):
+                    loss_k, _ = sequence_losses(cm.model, input_ids, attention_mask, labels, 1, cm.config.loss_reduction)
+                torch.autograd.backward(loss_k[:, 0], grad_losses[:, k])
+        return None, None, None, None, None
+
 
 def get_comlora_model(model: nn.Module, config: ComLoraConfig) -> ComLoraModel:
     """Freeze ``model`` and inject K LoRA components into every target module, plus the selector."""

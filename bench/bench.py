@@ -1,0 +1,300 @@
+"""Side-by-side benchmark of training steps and inference (issue: one-pass competition, measured).
+
+    python bench/bench.py --mode quick          # tiny random Llama, seconds
+    python bench/bench.py --mode full           # SmolLM2-135M, minutes
+
+Every variant runs in its own fresh process (so its peak resident memory is its own), and the
+variants are interleaved round by round (A B C ... A B C ...) so machine noise hits all alike. The
+orchestrator prints a table of absolute numbers and of the ratios the targets are stated in, and
+writes bench/results/<date>-<machine>-<mode>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TRAIN_VARIANTS = ["peft-lora", "comlora-k1", "comlora-k2", "comlora-k2-noselector", "comlora-k2-sequential",
+                  "comlora-k4", "comlora-k4-sequential", "comlora-k4-lowmem", "moelora-k4", "teamlora-k4"]
+INFER_VARIANTS = ["base", "comlora-merged", "peft-unmerged", "moelora-k4"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+SIZES = {"quick": dict(batch=4, length=64, new_tokens=16), "full": dict(batch=4, length=128, new_tokens=32)}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_base(mode: str):
+    if mode == "full":
+        from comlora.models import load_model_and_tokenizer
+
+        return load_model_and_tokenizer("smollm2-135m", device="cpu", dtype="float32")[0]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config)
+
+
+def make_batch(mode: str, vocab: int) -> dict:
+    """Random tokens; the first half of each sequence is the 'prompt' (label -100), as in instruction tuning."""
+    size = SIZES[mode]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (size["batch"], size["length"]), generator=g)
+    labels = ids.clone()
+    labels[:, : size["length"] // 2] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def comlora(model, k: int, **options):
+    from comlora import ComLoraConfig, get_comlora_model
+
+    values = dict(num_components=k, r=8, lora_alpha=16, top_n=k, target_modules=TARGETS, selector_dropout=0.0)
+    if model.config.hidden_size % 8:
+        values["selector_heads"] = 9 if model.config.hidden_size % 9 == 0 else 4
+    return get_comlora_model(model, ComLoraConfig(**{**values, **options}))
+
+
+def sequential_step(cm, batch: dict, step: int, total: int):
+    """The naive competition: one forward per component (each replaying the frozen base), same objective."""
+    from comlora.losses import sequence_losses
+
+    per_component = []
+    for k in range(cm.config.num_components):
+        with cm.use_component(k):
+            losses, counts = sequence_losses(cm.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        per_component.append(losses[:, 0])
+    out = cm.competition_objective(torch.stack(per_component, 1), counts, batch["input_ids"], batch["attention_mask"],
+                                   step, total)
+    return out.loss
+
+
+def training_step_fn(variant: str, model, batch: dict):
+    """(function running one optimizer step, its trainable parameters)."""
+    if variant == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        loss_fn = lambda step: peft_model(**batch).loss  # noqa: E731  (what a PEFT user writes)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+    elif variant.startswith(("moelora", "teamlora")):
+        from comlora.moelora import MoeLoraConfig, get_moelora_model
+        from comlora.teamlora import TeamLoraConfig, get_teamlora_model
+
+        if variant.startswith("moelora"):
+            wrapper = get_moelora_model(model, MoeLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
+        else:
+            wrapper = get_teamlora_model(model, TeamLoraConfig(num_experts=4, r_B=8, target_modules=TARGETS))
+        loss_fn = lambda step: wrapper.training_loss(**batch, step=step, total_steps=100)[0]  # noqa: E731
+        params = [p for p in wrapper.parameters() if p.requires_grad]
+    else:
+        k = int(variant.split("-")[1][1:])
+        options = {}
+        if variant.endswith("noselector"):
+            options = dict(use_selector=False, align_loss=False, pairwise_loss=False)
+        if variant.endswith("lowmem"):
+            options = dict(competition="low_memory")
+        cm = comlora(model, k, **options)
+        if variant.endswith("sequential"):
+            loss_fn = lambda step: sequential_step(cm, batch, step, 100)  # noqa: E731
+        else:
+            loss_fn = lambda step: cm.competition_step(**batch, step=step, total_steps=100).loss  # noqa: E731
+        params = [p for p in cm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(i: int) -> None:
+        loss_fn(i).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def inference_model(variant: str, model, tmp: Path):
+    """The model whose generation and scoring are timed."""
+    if variant == "base":
+        return model
+    if variant == "moelora-k4":
+        from comlora.moelora import MoeLoraConfig, get_moelora_model
+
+        return get_moelora_model(model, MoeLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
+    pristine = copy.deepcopy(model)                     # the PEFT adapter goes on an untouched base
+    cm = comlora(model, 2)
+    with torch.no_grad():                               # a trained-looking winner: non-zero B
+        for layer in cm.adapted.values():
+            layer.lora_B.normal_(0, 0.01)
+    if variant == "comlora-merged":
+        return cm.merge(0, inplace=True)
+    from peft import PeftModel
+
+    cm.export_adapter(tmp / "adapter", 0)
+    return PeftModel.from_pretrained(pristine, tmp / "adapter")
+
+
+def worker(variant: str, mode: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    model = load_base(mode)
+    batch = make_batch(mode, model.config.vocab_size)
+    tokens = int(batch["attention_mask"].sum())
+    kind, name = variant.split(":", 1)
+    result = {"variant": variant}
+    if kind == "train":
+        model.train()
+        step = training_step_fn(name, model, batch)
+        step(0)                                        # warm-up, not timed
+        result["rss_after_warmup_mb"] = peak_rss_mb()
+        times = []
+        for i in range(1, steps + 1):
+            started = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - started)
+        result.update(seconds=times, tokens=tokens)
+    else:
+        import tempfile
+
+        m = inference_model(name, model, Path(tempfile.mkdtemp())).eval()
+        new = SIZES[mode]["new_tokens"]
+        prompt = {k: v[:, : SIZES[mode]["length"] // 2] for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            m(**batch_inputs(batch))                  # warm-up
+            score, gen = [], []
+            for _ in range(steps):
+                started = time.perf_counter()
+                m(**batch_inputs(batch))
+                score.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                m.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+                gen.append(time.perf_counter() - started)
+        result.update(score_seconds=score, generate_seconds=gen, score_tokens=tokens,
+                      generated_tokens=new * prompt["input_ids"].shape[0])
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def batch_inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def summarize(results: list[dict]) -> dict:
+    """Median over rounds of each variant's per-step time, its throughput and its peak memory."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    table = {}
+    for variant, runs in by_variant.items():
+        if variant.startswith("train:"):
+            seconds = statistics.median(s for r in runs for s in r["seconds"])
+            table[variant] = {"seconds_per_step": seconds, "tokens_per_s": runs[0]["tokens"] / seconds,
+                              "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                              "step_rss_mb": max(r["peak_rss_mb"] - r["rss_after_warmup_mb"] for r in runs)}
+        else:
+            score = statistics.median(s for r in runs for s in r["score_seconds"])
+            gen = statistics.median(s for r in runs for s in r["generate_seconds"])
+            table[variant] = {"score_seconds": score, "score_tokens_per_s": runs[0]["score_tokens"] / score,
+                              "generate_seconds": gen, "generate_tokens_per_s": runs[0]["generated_tokens"] / gen,
+                              "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+    return table
+
+
+def ratios(t: dict) -> list[tuple[str, float, str]]:
+    """(what, measured ratio, target) for every target of the performance issue that the run covers."""
+    s = lambda v: t[f"train:{v}"]["seconds_per_step"]  # noqa: E731
+    rows = [("comlora K=1 / PEFT LoRA step", s("comlora-k1") / s("peft-lora"), "<= 1.00"),
+            ("comlora K=2 / (2 x K=1) step", s("comlora-k2") / (2 * s("comlora-k1")), "<= 1.05"),
+            ("comlora K=4 / (4 x K=1) step", s("comlora-k4") / (4 * s("comlora-k1")), "<= 1.05"),
+            ("batched K=2 / sequential K=2 step", s("comlora-k2") / s("comlora-k2-sequential"), "< 1"),
+            ("batched K=4 / sequential K=4 step", s("comlora-k4") / s("comlora-k4-sequential"), "<= 0.95"),
+            ("selector share of the K=2 step", 1 - s("comlora-k2-noselector") / s("comlora-k2"), "(report)"),
+            ("low-memory K=4 / batched K=4 step", s("comlora-k4-lowmem") / s("comlora-k4"), "(report)"),
+            ("low-memory K=4 / batched K=4 step memory",
+             t["train:comlora-k4-lowmem"]["step_rss_mb"] / max(t["train:comlora-k4"]["step_rss_mb"], 1e-9), "(report)"),
+            ("batched K=4 / (4 x PEFT LoRA) step memory",
+             t["train:comlora-k4"]["step_rss_mb"] / max(4 * t["train:peft-lora"]["step_rss_mb"], 1e-9), "<= 1"),
+            ("MoE of LoRA K=4 / PEFT LoRA step", s("moelora-k4") / s("peft-lora"), "(report)"),
+            ("TeamLoRA K=4 / PEFT LoRA step", s("teamlora-k4") / s("peft-lora"), "(report)")]
+    for v in ("comlora-merged", "peft-unmerged", "moelora-k4"):
+        rows.append((f"{v} / base generation time", t[f"infer:{v}"]["generate_seconds"] / t["infer:base"]["generate_seconds"],
+                     "<= 1.02" if v == "comlora-merged" else "(report)"))
+        rows.append((f"{v} / base scoring time", t[f"infer:{v}"]["score_seconds"] / t["infer:base"]["score_seconds"],
+                     "<= 1.02" if v == "comlora-merged" else "(report)"))
+    return rows
+
+
+def markdown(table: dict, rows: list, command: str, machine: dict) -> str:
+    lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
+             "| variant | s/step or s/call | tokens/s | peak RSS MB | step RSS MB |", "|---|---|---|---|---|"]
+    for variant, v in table.items():
+        if variant.startswith("train:"):
+            lines.append(f"| {variant} | {v['seconds_per_step']:.3f} | {v['tokens_per_s']:.0f} | {v['peak_rss_mb']:.0f} | "
+                         f"{v['step_rss_mb']:.0f} |")
+        else:
+            lines.append(f"| {variant} score | {v['score_seconds']:.3f} | {v['score_tokens_per_s']:.0f} | {v['peak_rss_mb']:.0f} | |")
+            lines.append(f"| {variant} generate | {v['generate_seconds']:.3f} | {v['generate_tokens_per_s']:.1f} | | |")
+    lines += ["", "| ratio | measured | target |", "|---|---|---|"]
+    lines += [f"| {what} | {value:.3f} | {target} |" for what, value, target in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=list(SIZES), default="quick")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (each variant once per round).")
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps (or calls) per variant per round.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.mode, args.steps)))
+        return
+    variants = [f"train:{v}" for v in TRAIN_VARIANTS] + [f"infer:{v}" for v in INFER_VARIANTS]
+    command = f"python bench/bench.py --mode {args.mode} --rounds {args.rounds} --steps {args.steps}"
+    results = []
+    for round_index in range(args.rounds):
+        order = variants[round_index % len(variants):] + variants[: round_index % len(variants)]
+        for variant in order:
+            print(f"round {round_index + 1}/{args.rounds}: {variant}", file=sys.stderr, flush=True)
+            out = subprocess.run([sys.executable, __file__, "--mode", args.mode, "--steps", str(args.steps),
+                                  "--worker", variant], check=True, capture_output=True, text=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    table = summarize(results)
+    rows = ratios(table)
+    machine = {"host": socket.gethostname(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
+               "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+    report = markdown(table, rows, command, machine)
+    print(report)
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{platform.machine()}-{torch.get_num_threads()}cpu-{args.mode}.json"
+    path.write_text(json.dumps({"command": command, "machine": machine, "summary": table,
+                                "ratios": [{"what": w, "value": v, "target": t} for w, v, t in rows],
+                                "raw": results, "markdown": report}, indent=2) + "\n")
+    update_doc(Path(__file__).parent.parent / "docs" / "performance.md", args.mode, report, path)
+    print(f"written: {path} and docs/performance.md ({args.mode} section)")
+
+
+def update_doc(doc: Path, mode: str, report: str, result_file: Path) -> None:
+    """Replace the text between the ``<!-- bench:MODE -->`` markers of docs/performance.md with this run's tables."""
+    start, end = f"<!-- bench:{mode} -->", f"<!-- /bench:{mode} -->"
+    text = doc.read_text() if doc.exists() else ""
+    block = f"{start}\nResult file: `{result_file.relative_to(doc.parent.parent)}`\n\n{report}{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text += f"\n## Benchmark ({mode} mode)\n{block}\n"
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Where one ComLoRA training step's time goes: torch.profiler on SmolLM2 (or the quick tiny model).
+
+    python bench/profile_step.py --mode full --k 2
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import comlora, load_base, make_batch  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["quick", "full"], default="full")
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=20)
+    args = parser.parse_args()
+    model = load_base(args.mode).train()
+    batch = make_batch(args.mode, model.config.vocab_size)
+    cm = comlora(model, args.k)
+    params = [p for p in cm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        cm.competition_step(**batch, step=1, total_steps=10).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()                                             # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(f"python bench/profile_step.py --mode {args.mode} --k {args.k}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
