@@ -279,3 +279,15 @@ def test_low_memory_competition_gives_the_batched_gradients(batch, detach):
     assert a.keys() == b.keys() and any("lora_A" in n for n in a) and any("selector" in n for n in a)
     for name in a:
         assert (a[name] - b[name]).abs().max() < 1e-5, name
+
+
+def test_single_component_skips_the_selector_without_changing_the_loss(batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config(num_components=1, top_n=1))
+    randomise_components(cm)
+    out = cm.competition_step(**batch, step=5, total_steps=10)
+    eta = out.parts["eta"]
+    lm = out.per_sample_loss[out.valid, 0].mean()
+    assert out.parts["pairwise"] == 0.0
+    assert out.loss.item() == pytest.approx((1 + eta) * lm.item(), rel=1e-6)      # L_LM + eta * 1 * l
+    out.loss.backward()
+    assert all(p.grad is None for p in cm.selector.parameters())

@@ -168,7 +168,10 @@ class ComLoraModel(nn.Module):
         parts = {"lm": float(lm.detach()), "eta": eta}
         sim = None
         if self.selector is not None:
-            sim_all = self.similarity(input_ids, attention_mask)
+            # With K = 1 the pairwise loss is 0 and the alignment weight is 1 whatever the selector says,
+            # so it is not run: same losses and gradients, no selector cost.
+            sim_all = (self.similarity(input_ids, attention_mask) if cfg.num_components > 1
+                       else losses.new_zeros(losses.shape))
             sim = sim_all[valid]
             align = alignment_loss(sim, l, cfg.top_n, eta, cfg.align_sign)
             noisy = add_noise(l.detach() if cfg.pairwise_detach_lm else l, cfg.noise_alpha, generator)
