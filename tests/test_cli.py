@@ -40,6 +40,9 @@ def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, ca
     assert winner["num_samples"] == 6 and len(winner["similarity"]) == 3 and len(winner["val_loss"]) == 3
 
     main(["select", str(run), "--out", str(tmp_path / "again.json")])
+    main(["select", str(run)])                                          # a new file; winner.json untouched
+    assert len(list(run.glob("winner-reselected-*.json"))) == 1
+    assert json.loads((run / "winner.json").read_text()) == winner
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["winner"] == winner["winner"] and again["similarity"] == pytest.approx(winner["similarity"], rel=1e-5)
     assert again["val_loss"] == pytest.approx(winner["val_loss"], rel=1e-5)
@@ -58,6 +61,8 @@ def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, ca
     with pytest.raises(SystemExit):
         main(["export", str(run), "--out", str(tmp_path / "m1")])          # not empty: refused
 
+    with pytest.raises(SystemExit):                                     # another seed could test on trained items
+        main(["eval", "--run", str(run), "--seed", "3", "--data-root", str(commonsense_root), "--limit", "1"])
     capsys.readouterr()
     main(["eval", "--run", str(run), "--components", "all", "--data-root", str(commonsense_root), "--eval-size", "4",
           "--limit", "2", "--greedy", "--max-new-tokens", "4", "--tasks", "boolq,piqa", "--out", str(tmp_path / "ev")])
@@ -70,7 +75,7 @@ def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, ca
     main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "c1"), "--data-root", str(commonsense_root),
           "--eval-size", "4", "--limit", "1", "--greedy", "--max-new-tokens", "3", "--tasks", "winogrande",
           "--out", str(tmp_path / "ev")])
-    assert (tmp_path / "ev" / "commonsense-c1.json").is_file()
+    assert (tmp_path / "ev" / "commonsense-c1-limit1.json").is_file()
 
 
 def test_lora_baseline_run_exports_a_peft_adapter(tmp_path, tiny_model_dir, commonsense_root):
@@ -95,6 +100,8 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, common
     (tmp_path / "resumed" / "checkpoints" / ".tmp-step-00000004").mkdir()   # a write the kill interrupted
     with pytest.raises(FileExistsError, match="not empty"):
         train(interrupted)
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lm": 1.2')                                 # a line the kill cut short
     train(interrupted, resume=True)
     a = load_file(str(tmp_path / "straight" / "state" / "comlora_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "state" / "comlora_model.safetensors"))
@@ -168,11 +175,11 @@ def test_mmlu_and_convai2_train_and_evaluate(tmp_path, tiny_model_dir, capsys):
           "anatomy,virology", "--limit", "2", "--shots", "1"])
     out = capsys.readouterr().out
     assert "micro avg" in out
-    result = json.loads((tmp_path / "mmlu" / "eval" / "mmlu-mmlu.json").read_text())
+    result = json.loads((tmp_path / "mmlu" / "eval" / "mmlu-mmlu-limit2.json").read_text())
     assert result["n"] == 4 and {r["subject"] for r in result["items"]} == {"anatomy", "virology"}
     main(["eval", "--run", str(tmp_path / "convai2"), "--task", "convai2", "--data-root", root, "--limit", "3",
           "--greedy", "--max-new-tokens", "4", "--no-bertscore"])
-    result = json.loads((tmp_path / "convai2" / "eval" / "convai2-convai2.json").read_text())
+    result = json.loads((tmp_path / "convai2" / "eval" / "convai2-convai2-limit3.json").read_text())
     assert result["n"] == 3 and result["metrics"]["bleu"] is not None and result["metrics"]["bertscore_f1"] is None
 
 

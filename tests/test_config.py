@@ -40,3 +40,24 @@ def test_round_trip_and_unknown_field():
     assert ComLoraConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown field"):
         ComLoraConfig.from_dict({"num_component": 2})
+
+
+def test_numbers_written_as_strings_are_converted_and_bad_ones_named():
+    from comlora.train_config import TrainConfig
+
+    assert TrainConfig.from_dict({"lr": "3e-4"}).lr == 3e-4               # PyYAML reads 3e-4 as a string
+    assert ComLoraConfig.from_dict({"noise_alpha": "1e-1"}).noise_alpha == 0.1
+    with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
+        TrainConfig.from_dict({"lr": "fast"})
+    with pytest.raises(ValueError, match="num_components must be a number"):
+        TrainConfig.from_dict({"num_components": True})
+    assert TrainConfig.from_dict({"tasks": "boolq"}).tasks == ["boolq"]
+    with pytest.raises(ValueError, match="float16 training"):
+        TrainConfig(dtype="float16")
+    with pytest.raises(ValueError, match="val_size"):
+        TrainConfig(val_size=0)
+
+
+def test_single_component_needs_a_loss_that_is_not_pairwise():
+    with pytest.raises(ValueError, match="with K=1 the pairwise loss is 0"):
+        ComLoraConfig(num_components=1, top_n=1, lm_loss=False, align_loss=False)

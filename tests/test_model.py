@@ -291,3 +291,18 @@ def test_single_component_skips_the_selector_without_changing_the_loss(batch):
     assert out.loss.item() == pytest.approx((1 + eta) * lm.item(), rel=1e-6)      # L_LM + eta * 1 * l
     out.loss.backward()
     assert all(p.grad is None for p in cm.selector.parameters())
+
+
+def test_without_pairwise_loss_the_untrained_selector_does_not_pick_the_winner(batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config(pairwise_loss=False))
+    randomise_components(cm)
+    report = cm.select_winner([batch])
+    assert report.winner == report.winner_by_loss and report.winner_by_similarity is not None
+
+
+def test_an_in_place_merge_consumes_the_model_with_a_clear_error(batch):
+    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm.merge(0, inplace=True)
+    with pytest.raises(RuntimeError, match="merged in place"):
+        with cm.use_component(0):
+            pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -57,10 +58,14 @@ def cmd_select(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {args.run} is a {cfg.method} run; winner selection applies to comlora runs")
     batches = run_validation_batches(Path(args.run), cfg, tokenizer, method.model.device, args.data)
     report = method.select_winner(batches)
-    out = Path(args.out) if args.out else Path(args.run) / ("winner.json" if args.data is None else
-                                                          f"winner-{Path(args.data).stem}.json")
+    name = "winner-reselected" if args.data is None else f"winner-{Path(args.data).stem}"
+    out = Path(args.out) if args.out else Path(args.run) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out (nothing was written)")
     write_json(out, report.to_dict())
     print(f"winner: component {report.winner} (similarity {report.similarity}, validation loss {report.val_loss}) -> {out}")
+    print(f"the run's own winner.json, state/ and adapter/ are unchanged; to export this one: "
+          f"comlora export {args.run} --component {report.winner} --out DIR")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -137,6 +142,10 @@ def evaluation_task(args: argparse.Namespace):
             raise ValueError(f"--limit {args.limit} exceeds --eval-size {args.eval_size} (the reserved subset)")
         tasks = args.tasks.split(",") if args.tasks else None
         suite = build_commonsense_mini(root, tasks, eval_size=args.eval_size, train_per_task=0, val_size=0, seed=args.seed)
+        run = args.run_config
+        if run is not None and run.data == "commonsense-mini" and (args.seed != run.seed or args.eval_size > run.eval_size):
+            raise ValueError(f"--seed {args.seed} / --eval-size {args.eval_size} differ from the run's (seed {run.seed}, "
+                             f"eval_size {run.eval_size}): the evaluation items could overlap its training items")
         return (lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, args.limit, args.batch_size,
                                                         args.max_new_tokens, 1 if args.greedy else args.num_beams)), markdown_table
     if args.task == "mmlu":
@@ -161,13 +170,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.adapter and args.run:
         raise ValueError("give --adapter or --run, not both")
+    args.run_config = None
+    if args.run:                      # the commonsense subset must be the run's own held-out items
+        if not (Path(args.run) / "config.yaml").is_file():
+            raise FileNotFoundError(f"{args.run} is not a run directory (config.yaml is missing)")
+        args.run_config = TrainConfig.from_dict(load_yaml(Path(args.run) / "config.yaml"))
+        args.model = args.run_config.model
+        args.seed = args.run_config.seed if args.seed is None else args.seed
+        args.eval_size = args.run_config.eval_size if args.eval_size is None else args.eval_size
+    args.seed = 0 if args.seed is None else args.seed
+    args.eval_size = 100 if args.eval_size is None else args.eval_size
     evaluate, table = evaluation_task(args)
     out = Path(args.out) if args.out else (Path(args.run) / "eval" if args.run else Path("eval-results"))
     results = {}
     for label, model, tokenizer in evaluation_targets(args):
         result = evaluate(model, tokenizer)
         result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed)
-        write_results(out, f"{args.task}-{label}", result, table)
+        limit = f"-limit{args.limit}" if args.limit is not None else ""
+        write_results(out, f"{args.task}-{label}{limit}", result, table)
         results[label] = result
     print(table(results))
     print(f"results in {out}/")
@@ -207,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="Re-run ComLoRA winner selection of a finished run.")
     p.add_argument("run", help="Run directory.")
     p.add_argument("--data", help="Another validation set (LLM-Adapters JSON file or folder).")
-    p.add_argument("--out", help="Where to write the report (default RUN/winner.json, or RUN/winner-<data>.json).")
+    p.add_argument("--out", help="Where to write the report (default: a new RUN/winner-reselected-<time>.json, "
+                   "or RUN/winner-<data>-<time>.json); the run's winner.json is never overwritten.")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("export", help="Export one component (default: the winner) as a PEFT adapter or a merged model.")
@@ -225,13 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="commonsense", choices=["commonsense", "mmlu", "convai2"], help="Evaluation suite.")
     p.add_argument("--limit", type=int, help="commonsense: items per task (first N of the reserved subset); "
                    "mmlu: rows per subject; convai2: examples.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the commonsense subset / the ConvAI2 split (as in training).")
+    p.add_argument("--seed", type=int, help="Seed of the commonsense subset / the ConvAI2 split (default: the run's, else 0).")
     p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of beam search.")
     p.add_argument("--num-beams", type=int, default=4, help="Beam width (LLM-Adapters: 4).")
     p.add_argument("--max-new-tokens", type=int, default=32, help="New tokens per answer (LLM-Adapters: 32).")
     g = p.add_argument_group("commonsense")
     g.add_argument("--tasks", help="Comma-separated commonsense tasks (default: all 8).")
-    g.add_argument("--eval-size", type=int, default=100, help="Reserved evaluation items per task (as in training).")
+    g.add_argument("--eval-size", type=int, help="Reserved evaluation items per task (default: the run's, else 100).")
     g = p.add_argument_group("mmlu")
     g.add_argument("--subjects", help="Comma-separated MMLU subjects (default: all 57).")
     g.add_argument("--shots", type=int, default=0, help="Dev-split examples per subject in the prompt (0 = zero-shot).")
@@ -270,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 

@@ -25,7 +25,7 @@ def run_summary(run: str | Path) -> dict:
     params = json.loads((run / "parameters.json").read_text())
     files = sorted((run / "eval").glob("commonsense-*.json"))
     if config["method"] == "comlora":
-        files = [f for f in files if f.stem.endswith("-winner")]
+        files = [f for f in files if "-winner" in f.stem]
     if len(files) != 1:
         found = ", ".join(f.name for f in files) or "none"
         raise ValueError(f"{run}: expected one commonsense evaluation of the {'winner' if config['method'] == 'comlora' else 'run'} "
@@ -43,6 +43,9 @@ def _mean_std(values: list[float]) -> str:
 
 def comparison_rows(summaries: list[dict], group_by: tuple[str, ...] = GROUP_KEYS) -> list[dict]:
     """One row per configuration (``group_by`` keys of config.yaml): mean ± std over its runs."""
+    unknown = [k for k in group_by if k not in summaries[0]["config"]]
+    if unknown:
+        raise ValueError(f"--group-by {unknown}: not options of a run's config.yaml ({sorted(summaries[0]['config'])})")
     groups: dict[tuple, list[dict]] = {}
     for s in summaries:
         key = tuple(s["config"].get(k) if not (k == "num_components" and s["config"]["method"] in ("lora", "dora", "loratrf"))

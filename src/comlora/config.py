@@ -21,10 +21,20 @@ class ConfigDict:
 
     @classmethod
     def from_dict(cls, values: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Build from a mapping (YAML, JSON, --set); numbers written as strings ('3e-4') are converted."""
+        types = {f.name: str(f.type) for f in fields(cls)}
+        unknown = sorted(set(values) - set(types))
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(types)}")
+        values = dict(values)
+        for name, value in values.items():
+            if isinstance(value, bool) and not types[name].startswith("bool"):
+                raise ValueError(f"{cls.__name__}: {name} must be a number, got {value!r}")
+            if isinstance(value, str) and types[name].split(" ")[0] in ("float", "int"):
+                try:
+                    values[name] = float(value) if types[name].startswith("float") else int(value)
+                except ValueError:
+                    raise ValueError(f"{cls.__name__}: {name} must be a number, got {value!r}") from None
         return cls(**values)
 
     @classmethod
@@ -98,6 +108,8 @@ class ComLoraConfig(ConfigDict):
             (self.use_selector or not (self.align_loss or self.pairwise_loss),
              "use_selector=False (the 'without selector' ablation) has no alignment or pairwise loss: also set align_loss=False and pairwise_loss=False"),
             (self.lm_loss or self.align_loss or self.pairwise_loss, "at least one of lm_loss, align_loss, pairwise_loss must be on"),
+            (self.num_components > 1 or self.lm_loss or self.align_loss,
+             "with K=1 the pairwise loss is 0: turn on lm_loss or align_loss"),
         ]
         for ok, message in checks:
             if not ok:

@@ -20,10 +20,11 @@ PEFT_CONFIG = "adapter_config.json"
 
 
 def peft_lora_config(cm: "ComLoraModel") -> LoraConfig:
-    """The PEFT LoraConfig that places an r-rank adapter on exactly the modules ComLoRA adapted."""
+    """The PEFT LoraConfig that places an r-rank adapter on exactly the modules ComLoRA adapted (named in
+    full: a suffix or regex could also match modules that are not nn.Linear, which PEFT would adapt too)."""
     cfg = cm.config
     return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM",
+                      target_modules=sorted(cm.adapted), bias="none", task_type="CAUSAL_LM",
                       base_model_name_or_path=getattr(cm.model, "name_or_path", None) or None)
 
 

@@ -20,7 +20,7 @@ class ComLoraLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, num_components: int, r: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
+                 lora_dropout: float = 0.0) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"ComLoraLinear adapts torch.nn.Linear only, got {type(base_layer).__name__}")
@@ -34,14 +34,14 @@ class ComLoraLinear(nn.Module):
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.competition = False
         self.active_component: int | None = None
-        self.reset_parameters(generator)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self) -> None:
         """A_k ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) independently per component, which is PEFT's
         kaiming_uniform_(a=sqrt(5)) on its [r, d_in] lora_A; B_k = 0."""
         bound = 1.0 / math.sqrt(self.lora_A.shape[1])
-        values = torch.rand(self.lora_A.shape, generator=generator, dtype=torch.float32)
+        values = torch.rand(self.lora_A.shape, dtype=torch.float32)
         self.lora_A.copy_((values * 2 - 1) * bound)
         self.lora_B.zero_()
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 
@@ -33,13 +34,17 @@ def sequence_losses(causal_lm, input_ids: torch.Tensor, attention_mask: torch.Te
     Copy c is rows c*B .. (c+1)*B-1 of the replicated batch (ComLoRA's competition layout). The LM
     head runs only where the shifted label is a target token, never on the full ``[copies*B, L, V]``.
     """
-    b = input_ids.shape[0]
+    config = getattr(causal_lm, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        raise NotImplementedError(f"{type(causal_lm).__name__} post-processes its logits (softcapping / scaling), "
+                                  "which the target-only LM head does not reproduce")
+    b, length = input_ids.shape
     targets = labels[:, 1:]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)   # position cols predicts token cols + 1
     if copies > 1:
         input_ids, attention_mask = input_ids.repeat(copies, 1), attention_mask.repeat(copies, 1)
     hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1].reshape(copies, b, hidden.shape[1] - 1, hidden.shape[2])[:, rows, cols]  # [copies, N, d]
+    hidden = hidden.view(copies, b, length, hidden.shape[-1])[:, rows, cols]                     # [copies, N, d]
     logits = causal_lm.get_output_embeddings()(hidden).flatten(0, 1)                            # [copies*N, V]
     sample = (torch.arange(copies, device=rows.device).unsqueeze(1) * b + rows).reshape(-1)
     losses, counts = per_sample_token_loss(logits, targets[rows, cols].repeat(copies), sample, copies * b, reduction)

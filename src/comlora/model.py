@@ -76,6 +76,9 @@ class ComLoraModel(nn.Module):
 
     # ---- modes -------------------------------------------------------------------------
     def _set_mode(self, competition: bool, component: int | None) -> tuple[bool, int | None]:
+        if not self.adapted:
+            raise RuntimeError("this ComLoraModel was merged in place (merge(k, inplace=True)): its components are "
+                               "gone; use the merged model it returned, or ComLoraModel.load a saved state")
         previous = next(iter(self.adapted.values()))
         before = (previous.competition, previous.active_component)
         for layer in self.adapted.values():
@@ -138,7 +141,8 @@ class ComLoraModel(nn.Module):
             raise RuntimeError("this ComLoraModel was built with use_selector=False: it has no selector")
         with torch.no_grad():
             embeddings = self.model.get_input_embeddings()(input_ids)
-        return self.selector(embeddings, attention_mask)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):   # rankings need float32
+            return self.selector(embeddings.float(), attention_mask)
 
     def competition_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                          step: int, total_steps: int, generator: torch.Generator | None = None) -> CompetitionOutput:
@@ -200,7 +204,8 @@ class ComLoraModel(nn.Module):
         """s_val[k] = sum over validation samples of sim[b, k]; winner = argmax_k s_val[k] (Eq. 11-12).
 
         ``batches`` yields dicts with input_ids, attention_mask and (for the loss) labels. Without a
-        selector the winner is the component with the lowest validation loss.
+        selector, or with a selector that never trained (pairwise_loss=False), the winner is the component
+        with the lowest validation loss.
         """
         if self.selector is None and not compute_loss:
             raise ValueError("without a selector the winner is chosen by validation loss: compute_loss must be True")
@@ -227,7 +232,9 @@ class ComLoraModel(nn.Module):
         by_sim = int(sim_sum.argmax()) if self.selector is not None else None
         val_loss = (loss_sum / loss_samples).tolist() if compute_loss else None
         by_loss = int(torch.tensor(val_loss).argmin()) if compute_loss else None
-        report = WinnerReport(winner=by_sim if by_sim is not None else by_loss, winner_by_similarity=by_sim,
+        # the selector learns only from the pairwise loss: without it, its ranking is its initialisation
+        trained_selector = by_sim is not None and self.config.pairwise_loss
+        report = WinnerReport(winner=by_sim if trained_selector or not compute_loss else by_loss, winner_by_similarity=by_sim,
                               winner_by_loss=by_loss, similarity=sim_sum.tolist() if by_sim is not None else None,
                               val_loss=val_loss, num_samples=samples)
         self.winner = report.winner

@@ -11,8 +11,7 @@ class LoraSelector(nn.Module):
     encoder layer applied to the (frozen) input token embeddings."""
 
     def __init__(self, hidden_size: int, num_components: int, selector_dim: int | None = None,
-                 num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1, init_std: float = 0.02,
-                 generator: torch.Generator | None = None) -> None:
+                 num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1, init_std: float = 0.02) -> None:
         super().__init__()
         dim = selector_dim or hidden_size
         if dim % num_heads:
@@ -21,7 +20,7 @@ class LoraSelector(nn.Module):
         self.input_proj = nn.Linear(hidden_size, dim) if dim != hidden_size else nn.Identity()
         self.encoder = nn.TransformerEncoderLayer(dim, num_heads, dim_feedforward=ffn_dim, dropout=dropout,
                                                   batch_first=True)
-        self.component_embeddings = nn.Parameter(torch.randn(num_components, dim, generator=generator) * init_std)
+        self.component_embeddings = nn.Parameter(torch.randn(num_components, dim) * init_std)
 
     def pool(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """h_avg[b] = sum_t m[b,t] h[b,t] / sum_t m[b,t] (Eq. 1)."""

@@ -50,25 +50,37 @@ class TrainConfig(ConfigDict):
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch items of similar length together (less padding; order stays random)."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, initialisation, dropout and noise."})
-    save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0 = only at the end)."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0 = none; the final state/ is always saved)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints kept."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps (with accelerate launch: per process)."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps (several processes: each gets its own GPU from the launcher)."})
     dtype: str = field(default="auto", metadata={"help": "Base model dtype: auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16."})
     mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no or bf16."})
     window: int = field(default=50, metadata={"help": "Steps per bar of the lowest-loss-share plot (Figure 3)."})
 
     def __post_init__(self) -> None:
-        positive = ["num_components", "r", "cutoff_len", "batch_size", "grad_accum", "epochs", "window", "keep_checkpoints"]
+        for name in ("tasks", "target_modules"):            # a YAML scalar means a one-item list
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [x for x in getattr(self, name).split(",") if x])
+        positive = ["num_components", "r", "cutoff_len", "batch_size", "grad_accum", "epochs", "window", "keep_checkpoints",
+                    "val_size"]
         for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ["max_steps", "save_every", "warmup_steps", "train_per_task", "eval_size", "val_size"]:
+        for name in ["max_steps", "save_every", "warmup_steps", "train_per_task", "eval_size"]:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig: {name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.method not in METHODS:
             raise ValueError(f"TrainConfig: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"TrainConfig: lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
+            raise ValueError(f"TrainConfig: top_n must be None (= K) or an integer >= 1, got {self.top_n!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"TrainConfig: device must be auto, cpu, cuda or mps, got {self.device!r} "
+                             "(choose GPUs with CUDA_VISIBLE_DEVICES)")
+        if self.dtype in ("float16", "fp16"):
+            raise ValueError("TrainConfig: float16 training needs a gradient scaler, which the loop does not have; "
+                             "use bfloat16 or float32")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"TrainConfig: mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if not self.lr > 0:
@@ -100,6 +112,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         value = yaml.safe_load(raw)
         head, _, rest = key.partition(".")
         if rest:
+            if not isinstance(values.get(head) or {}, dict):
+                raise ValueError(f"--set {item}: {head} is not a mapping")
             values[head] = {**(values.get(head) or {}), rest: value}
         else:
             values[key] = value

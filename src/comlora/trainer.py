@@ -189,13 +189,13 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     if resume:
         if not config_file.is_file():
             raise FileNotFoundError(f"--resume: {run} holds no run (config.yaml is missing)")
-        saved = yaml.safe_load(config_file.read_text())
-        if saved != cfg.to_dict():
-            diff = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))
+        saved, given = yaml.safe_load(config_file.read_text()), cfg.to_dict()
+        diff = sorted(k for k in set(saved) | set(given) if k != "out" and saved.get(k) != given.get(k))
+        if diff:
             raise ValueError(f"--resume: the options differ from the run's config.yaml in {diff}")
         if (run / "state").is_dir():
             raise ValueError(f"--resume: the run in {run} is already complete (it has a final state/)")
-    elif run.exists() and any(run.iterdir()):
+    elif run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise FileExistsError(f"run directory {run} is not empty: choose another --out, or --resume it")
     run.mkdir(parents=True, exist_ok=True)
     return run
@@ -209,16 +209,18 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
         cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
+    if cfg.method == "comlora" and cfg.method_options.get("competition") == "low_memory" and accelerator.num_processes > 1:
+        raise ValueError("competition='low_memory' runs its own backward passes inside autograd, which DDP cannot "
+                         "synchronise: use it with one process")
     run = prepare_run_dir(cfg, resume) if main else Path(cfg.out)
     accelerator.wait_for_everyone()
-    if main and not resume:
-        write_text(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     torch.manual_seed(cfg.seed)
-    device = accelerator.device if cfg.device == "auto" else cfg.device
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=str(device), dtype=cfg.dtype)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=str(accelerator.device), dtype=cfg.dtype)
     train_examples, val_examples = load_training_data(cfg, tokenizer)
     method = build_method(cfg, model).to(model.device)
+    if main and not resume:           # only once the model and the data loaded: a failed start leaves no run behind
+        write_text(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if main and hasattr(method, "print_trainable_parameters"):
         method.print_trainable_parameters()
 
@@ -240,7 +242,7 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     metrics_file = run / "metrics.jsonl"
     if main:   # keep only the lines of steps the restored state has seen
         lines = metrics_file.read_text().splitlines() if resume and metrics_file.exists() else []
-        write_text(metrics_file, "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        write_text(metrics_file, "".join(l + "\n" for l in lines if _step_of(l) is not None and _step_of(l) <= step))
 
     lengths = [len(e["input_ids"]) for e in train_examples]
     progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"train {cfg.method}", dynamic_ncols=True)
@@ -301,6 +303,14 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     return run
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def _mean_over_processes(accelerator: Accelerator, values: dict) -> dict:
     if accelerator.num_processes == 1:
         return values
@@ -316,11 +326,13 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
     from .plots import plot_run
 
     method.eval()
+    method.save(run / "state")              # first: nothing below may cost the trained weights
     write_json(run / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
     batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
     if isinstance(method, ComLoraModel):
         report = method.select_winner(batches)
         write_json(run / "winner.json", report.to_dict())
+        method.save(run / "state")          # again, now naming the winner
         method.export_adapter(run / "adapter")
     else:
         with torch.no_grad():
@@ -330,7 +342,6 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
                                              "num_samples": len(val_examples)})
         if getattr(method, "mergeable", False):
             method.save(run / "adapter")
-    method.save(run / "state")
     plot_run(run, cfg.window)
     if checkpoint_dirs(run):
         shutil.rmtree(run / CHECKPOINTS)         # the run is complete: its state/ supersedes them
