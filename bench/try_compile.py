@@ -1,22 +1,42 @@
 """Does torch.compile speed up a ComLoRA K=2 training step on SmolLM2? Eager vs compiled, same batch.
 
     python bench/try_compile.py eager; python bench/try_compile.py compile
+
+The compiled variant compiles the frozen base model (with its ComLoRA layers) with fixed shapes;
+the first step includes the compilation.
 """
-import sys, time, torch
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from bench import comlora, load_base, make_batch
-mode = sys.argv[1]
-model = load_base("full").train()
-batch = make_batch("full", model.config.vocab_size)
-cm = comlora(model, 2)
-if mode == "compile":
-    cm.model.model = torch.compile(cm.model.model, dynamic=False)
-params = [p for p in cm.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=1e-4)
-def step(i):
-    cm.competition_step(**batch, step=i, total_steps=10).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-t = time.perf_counter(); step(0); print(mode, "first step (incl. compile)", round(time.perf_counter() - t, 1), flush=True)
-ts = []
-for i in range(1, 5):
-    t = time.perf_counter(); step(i); ts.append(time.perf_counter() - t)
-print(mode, "steps", [round(x, 2) for x in ts], "median", sorted(ts)[len(ts)//2])
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import comlora, load_base, make_batch  # noqa: E402
+
+
+def main(mode: str) -> None:
+    model = load_base("full").train()
+    batch = make_batch("full", model.config.vocab_size)
+    cm = comlora(model, 2)
+    if mode == "compile":
+        cm.model.model = torch.compile(cm.model.model, dynamic=False)
+    params = [p for p in cm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(i: int) -> float:
+        started = time.perf_counter()
+        cm.competition_step(**batch, step=i, total_steps=10).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    print(mode, "first step (incl. compile)", round(step(0), 1), flush=True)
+    times = [step(i) for i in range(1, 5)]
+    print(mode, "steps", [round(t, 2) for t in times], "median", round(statistics.median(times), 3))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
