@@ -19,6 +19,12 @@ class ConfigDict:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self, checks: list[tuple[bool, str]]) -> None:
+        """Raise ``ValueError("<Config>: <message>")`` for the first ``(ok, message)`` that is not ok."""
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}: {message}")
+
     @classmethod
     def from_dict(cls, values: dict):
         """Build from a mapping (YAML, JSON, --set); numbers written as strings ('3e-4') are converted."""
@@ -111,9 +117,7 @@ class ComLoraConfig(ConfigDict):
             (self.num_components > 1 or self.lm_loss or self.align_loss,
              "with K=1 the pairwise loss is 0: turn on lm_loss or align_loss"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"ComLoraConfig: {message}")
+        self.validate(checks)
         if self.selector_dim is not None and self.selector_dim % self.selector_heads:
             raise ValueError(f"ComLoraConfig: selector_dim={self.selector_dim} is not divisible by selector_heads={self.selector_heads}")
 

@@ -60,9 +60,7 @@ class LoraTrfConfig(ConfigDict):
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
             (bool(self.target_modules), "target_modules must name at least one module"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"LoraTrfConfig: {message}")
+        self.validate(checks)
 
 
 class TaskFilter(nn.Module):

@@ -47,9 +47,7 @@ class MoeLoraConfig(ConfigDict):
             (self.load_balance_weight >= 0, f"load_balance_weight must be >= 0, got {self.load_balance_weight!r}"),
             (bool(self.target_modules), "target_modules must name at least one module"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"MoeLoraConfig: {message}")
+        self.validate(checks)
 
     @property
     def scaling(self) -> float:

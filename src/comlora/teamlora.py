@@ -63,9 +63,7 @@ class TeamLoraConfig(ConfigDict):
              f"interaction_init_range must be >= 0, got {self.interaction_init_range!r}"),
             (bool(self.target_modules), "target_modules must name at least one module"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TeamLoraConfig: {message}")
+        self.validate(checks)
         if self.r_A is None:
             self.r_A = k * self.r_B
         elif self.r_A % k:
