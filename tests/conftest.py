@@ -28,6 +28,52 @@ def make_batch(batch_size: int = 3, length: int = 9, seed: int = 1, prompt_len: 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def logits(model, batch):
+    """The model's logits on ``batch`` (no gradient, no labels)."""
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def randomise_lora_B(layers, seed: int = 5):
+    """B = 0 at init makes every LoRA / expert / component a no-op; give them non-zero weights.
+
+    Fills each layer's ``lora_B`` (ComLoRA, MoELoRA, TeamLoRA, LoRATRF's LoRA) in order from one generator; a
+    module without one (LoRATRF's ``TaskFilter``) gets its zero-initialised output factor ``T2`` instead.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            target = layer.lora_B if hasattr(layer, "lora_B") else layer.T2
+            target.copy_(torch.randn(target.shape, generator=g) * 0.3)
+
+
+RELATED_TARGETS = ["q_proj", "v_proj", "down_proj"]    # the MoELoRA and TeamLoRA test configs
+
+
+def make_moelora_config(**overrides):
+    from comlora.moelora import MoeLoraConfig
+
+    values = dict(num_experts=3, r=4, lora_alpha=8, target_modules=RELATED_TARGETS, seed=3)
+    values.update(overrides)
+    return MoeLoraConfig(**values)
+
+
+def make_teamlora_config(**overrides):
+    from comlora.teamlora import TeamLoraConfig
+
+    values = dict(num_experts=3, r_B=2, lora_alpha=8, target_modules=RELATED_TARGETS, seed=3)
+    values.update(overrides)
+    return TeamLoraConfig(**values)
+
+
+def make_loratrf_config(**overrides):
+    from comlora.loratrf import LoraTrfConfig
+
+    values = dict(r=4, lora_alpha=8, filter_rank=3, seed=3)
+    values.update(overrides)
+    return LoraTrfConfig(**values)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama

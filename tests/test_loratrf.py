@@ -1,5 +1,6 @@
 """LoRATRF: the task-aware filter and its clamp against float64 loops, its placement on every decoder
-layer's output, the LoRA part against PEFT, training, save/load, bad configs."""
+layer's output, the LoRA part against PEFT, bad configs. The behaviour it shares with MoELoRA and TeamLoRA
+(pass-through, training, save/load, counts) is in test_related_methods.py."""
 
 import copy
 import math
@@ -8,31 +9,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from comlora.loratrf import LoraTrfConfig, LoraTrfModel, TaskFilter, get_loratrf_model
+from comlora.loratrf import TaskFilter, get_loratrf_model
 
-from conftest import make_batch, make_tiny_llama
+from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
+from conftest import make_loratrf_config as make_config
 
 TARGETS = ["o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_config(**overrides):
-    values = dict(r=4, lora_alpha=8, filter_rank=3, seed=3)
-    values.update(overrides)
-    return LoraTrfConfig(**values)
-
-
-def randomise(model, seed=5):
-    """B = 0 and T2 = 0 at init make LoRA and filter no-ops; give them non-zero weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.injected.values():
-            target = module.T2 if isinstance(module, TaskFilter) else module.lora_B
-            target.copy_(torch.randn(target.shape, generator=g) * 0.3)
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def reference_filter(f, h):
@@ -75,7 +57,7 @@ def test_filter_matches_float64_loops_and_leaves_tokens_pointing_away_from_t_unt
 def test_filter_acts_on_the_output_of_every_decoder_layer():
     batch = make_batch()
     tm = get_loratrf_model(make_tiny_llama(), make_config())
-    randomise(tm)
+    randomise_lora_B(tm.injected.values())
     decoder_layers = tm.model.model.layers
     assert sorted(n for n in tm.injected if n.endswith("task_filter")) == \
         ["model.layers.0.task_filter", "model.layers.1.task_filter"]
@@ -106,7 +88,7 @@ def test_with_the_filter_at_identity_it_is_exactly_peft_lora_on_o_gate_up_down()
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     tm = get_loratrf_model(base, make_config())
     assert tm.config.target_modules == TARGETS
-    randomise(tm)
+    randomise_lora_B(tm.injected.values())
     with torch.no_grad():
         for task_filter in (m for m in tm.injected.values() if isinstance(m, TaskFilter)):
             task_filter.T2.zero_()
@@ -121,65 +103,6 @@ def test_with_the_filter_at_identity_it_is_exactly_peft_lora_on_o_gate_up_down()
     assert (logits(tm, batch) - logits(peft_model, batch)).abs().max() < 1e-5
 
 
-def test_fresh_model_gives_exactly_the_base_logits():
-    batch = make_batch()
-    expected = logits(make_tiny_llama(), batch)
-    tm = get_loratrf_model(make_tiny_llama(), make_config())
-    assert torch.equal(logits(tm, batch), expected)
-
-
-def test_adamw_steps_lower_the_training_loss():
-    batch = make_batch()
-    tm = get_loratrf_model(make_tiny_llama(), make_config())
-    tm.train()
-    optimizer = torch.optim.AdamW([p for p in tm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(6):
-        loss, parts = tm.training_loss(**batch, step=step, total_steps=6)
-        assert set(parts) == {"lm", "loss", "target_tokens"}
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(parts["loss"])
-    assert losses[-1] < losses[0] - 0.05
-    task_filter = tm.model.model.layers[0].task_filter
-    assert task_filter.T2.grad is not None and task_filter.T2.grad.abs().max() > 0
-
-
-def test_training_loss_without_any_target_token_raises():
-    batch = make_batch()
-    batch["labels"][:] = -100
-    tm = get_loratrf_model(make_tiny_llama(), make_config())
-    with pytest.raises(ValueError, match="no target token"):
-        tm.training_loss(**batch, step=0, total_steps=1)
-
-
-def test_parameter_counts_and_interface():
-    base_params = sum(p.numel() for p in make_tiny_llama().parameters())
-    tm = get_loratrf_model(make_tiny_llama(), make_config())
-    c = tm.parameter_counts()
-    shapes = [(32, 32), (32, 48), (32, 48), (48, 32)]     # o_proj, gate_proj, up_proj, down_proj
-    assert c["adapter"] == 2 * sum(4 * (d_in + d_out) for d_in, d_out in shapes)
-    assert c["router"] == 2 * (32 + 32 * 3 + 3 * 32)      # per decoder layer: t, T1, T2
-    assert c["base"] == base_params
-    assert c["adapter"] + c["router"] == sum(p.numel() for p in tm.parameters() if p.requires_grad)
-    assert LoraTrfModel.mergeable is False
-    tm.print_trainable_parameters()
-
-
-def test_save_load_round_trip_is_bit_exact_and_a_different_base_is_refused(tmp_path):
-    batch = make_batch()
-    tm = get_loratrf_model(make_tiny_llama(), make_config())
-    randomise(tm)
-    tm.save(tmp_path / "state")
-    loaded = LoraTrfModel.load(make_tiny_llama(), tmp_path / "state")
-    assert loaded.config == tm.config
-    assert torch.equal(logits(loaded, batch), logits(tm, batch))
-    expected = r"model\.layers\.0\.task_filter\.T1: saved shape \[32, 3\], this model expects \[48, 3\]"
-    with pytest.raises(ValueError, match=expected):
-        LoraTrfModel.load(make_tiny_llama(hidden_size=48), tmp_path / "state")
-
-
 @pytest.mark.parametrize("overrides, message", [
     (dict(r=0), "r must be"),
     (dict(filter_rank=0), "filter_rank"),
@@ -189,8 +112,3 @@ def test_save_load_round_trip_is_bit_exact_and_a_different_base_is_refused(tmp_p
 def test_bad_config_raises(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(**overrides)
-
-
-def test_unknown_target_module_raises_listing_the_available_ones():
-    with pytest.raises(ValueError, match=r"\['nope'\].*o_proj"):
-        get_loratrf_model(make_tiny_llama(), make_config(target_modules=["o_proj", "nope"]))

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from comlora import ComLoraConfig, ComLoraModel, get_comlora_model
 from comlora.layers import ComLoraLinear
 
-from conftest import make_batch, make_tiny_llama
+from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -21,14 +21,6 @@ def make_config(**overrides):
                   selector_ffn_dim=64, selector_dropout=0.0, seed=3)
     values.update(overrides)
     return ComLoraConfig(**values)
-
-
-def randomise_components(cm, seed=5):
-    """B = 0 at init makes every component equal the base; give them distinct non-zero weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in cm.adapted.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
 
 
 def reference_per_sample_loss(logits, labels):
@@ -44,7 +36,7 @@ def test_batched_competition_matches_peft_running_each_exported_component(tmp_pa
     base = make_tiny_llama()
     reference_base = copy.deepcopy(base)
     cm = get_comlora_model(base, make_config())
-    randomise_components(cm)
+    randomise_lora_B(cm.adapted.values())
     cm.eval()
     out = cm.competition_step(**batch, step=0, total_steps=10)
     for k in range(3):
@@ -53,10 +45,9 @@ def test_batched_competition_matches_peft_running_each_exported_component(tmp_pa
             warnings.simplefilter("always")
             peft_model = PeftModel.from_pretrained(copy.deepcopy(reference_base), tmp_path / f"c{k}").eval()
         assert not [w for w in caught if "key" in str(w.message).lower()], [str(w.message) for w in caught]
-        with torch.no_grad():
-            peft_logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            with cm.use_component(k):
-                ours = cm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        peft_logits = logits(peft_model, batch)
+        with cm.use_component(k):
+            ours = logits(cm, batch)
         assert (ours - peft_logits).abs().max() < 1e-5
         expected = reference_per_sample_loss(peft_logits, batch["labels"])
         assert (out.per_sample_loss[:, k].double() - expected).abs().max() < 1e-5
@@ -93,7 +84,7 @@ def run_step(cm, batch, **kwargs):
 
 def test_base_gets_no_gradient_and_selector_only_from_pairwise(batch):
     cm = get_comlora_model(make_tiny_llama(), make_config())
-    randomise_components(cm)
+    randomise_lora_B(cm.adapted.values())
     run_step(cm, batch)
     assert all(p.grad is None for n, p in cm.model.named_parameters() if ".lora_" not in n)
     assert nonzero(grads(cm.selector)) and nonzero(lora_grads(cm))
@@ -112,7 +103,7 @@ def test_base_gets_no_gradient_and_selector_only_from_pairwise(batch):
 def test_which_loss_trains_the_components(batch, lm, align, pairwise, detach, components_learn):
     cm = get_comlora_model(make_tiny_llama(), make_config(lm_loss=lm, align_loss=align, pairwise_loss=pairwise,
                                                           pairwise_detach_lm=detach))
-    randomise_components(cm)
+    randomise_lora_B(cm.adapted.values())
     run_step(cm, batch)
     assert nonzero(lora_grads(cm)) == components_learn
     assert nonzero(grads(cm.selector)) == pairwise
@@ -143,28 +134,26 @@ def test_merged_model_equals_the_component_and_costs_what_the_base_costs(batch):
     base = make_tiny_llama()
     fresh = make_tiny_llama()
     cm = get_comlora_model(base, make_config())
-    randomise_components(cm)
-    with torch.no_grad(), cm.use_component(2):
-        expected = cm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    randomise_lora_B(cm.adapted.values())
+    with cm.use_component(2):
+        expected = logits(cm, batch)
     merged = cm.merge(2)
     assert isinstance(merged, LlamaForCausalLM)
-    with torch.no_grad():
-        got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    got = logits(merged, batch)
     assert (got - expected).abs().max() < 1e-4
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in fresh.parameters())
     assert [type(m) for m in merged.modules()] == [type(m) for m in fresh.modules()]
     # not in place: the ComLoraModel keeps all components
     assert all(isinstance(layer, ComLoraLinear) for layer in cm.adapted.values())
     inplace = cm.merge(2, inplace=True)
-    with torch.no_grad():
-        got_inplace = inplace(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    got_inplace = logits(inplace, batch)
     assert (got_inplace - expected).abs().max() < 1e-4
     assert not any(isinstance(m, ComLoraLinear) for m in inplace.modules())
 
 
 def test_save_load_round_trip_is_bit_for_bit(tmp_path, batch):
     cm = get_comlora_model(make_tiny_llama(), make_config(noise_alpha=0.1))
-    randomise_components(cm)
+    randomise_lora_B(cm.adapted.values())
     cm.winner = 1
     cm.save(tmp_path / "state")
     cm2 = ComLoraModel.load(make_tiny_llama(), tmp_path / "state")
@@ -204,7 +193,7 @@ def test_batch_without_any_target_token_raises(batch):
 
 def test_a_sample_without_target_tokens_is_left_out_not_nan(batch):
     cm = get_comlora_model(make_tiny_llama(), make_config(noise_alpha=0.0))
-    randomise_components(cm)
+    randomise_lora_B(cm.adapted.values())
     cm.eval()
     labels = batch["labels"].clone()
     labels[1] = -100
@@ -230,7 +219,7 @@ def test_forward_requires_a_component_and_modes_are_restored(batch):
 
 def test_select_winner_accumulates_similarity_and_validation_losses(batch):
     cm = get_comlora_model(make_tiny_llama(), make_config())
-    randomise_components(cm)
+    randomise_lora_B(cm.adapted.values())
     batches = [make_batch(seed=s) for s in range(3)]
     report = cm.select_winner(batches)
     expected_sim = sum(cm.similarity(b["input_ids"], b["attention_mask"]).sum(0) for b in batches)
@@ -244,7 +233,7 @@ def test_select_winner_accumulates_similarity_and_validation_losses(batch):
 
 def test_without_selector_the_winner_is_the_lowest_validation_loss(batch):
     cm = get_comlora_model(make_tiny_llama(), make_config(use_selector=False, align_loss=False, pairwise_loss=False))
-    randomise_components(cm)
+    randomise_lora_B(cm.adapted.values())
     assert cm.selector is None
     out = cm.competition_step(**batch, step=0, total_steps=1)
     assert out.sim is None and out.loss.item() == pytest.approx(out.parts["lm"])
@@ -269,7 +258,7 @@ def test_low_memory_competition_gives_the_batched_gradients(batch, detach):
     grads_by_mode = {}
     for mode in ("batched", "low_memory"):
         cm = get_comlora_model(make_tiny_llama(), make_config(competition=mode, pairwise_detach_lm=detach))
-        randomise_components(cm)
+        randomise_lora_B(cm.adapted.values())
         out = cm.competition_step(**batch, step=4, total_steps=10, generator=torch.Generator().manual_seed(11))
         out.loss.backward()
         grads_by_mode[mode] = (out.loss.detach(), {n: p.grad.clone() for n, p in cm.named_parameters()
@@ -283,7 +272,7 @@ def test_low_memory_competition_gives_the_batched_gradients(batch, detach):
 
 def test_single_component_skips_the_selector_without_changing_the_loss(batch):
     cm = get_comlora_model(make_tiny_llama(), make_config(num_components=1, top_n=1))
-    randomise_components(cm)
+    randomise_lora_B(cm.adapted.values())
     out = cm.competition_step(**batch, step=5, total_steps=10)
     eta = out.parts["eta"]
     lm = out.per_sample_loss[out.valid, 0].mean()
@@ -295,7 +284,7 @@ def test_single_component_skips_the_selector_without_changing_the_loss(batch):
 
 def test_without_pairwise_loss_the_untrained_selector_does_not_pick_the_winner(batch):
     cm = get_comlora_model(make_tiny_llama(), make_config(pairwise_loss=False))
-    randomise_components(cm)
+    randomise_lora_B(cm.adapted.values())
     report = cm.select_winner([batch])
     assert report.winner == report.winner_by_loss and report.winner_by_similarity is not None
 

@@ -1,4 +1,5 @@
-"""MoELoRA: routing and load-balancing math against float64 loops, training, save/load, bad configs."""
+"""MoELoRA: routing and load-balancing math against float64 loops, bad configs. The behaviour it shares with
+TeamLoRA and LoRATRF (pass-through, training, save/load, counts) is in test_related_methods.py."""
 
 import math
 
@@ -6,31 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from comlora.moelora import MoeLoraConfig, MoeLoraLinear, MoeLoraModel, get_moelora_model, load_balancing_loss
+from comlora.moelora import MoeLoraLinear, get_moelora_model, load_balancing_loss
 
-from conftest import make_batch, make_tiny_llama
-
-TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def make_config(**overrides):
-    values = dict(num_experts=3, r=4, lora_alpha=8, target_modules=TARGETS, seed=3)
-    values.update(overrides)
-    return MoeLoraConfig(**values)
-
-
-def randomise_experts(layer_or_model, seed=5):
-    """B = 0 at init makes every expert a no-op; give them non-zero weights."""
-    g = torch.Generator().manual_seed(seed)
-    layers = layer_or_model.injected.values() if isinstance(layer_or_model, MoeLoraModel) else [layer_or_model]
-    with torch.no_grad():
-        for layer in layers:
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+from conftest import RELATED_TARGETS as TARGETS
+from conftest import make_batch, make_tiny_llama, randomise_lora_B
+from conftest import make_moelora_config as make_config
 
 
 def reference_moe_layer(layer, x, top_k):
@@ -62,7 +43,7 @@ def reference_moe_layer(layer, x, top_k):
 def test_layer_matches_float64_loops_and_routes_top_k(top_k):
     torch.manual_seed(0)
     layer = MoeLoraLinear(nn.Linear(5, 4), num_experts=3, r=2, lora_alpha=6, top_k=top_k)
-    randomise_experts(layer)
+    randomise_lora_B([layer])
     x = torch.randn(6, 5)
     expected, expected_gates = reference_moe_layer(layer, x, top_k)
     with torch.no_grad():
@@ -77,7 +58,7 @@ def test_layer_matches_float64_loops_and_routes_top_k(top_k):
 def test_layer_routes_per_token_on_any_leading_shape():
     torch.manual_seed(0)
     layer = MoeLoraLinear(nn.Linear(5, 4), num_experts=3, r=2, lora_alpha=6, top_k=2)
-    randomise_experts(layer)
+    randomise_lora_B([layer])
     x = torch.randn(2, 3, 5)
     with torch.no_grad():
         assert torch.allclose(layer(x), layer(x.reshape(6, 5)).reshape(2, 3, 4), atol=1e-6)
@@ -115,68 +96,6 @@ def test_training_loss_balance_is_the_layer_mean_over_real_tokens():
     assert all(layer.router_probs is None and not layer.record_router for layer in mm.injected.values())
 
 
-def test_fresh_model_gives_exactly_the_base_logits():
-    batch = make_batch()
-    expected = logits(make_tiny_llama(), batch)
-    mm = get_moelora_model(make_tiny_llama(), make_config(top_k=2))
-    assert torch.equal(logits(mm, batch), expected)
-
-
-def test_adamw_steps_lower_the_training_loss():
-    batch = make_batch()
-    mm = get_moelora_model(make_tiny_llama(), make_config(top_k=2, load_balance_weight=0.01))
-    mm.train()
-    optimizer = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(6):
-        loss, parts = mm.training_loss(**batch, step=step, total_steps=6)
-        assert set(parts) == {"lm", "balance", "loss", "target_tokens"}
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(parts["loss"])
-    assert losses[-1] < losses[0] - 0.05
-    assert all(not p.requires_grad for n, p in mm.model.named_parameters() if "base_layer" in n or "embed" in n)
-
-
-def test_training_loss_without_any_target_token_raises():
-    batch = make_batch()
-    batch["labels"][:] = -100
-    mm = get_moelora_model(make_tiny_llama(), make_config())
-    with pytest.raises(ValueError, match="no target token"):
-        mm.training_loss(**batch, step=0, total_steps=1)
-
-
-def test_parameter_counts_and_interface():
-    base_params = sum(p.numel() for p in make_tiny_llama().parameters())
-    mm = get_moelora_model(make_tiny_llama(), make_config())
-    c = mm.parameter_counts()
-    # per layer: q_proj 32->32, v_proj 32->16 (2 kv heads of 8), down_proj 48->32; K = 3, r = 4
-    shapes = [(32, 32), (32, 16), (48, 32)]
-    assert c["adapter"] == 2 * sum(3 * 4 * (d_in + d_out) for d_in, d_out in shapes)
-    assert c["router"] == 2 * sum(3 * d_in for d_in, _ in shapes)
-    assert c["base"] == base_params
-    assert c["adapter"] + c["router"] == sum(p.numel() for p in mm.parameters() if p.requires_grad)
-    assert MoeLoraModel.mergeable is False
-    mm.print_trainable_parameters()
-
-
-def test_save_load_round_trip_is_bit_exact_and_a_different_base_is_refused(tmp_path):
-    batch = make_batch()
-    mm = get_moelora_model(make_tiny_llama(), make_config(top_k=2))
-    randomise_experts(mm)
-    mm.save(tmp_path / "state")
-    saved = sorted(p.name for p in (tmp_path / "state").iterdir())
-    assert saved == ["moelora_config.json", "moelora_model.safetensors"]
-    loaded = MoeLoraModel.load(make_tiny_llama(), tmp_path / "state")
-    assert loaded.config == mm.config
-    assert torch.equal(logits(loaded, batch), logits(mm, batch))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A: saved shape"):
-        MoeLoraModel.load(make_tiny_llama(hidden_size=48), tmp_path / "state")
-    with pytest.raises(FileNotFoundError, match="moelora_config.json"):
-        MoeLoraModel.load(make_tiny_llama(), tmp_path)
-
-
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_experts=0), "num_experts"),
     (dict(r=0), "r must be"),
@@ -188,8 +107,3 @@ def test_save_load_round_trip_is_bit_exact_and_a_different_base_is_refused(tmp_p
 def test_bad_config_raises(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(**overrides)
-
-
-def test_unknown_target_module_raises_listing_the_available_ones():
-    with pytest.raises(ValueError, match=r"\['nope'\].*q_proj"):
-        get_moelora_model(make_tiny_llama(), make_config(target_modules=["q_proj", "nope"]))

@@ -1,5 +1,6 @@
-"""TeamLoRA: split, competition weighting and M's initialisation against float64 loops, training,
-save/load, bad configs."""
+"""TeamLoRA: split, competition weighting and M's initialisation against float64 loops, bad configs. The
+behaviour it shares with MoELoRA and LoRATRF (pass-through, training, save/load, counts) is in
+test_related_methods.py."""
 
 import math
 
@@ -7,31 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from comlora.teamlora import TeamLoraConfig, TeamLoraLinear, TeamLoraModel, get_teamlora_model
+from comlora.teamlora import TeamLoraConfig, TeamLoraLinear, get_teamlora_model
 
-from conftest import make_batch, make_tiny_llama
-
-TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def make_config(**overrides):
-    values = dict(num_experts=3, r_B=2, lora_alpha=8, target_modules=TARGETS, seed=3)
-    values.update(overrides)
-    return TeamLoraConfig(**values)
-
-
-def randomise_experts(layer_or_model, seed=5):
-    """B_i = 0 at init makes every expert a no-op; give them non-zero weights."""
-    g = torch.Generator().manual_seed(seed)
-    layers = layer_or_model.injected.values() if isinstance(layer_or_model, TeamLoraModel) else [layer_or_model]
-    with torch.no_grad():
-        for layer in layers:
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+from conftest import make_teamlora_config as make_config
+from conftest import make_tiny_llama, randomise_lora_B
 
 
 def reference_team_layer(layer, x):
@@ -63,7 +43,7 @@ def reference_team_layer(layer, x):
 def test_layer_matches_float64_loops_of_split_and_weighting():
     torch.manual_seed(0)
     layer = TeamLoraLinear(nn.Linear(5, 4), num_experts=3, r_B=2, lora_alpha=6)
-    randomise_experts(layer)
+    randomise_lora_B([layer])
     with torch.no_grad():        # a non-symmetric M, so that M phi and M^T phi differ
         layer.interaction.copy_(torch.randn(3, 3))
     x = torch.randn(6, 5)
@@ -96,64 +76,6 @@ def test_interaction_matrix_starts_uniform_off_diagonal_with_diagonal_one():
         assert torch.allclose(layer.expert_weights(x), torch.softmax(layer.router(x), -1))
 
 
-def test_fresh_model_gives_exactly_the_base_logits():
-    batch = make_batch()
-    expected = logits(make_tiny_llama(), batch)
-    tm = get_teamlora_model(make_tiny_llama(), make_config())
-    assert torch.equal(logits(tm, batch), expected)
-
-
-def test_adamw_steps_lower_the_training_loss():
-    batch = make_batch()
-    tm = get_teamlora_model(make_tiny_llama(), make_config())
-    tm.train()
-    optimizer = torch.optim.AdamW([p for p in tm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(6):
-        loss, parts = tm.training_loss(**batch, step=step, total_steps=6)
-        assert set(parts) == {"lm", "loss", "target_tokens"}
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(parts["loss"])
-    assert losses[-1] < losses[0] - 0.05
-    layer = next(iter(tm.injected.values()))
-    assert layer.interaction.grad is not None and layer.router.weight.grad is not None
-
-
-def test_training_loss_without_any_target_token_raises():
-    batch = make_batch()
-    batch["labels"][:] = -100
-    tm = get_teamlora_model(make_tiny_llama(), make_config())
-    with pytest.raises(ValueError, match="no target token"):
-        tm.training_loss(**batch, step=0, total_steps=1)
-
-
-def test_parameter_counts_and_interface():
-    base_params = sum(p.numel() for p in make_tiny_llama().parameters())
-    tm = get_teamlora_model(make_tiny_llama(), make_config())
-    c = tm.parameter_counts()
-    shapes = [(32, 32), (32, 16), (48, 32)]     # q_proj, v_proj (2 kv heads of 8), down_proj; K = 3, r_B = 2
-    assert c["adapter"] == 2 * sum(d_in * 3 * 2 + 3 * 2 * d_out for d_in, d_out in shapes)
-    assert c["router"] == 2 * sum(d_in * 3 + 3 * 3 for d_in, _ in shapes)
-    assert c["base"] == base_params
-    assert c["adapter"] + c["router"] == sum(p.numel() for p in tm.parameters() if p.requires_grad)
-    assert TeamLoraModel.mergeable is False
-    tm.print_trainable_parameters()
-
-
-def test_save_load_round_trip_is_bit_exact_and_a_different_base_is_refused(tmp_path):
-    batch = make_batch()
-    tm = get_teamlora_model(make_tiny_llama(), make_config())
-    randomise_experts(tm)
-    tm.save(tmp_path / "state")
-    loaded = TeamLoraModel.load(make_tiny_llama(), tmp_path / "state")
-    assert loaded.config == tm.config
-    assert torch.equal(logits(loaded, batch), logits(tm, batch))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A: saved shape"):
-        TeamLoraModel.load(make_tiny_llama(hidden_size=48), tmp_path / "state")
-
-
 def test_total_rank_is_filled_in_and_checked():
     assert make_config(num_experts=4, r_B=2).r_A == 8
     assert make_config(num_experts=4, r_B=2, r_A=8).r_A == 8
@@ -171,8 +93,3 @@ def test_total_rank_is_filled_in_and_checked():
 def test_bad_config_raises(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(**overrides)
-
-
-def test_unknown_target_module_raises_listing_the_available_ones():
-    with pytest.raises(ValueError, match=r"\['nope'\].*q_proj"):
-        get_teamlora_model(make_tiny_llama(), make_config(target_modules=["nope"]))
