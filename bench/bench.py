@@ -253,10 +253,17 @@ def main() -> None:
     parser.add_argument("--mode", choices=list(SIZES), default="quick")
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (each variant once per round).")
     parser.add_argument("--steps", type=int, default=3, help="Timed steps (or calls) per variant per round.")
+    parser.add_argument("--across-runs", action="store_true",
+                        help="Only table the ratios of every recorded run of --mode (bench/results) side by side.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.mode, args.steps)))
+        return
+    if args.across_runs:
+        report = across_runs(args.mode)
+        print(report)
+        update_doc(Path(__file__).parent.parent / "docs" / "performance.md", f"{args.mode}-runs", report, None)
         return
     variants = [f"train:{v}" for v in TRAIN_VARIANTS] + [f"infer:{v}" for v in INFER_VARIANTS]
     command = f"python bench/bench.py --mode {args.mode} --rounds {args.rounds} --steps {args.steps}"
@@ -276,7 +283,7 @@ def main() -> None:
     print(report)
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{platform.machine()}-{torch.get_num_threads()}cpu-{args.mode}.json"
+    path = out_dir / f"{time.strftime('%Y-%m-%d-%H%M')}-{platform.machine()}-{torch.get_num_threads()}cpu-{args.mode}.json"
     path.write_text(json.dumps({"command": command, "machine": machine, "summary": table,
                                 "ratios": [{"what": w, "value": v, "target": t} for w, v, t in rows],
                                 "raw": results, "markdown": report}, indent=2) + "\n")
@@ -284,15 +291,29 @@ def main() -> None:
     print(f"written: {path} and docs/performance.md ({args.mode} section)")
 
 
-def update_doc(doc: Path, mode: str, report: str, result_file: Path) -> None:
+def across_runs(mode: str) -> str:
+    """Markdown: one column per recorded run of ``mode``, one row per ratio (how much the machine's noise moves them)."""
+    files = sorted((Path(__file__).parent / "results").glob(f"*-{mode}.json"))
+    runs = [json.loads(f.read_text()) for f in files]
+    names = [f.name.split("-x86")[0].split("-aarch")[0] for f in files]
+    lines = [f"Command: `python bench/bench.py --mode {mode} --across-runs` over {', '.join(f'`{f.name}`' for f in files)}",
+             "", "| ratio | target | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(runs)]
+    for i, row in enumerate(runs[-1]["ratios"]):
+        values = [f"{r['ratios'][i]['value']:.3f}" if i < len(r["ratios"]) else "-" for r in runs]
+        lines.append(f"| {row['what']} | {row['target']} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(doc: Path, mode: str, report: str, result_file: Path | None) -> None:
     """Replace the text between the ``<!-- bench:MODE -->`` markers of docs/performance.md with this run's tables."""
     start, end = f"<!-- bench:{mode} -->", f"<!-- /bench:{mode} -->"
     text = doc.read_text() if doc.exists() else ""
-    block = f"{start}\nResult file: `{result_file.relative_to(doc.parent.parent)}`\n\n{report}{end}"
+    source = f"Result file: `{result_file.relative_to(doc.parent.parent)}`\n\n" if result_file else ""
+    block = f"{start}\n{source}{report}{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
-        text += f"\n## Benchmark ({mode} mode)\n{block}\n"
+        text += f"\n## Benchmark ({mode})\n{block}\n"
     doc.write_text(text)
 
 
