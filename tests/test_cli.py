@@ -76,6 +76,12 @@ def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, ca
           "--eval-size", "4", "--limit", "1", "--greedy", "--max-new-tokens", "3", "--tasks", "winogrande",
           "--out", str(tmp_path / "ev")])
     assert (tmp_path / "ev" / "commonsense-c1-limit1.json").is_file()
+    first = (tmp_path / "ev" / "commonsense-c1-limit1.json").read_text()
+    main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "c1"), "--data-root", str(commonsense_root),
+          "--eval-size", "4", "--limit", "1", "--greedy", "--max-new-tokens", "3", "--tasks", "winogrande",
+          "--out", str(tmp_path / "ev")])                                  # the same evaluation again: a new file
+    assert (tmp_path / "ev" / "commonsense-c1-limit1.json").read_text() == first
+    assert len(list((tmp_path / "ev").glob("commonsense-c1-limit1-*.json"))) == 1
 
 
 def test_lora_baseline_run_exports_a_peft_adapter(tmp_path, tiny_model_dir, commonsense_root):

@@ -186,8 +186,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for label, model, tokenizer in evaluation_targets(args):
         result = evaluate(model, tokenizer)
         result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed)
-        limit = f"-limit{args.limit}" if args.limit is not None else ""
-        write_results(out, f"{args.task}-{label}{limit}", result, table)
+        name = f"{args.task}-{label}" + (f"-limit{args.limit}" if args.limit is not None else "")
+        if (out / f"{name}.json").exists():         # never overwrite an earlier evaluation
+            name += f"-{time.strftime('%Y%m%d-%H%M%S')}"
+        write_results(out, name, result, table)
         results[label] = result
     print(table(results))
     print(f"results in {out}/")
