@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import platform
-import resource
 import socket
 import statistics
 import subprocess
@@ -25,15 +24,13 @@ from pathlib import Path
 
 import torch
 
+from comlora.trainer import peak_rss_mb
+
 TRAIN_VARIANTS = ["peft-lora", "comlora-k1", "comlora-k2", "comlora-k2-noselector", "comlora-k2-sequential",
                   "comlora-k4", "comlora-k4-sequential", "comlora-k4-lowmem", "moelora-k4", "teamlora-k4"]
 INFER_VARIANTS = ["base", "comlora-merged", "peft-unmerged", "moelora-k4"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 SIZES = {"quick": dict(batch=4, length=64, new_tokens=16), "full": dict(batch=4, length=128, new_tokens=32)}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_base(mode: str):

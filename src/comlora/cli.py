@@ -77,7 +77,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {out} is not empty; choose a new --out (nothing was written)")
     method, tokenizer, cfg = reload_method(args.run)
     if isinstance(method, ComLoraModel):
-        component = method._resolve_component(args.component)
+        component = method.resolve_component(args.component)
         if args.merge:
             merged = method.merge(component, inplace=True)
             merged.save_pretrained(out)
@@ -114,7 +114,7 @@ def evaluation_targets(args: argparse.Namespace):
         if args.components == "all":
             choice = list(range(method.config.num_components))
         elif args.components == "winner":
-            choice = [method._resolve_component(None)]
+            choice = [method.resolve_component(None)]
         else:
             choice = [int(args.components)]
         for k in choice:

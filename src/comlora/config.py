@@ -19,6 +19,19 @@ class ConfigDict:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def adapter_checks(self, *positive_ints: str) -> list[tuple[bool, str]]:
+        """The checks every LoRA-style config shares: the named integer fields >= 1, lora_alpha > 0,
+        lora_dropout in [0, 1), at least one target module (a tuple of targets becomes a list)."""
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        checks = [(isinstance(getattr(self, n), int) and not isinstance(getattr(self, n), bool) and getattr(self, n) >= 1,
+                   f"{n} must be an integer >= 1, got {getattr(self, n)!r}") for n in positive_ints]
+        return checks + [
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
+            (bool(self.target_modules), "target_modules must name at least one module"),
+        ]
+
     def validate(self, checks: list[tuple[bool, str]]) -> None:
         """Raise ``ValueError("<Config>: <message>")`` for the first ``(ok, message)`` that is not ok."""
         for ok, message in checks:
@@ -90,15 +103,9 @@ class ComLoraConfig(ConfigDict):
     seed: int = field(default=0, metadata={"help": "Seed of the component and selector initialisation."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        checks = [
-            (isinstance(self.num_components, int) and self.num_components >= 1, f"num_components (K) must be an integer >= 1, got {self.num_components!r}"),
-            (isinstance(self.r, int) and self.r >= 1, f"r must be an integer >= 1, got {self.r!r}"),
+        checks = self.adapter_checks("num_components", "r") + [
             (isinstance(self.top_n, int) and 1 <= self.top_n <= max(self.num_components, 1),
              f"top_n must be in 1..K={self.num_components}, got {self.top_n!r}"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
-            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
             (0.0 <= self.selector_dropout < 1.0, f"selector_dropout must be in [0, 1), got {self.selector_dropout!r}"),
             (self.noise_alpha >= 0, f"noise_alpha must be >= 0, got {self.noise_alpha!r}"),
             (self.anneal in ANNEAL_SCHEDULES, f"unknown annealing schedule {self.anneal!r}; choose one of {', '.join(ANNEAL_SCHEDULES)}"),
@@ -110,7 +117,6 @@ class ComLoraConfig(ConfigDict):
             (self.selector_dim is None or self.selector_dim >= 1, f"selector_dim must be None or >= 1, got {self.selector_dim!r}"),
             (self.selector_heads >= 1 and self.selector_ffn_dim >= 1, "selector_heads and selector_ffn_dim must be >= 1"),
             (min(self.lm_weight, self.align_weight, self.pairwise_weight) >= 0, "loss weights must be >= 0"),
-            (bool(self.target_modules), "target_modules must name at least one module"),
             (self.use_selector or not (self.align_loss or self.pairwise_loss),
              "use_selector=False (the 'without selector' ablation) has no alignment or pairwise loss: also set align_loss=False and pairwise_loss=False"),
             (self.lm_loss or self.align_loss or self.pairwise_loss, "at least one of lm_loss, align_loss, pairwise_loss must be on"),

@@ -50,17 +50,7 @@ class LoraTrfConfig(ConfigDict):
     seed: int = field(default=0, metadata={"help": "Seed of the LoRA and filter initialisation."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        checks = [
-            (isinstance(self.r, int) and self.r >= 1, f"r must be an integer >= 1, got {self.r!r}"),
-            (isinstance(self.filter_rank, int) and self.filter_rank >= 1,
-             f"filter_rank must be an integer >= 1, got {self.filter_rank!r}"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
-            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
-            (bool(self.target_modules), "target_modules must name at least one module"),
-        ]
-        self.validate(checks)
+        self.validate(self.adapter_checks("r", "filter_rank"))
 
 
 class TaskFilter(nn.Module):

@@ -241,7 +241,7 @@ class ComLoraModel(nn.Module):
         return report
 
     # ---- export / merge (export.py) ------------------------------------------------------
-    def _resolve_component(self, component: int | None) -> int:
+    def resolve_component(self, component: int | None) -> int:
         if component is None:
             if self.winner is None:
                 raise ValueError("no component given and no winner selected yet: call select_winner() first "
@@ -254,14 +254,14 @@ class ComLoraModel(nn.Module):
         """Write component ``component`` (default: the winner) as a standard PEFT LoRA adapter."""
         from .export import write_peft_adapter
 
-        return write_peft_adapter(self, self._resolve_component(component), path)
+        return write_peft_adapter(self, self.resolve_component(component), path)
 
     def merge(self, component: int | None = None, inplace: bool = False) -> nn.Module:
         """A plain transformers model with W = W0 + (alpha/r) (A_k B_k)^T; ``inplace`` reuses (and
         consumes) this model's base to save memory, otherwise a copy is merged and this model stays usable."""
         from .export import merge_component
 
-        return merge_component(self, self._resolve_component(component), inplace)
+        return merge_component(self, self.resolve_component(component), inplace)
 
     # ---- parameters ----------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

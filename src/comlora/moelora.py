@@ -34,18 +34,11 @@ class MoeLoraConfig(ConfigDict):
     seed: int = field(default=0, metadata={"help": "Seed of the expert and router initialisation."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
         k = self.num_experts
-        checks = [
-            (isinstance(k, int) and k >= 1, f"num_experts (K) must be an integer >= 1, got {k!r}"),
-            (isinstance(self.r, int) and self.r >= 1, f"r must be an integer >= 1, got {self.r!r}"),
+        checks = self.adapter_checks("num_experts", "r") + [
             (self.top_k is None or (isinstance(self.top_k, int) and 1 <= self.top_k <= max(k, 1)),
              f"top_k must be None (dense) or an integer in 1..K={k}, got {self.top_k!r}"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
-            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
             (self.load_balance_weight >= 0, f"load_balance_weight must be >= 0, got {self.load_balance_weight!r}"),
-            (bool(self.target_modules), "target_modules must name at least one module"),
         ]
         self.validate(checks)
 

@@ -49,19 +49,12 @@ class TeamLoraConfig(ConfigDict):
     seed: int = field(default=0, metadata={"help": "Seed of the A, router and interaction-matrix initialisation."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
         k = self.num_experts
-        checks = [
-            (isinstance(k, int) and k >= 1, f"num_experts (K) must be an integer >= 1, got {k!r}"),
-            (isinstance(self.r_B, int) and self.r_B >= 1, f"r_B must be an integer >= 1, got {self.r_B!r}"),
+        checks = self.adapter_checks("num_experts", "r_B") + [
             (self.r_A is None or (isinstance(self.r_A, int) and self.r_A >= 1),
              f"r_A must be None or an integer >= 1, got {self.r_A!r}"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
-            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
             (self.interaction_init_range >= 0,
              f"interaction_init_range must be >= 0, got {self.interaction_init_range!r}"),
-            (bool(self.target_modules), "target_modules must name at least one module"),
         ]
         self.validate(checks)
         if self.r_A is None:

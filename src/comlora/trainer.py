@@ -237,12 +237,13 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     objective = accelerator.prepare(TrainingObjective(method))
 
     step = 0
-    if resume and checkpoint_dirs(run):
-        step = load_checkpoint(checkpoint_dirs(run)[-1], method, optimizer, scheduler)
+    checkpoints = checkpoint_dirs(run) if resume else []
+    if checkpoints:
+        step = load_checkpoint(checkpoints[-1], method, optimizer, scheduler)
     metrics_file = run / "metrics.jsonl"
     if main:   # keep only the lines of steps the restored state has seen
         lines = metrics_file.read_text().splitlines() if resume and metrics_file.exists() else []
-        write_text(metrics_file, "".join(l + "\n" for l in lines if _step_of(l) is not None and _step_of(l) <= step))
+        write_text(metrics_file, "".join(l + "\n" for l in lines if (seen := _step_of(l)) is not None and seen <= step))
 
     lengths = [len(e["input_ids"]) for e in train_examples]
     progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"train {cfg.method}", dynamic_ncols=True)
