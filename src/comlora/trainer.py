@@ -337,7 +337,8 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
         method.export_adapter(run / "adapter")
     else:
         with torch.no_grad():
-            losses = [method.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[0].item()
+            # the LM part only (MoELoRA adds its balance term to the loss), comparable across methods
+            losses = [method.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[1]["lm"]
                       * len(b["input_ids"]) for b in batches]
         write_json(run / "validation.json", {"val_loss": sum(losses) / max(1, len(val_examples)),
                                              "num_samples": len(val_examples)})
