@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from comlora.trainer import peak_rss_mb
+from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
 
 TRAIN_VARIANTS = ["peft-lora", "comlora-k1", "comlora-k2", "comlora-k2-noselector", "comlora-k2-sequential",
-                  "comlora-k4", "comlora-k4-sequential", "comlora-k4-lowmem", "moelora-k4", "teamlora-k4"]
-INFER_VARIANTS = ["base", "comlora-merged", "peft-unmerged", "moelora-k4"]
+                  "comlora-k4", "comlora-k4-sequential", "comlora-k4-lowmem", "comlora-k4-system-malloc", "moelora-k4", "teamlora-k4"]
+INFER_VARIANTS = ["base", "base-again", "comlora-merged", "peft-unmerged", "moelora-k4"]  # base-again: the noise floor
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 SIZES = {"quick": dict(batch=4, length=64, new_tokens=16), "full": dict(batch=4, length=128, new_tokens=32)}
 
@@ -122,7 +122,7 @@ def training_step_fn(variant: str, model, batch: dict):
 
 def inference_model(variant: str, model, tmp: Path):
     """The model whose generation and scoring are timed."""
-    if variant == "base":
+    if variant in ("base", "base-again"):
         return model
     if variant == "moelora-k4":
         from comlora.moelora import MoeLoraConfig, get_moelora_model
@@ -142,6 +142,10 @@ def inference_model(variant: str, model, tmp: Path):
 
 
 def worker(variant: str, mode: str, steps: int) -> dict:
+    """One variant in this fresh process. Every variant runs as ``comlora train`` does on a CPU (freed memory
+    kept for reuse, ``cpu_memory.retain_freed_memory``) except ``*-system-malloc``, which keeps glibc's defaults."""
+    if not variant.endswith("system-malloc"):
+        retain_freed_memory()
     torch.manual_seed(0)
     model = load_base(mode)
     batch = make_batch(mode, model.config.vocab_size)
@@ -151,14 +155,15 @@ def worker(variant: str, mode: str, steps: int) -> dict:
     if kind == "train":
         model.train()
         step = training_step_fn(name, model, batch)
+        result["rss_before_steps_mb"] = proc_status_mb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current resident size
         step(0)                                        # warm-up, not timed
-        result["rss_after_warmup_mb"] = peak_rss_mb()
         times = []
         for i in range(1, steps + 1):
             started = time.perf_counter()
             step(i)
             times.append(time.perf_counter() - started)
-        result.update(seconds=times, tokens=tokens)
+        result.update(seconds=times, tokens=tokens, peak_rss_during_steps_mb=proc_status_mb("VmHWM"))
     else:
         import tempfile
 
@@ -168,7 +173,7 @@ def worker(variant: str, mode: str, steps: int) -> dict:
         with torch.no_grad():
             m(**batch_inputs(batch))                  # warm-up
             score, gen = [], []
-            for _ in range(steps):
+            for _ in range(2 * steps):                 # calls are short: twice as many
                 started = time.perf_counter()
                 m(**batch_inputs(batch))
                 score.append(time.perf_counter() - started)
@@ -179,6 +184,14 @@ def worker(variant: str, mode: str, steps: int) -> dict:
                       generated_tokens=new * prompt["input_ids"].shape[0])
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def proc_status_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak since start or the last clear_refs reset) in MB, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}: the benchmark's memory figures need Linux")
 
 
 def batch_inputs(batch: dict) -> dict:
@@ -196,7 +209,7 @@ def summarize(results: list[dict]) -> dict:
             seconds = statistics.median(s for r in runs for s in r["seconds"])
             table[variant] = {"seconds_per_step": seconds, "tokens_per_s": runs[0]["tokens"] / seconds,
                               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                              "step_rss_mb": max(r["peak_rss_mb"] - r["rss_after_warmup_mb"] for r in runs)}
+                              "step_rss_mb": max(r["peak_rss_during_steps_mb"] - r["rss_before_steps_mb"] for r in runs)}
         else:
             score = statistics.median(s for r in runs for s in r["score_seconds"])
             gen = statistics.median(s for r in runs for s in r["generate_seconds"])
@@ -216,17 +229,19 @@ def ratios(t: dict) -> list[tuple[str, float, str]]:
             ("batched K=4 / sequential K=4 step", s("comlora-k4") / s("comlora-k4-sequential"), "<= 0.95"),
             ("selector share of the K=2 step", 1 - s("comlora-k2-noselector") / s("comlora-k2"), "(report)"),
             ("low-memory K=4 / batched K=4 step", s("comlora-k4-lowmem") / s("comlora-k4"), "(report)"),
+            ("K=4 step, freed memory kept / glibc default", s("comlora-k4") / s("comlora-k4-system-malloc"), "(report)"),
             ("low-memory K=4 / batched K=4 step memory",
              t["train:comlora-k4-lowmem"]["step_rss_mb"] / max(t["train:comlora-k4"]["step_rss_mb"], 1e-9), "(report)"),
             ("batched K=4 / (4 x PEFT LoRA) step memory",
              t["train:comlora-k4"]["step_rss_mb"] / max(4 * t["train:peft-lora"]["step_rss_mb"], 1e-9), "<= 1"),
             ("MoE of LoRA K=4 / PEFT LoRA step", s("moelora-k4") / s("peft-lora"), "(report)"),
             ("TeamLoRA K=4 / PEFT LoRA step", s("teamlora-k4") / s("peft-lora"), "(report)")]
-    for v in ("comlora-merged", "peft-unmerged", "moelora-k4"):
+    for v in ("base-again", "comlora-merged", "peft-unmerged", "moelora-k4"):
+        target = {"base-again": "(noise floor)", "comlora-merged": "<= 1.02"}.get(v, "(report)")
         rows.append((f"{v} / base generation time", t[f"infer:{v}"]["generate_seconds"] / t["infer:base"]["generate_seconds"],
-                     "<= 1.02" if v == "comlora-merged" else "(report)"))
+                     target))
         rows.append((f"{v} / base scoring time", t[f"infer:{v}"]["score_seconds"] / t["infer:base"]["score_seconds"],
-                     "<= 1.02" if v == "comlora-merged" else "(report)"))
+                     target))
     return rows
 
 
@@ -249,7 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=list(SIZES), default="quick")
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (each variant once per round).")
-    parser.add_argument("--steps", type=int, default=3, help="Timed steps (or calls) per variant per round.")
+    parser.add_argument("--steps", type=int, default=3, help="Timed training steps per variant per round (inference: twice as many calls).")
     parser.add_argument("--across-runs", action="store_true",
                         help="Only table the ratios of every recorded run of --mode (bench/results) side by side.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -295,8 +310,12 @@ def across_runs(mode: str) -> str:
     names = [f.name.split("-x86")[0].split("-aarch")[0] for f in files]
     lines = [f"Command: `python bench/bench.py --mode {mode} --across-runs` over {', '.join(f'`{f.name}`' for f in files)}",
              "", "| ratio | target | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(runs)]
-    for i, row in enumerate(runs[-1]["ratios"]):
-        values = [f"{r['ratios'][i]['value']:.3f}" if i < len(r["ratios"]) else "-" for r in runs]
+    for row in runs[-1]["ratios"]:
+        measured = [{r["what"]: r["value"] for r in run["ratios"]}.get(row["what"]) for run in runs]
+        if "memory" in row["what"]:     # earlier runs measured step memory in a way retained memory invalidates
+            measured = [v if any("rss_before_steps_mb" in r for r in run["raw"]) else None
+                        for v, run in zip(measured, runs)]
+        values = ["-" if v is None else f"{v:.3f}" for v in measured]
         lines.append(f"| {row['what']} | {row['target']} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 

@@ -205,3 +205,18 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_model_dir, commonsense_roo
     assert "wall time" in capsys.readouterr().out
     run_demo(tmp_path / "demo", limit=1, config_dir=tmp_path / "cfg")          # never overwrites the first demo
     assert len(list(tmp_path.glob("demo-*"))) == 1
+
+
+@pytest.mark.parametrize("flag, calls", [([], 1), (["--no-retain-cpu-memory"], 0)])
+def test_cpu_training_and_evaluation_keep_freed_memory_unless_told_not_to(tmp_path, tiny_model_dir, commonsense_root,
+                                                                          monkeypatch, flag, calls):
+    called = []
+    record = lambda: called.append(True) or True  # noqa: E731
+    monkeypatch.setattr("comlora.trainer.retain_freed_memory", record)
+    monkeypatch.setattr("comlora.cpu_memory.retain_freed_memory", record)
+    main(train_args(tiny_model_dir, commonsense_root, tmp_path / "run", "--method", "lora", "--max-steps", "1", *flag))
+    assert len(called) == calls
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["retain_cpu_memory"] is (calls == 1)
+    main(["eval", "--run", str(tmp_path / "run"), "--data-root", str(commonsense_root), "--limit", "1", "--device", "cpu",
+          *flag])
+    assert len(called) == 2 * calls

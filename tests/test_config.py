@@ -52,6 +52,8 @@ def test_numbers_written_as_strings_are_converted_and_bad_ones_named():
     with pytest.raises(ValueError, match="num_components must be a number"):
         TrainConfig.from_dict({"num_components": True})
     assert TrainConfig.from_dict({"tasks": "boolq"}).tasks == ["boolq"]
+    with pytest.raises(ValueError, match="retain_cpu_memory must be true or false, got 'sometimes'"):
+        TrainConfig.from_dict({"retain_cpu_memory": "sometimes"})
     with pytest.raises(ValueError, match="float16 training"):
         TrainConfig(dtype="float16")
     with pytest.raises(ValueError, match="val_size"):

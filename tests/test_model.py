@@ -295,3 +295,27 @@ def test_an_in_place_merge_consumes_the_model_with_a_clear_error(batch):
     with pytest.raises(RuntimeError, match="merged in place"):
         with cm.use_component(0):
             pass
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_layer_output_matches_a_float64_recomputation(dtype, tolerance):
+    """y = W0 x + b + (alpha/r) x A_k B_k, for the K-way competition batch and for one active component,
+    on a float32 base (the fused path) and on a bfloat16 base with float32 LoRA weights."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12).to(dtype)
+    layer = ComLoraLinear(base, num_components=3, r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3 * 2, 5, 16).to(dtype)
+
+    def expected(rows, k):
+        h = x[rows].double()
+        return h @ base.weight.double().T + base.bias.double() + 2.0 * h @ layer.lora_A[k].double() @ layer.lora_B[k].double()
+
+    layer.competition = True
+    y = layer(x)
+    reference = torch.cat([expected(slice(2 * k, 2 * k + 2), k) for k in range(3)])
+    assert y.dtype == dtype and torch.allclose(y.double(), reference, atol=tolerance, rtol=tolerance)
+    layer.competition, layer.active_component = False, 1
+    y = layer(x)
+    assert y.dtype == dtype and torch.allclose(y.double(), expected(slice(None), 1), atol=tolerance, rtol=tolerance)

@@ -25,7 +25,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ti
     # accelerate 1.15's `accelerate launch --cpu --num_processes 2` starts ONE process (CPU multi-process
     # needs mpirun there); torchrun starts two and Accelerate picks them up (MULTI_CPU, gloo).
     subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "comlora", *common,
-                    "--batch-size", "2", "--out", str(tmp_path / "two")], check=True, env=env)
+                    "--batch-size", "2", "--save-every", "1", "--out", str(tmp_path / "two")], check=True, env=env)
     a = load_file(str(tmp_path / "one" / "state" / "comlora_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "state" / "comlora_model.safetensors"))
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B"))

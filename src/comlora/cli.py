@@ -8,6 +8,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from .processes import MainProcessFailed
 from .train_config import TrainConfig, apply_overrides, load_yaml
 
 
@@ -166,7 +167,9 @@ def evaluation_task(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .cpu_memory import retain_freed_memory
     from .evaluation import write_results
+    from .models import resolve_device
 
     if args.adapter and args.run:
         raise ValueError("give --adapter or --run, not both")
@@ -180,6 +183,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.eval_size = args.run_config.eval_size if args.eval_size is None else args.eval_size
     args.seed = 0 if args.seed is None else args.seed
     args.eval_size = 100 if args.eval_size is None else args.eval_size
+    if args.retain_cpu_memory and resolve_device(args.device).type == "cpu":
+        retain_freed_memory()
     evaluate, table = evaluation_task(args)
     out = Path(args.out) if args.out else (Path(args.run) / "eval" if args.run else Path("eval-results"))
     results = {}
@@ -271,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
     p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--retain-cpu-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="On a CPU: keep freed memory for reuse instead of returning it to the OS (see train's option).")
     p.add_argument("--out", help="Output folder (default RUN/eval or ./eval-results).")
     p.set_defaults(func=cmd_eval)
 
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, NotImplementedError) as err:
+    except (ValueError, OSError, NotImplementedError, MainProcessFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 

@@ -49,6 +49,8 @@ class ConfigDict:
         for name, value in values.items():
             if isinstance(value, bool) and not types[name].startswith("bool"):
                 raise ValueError(f"{cls.__name__}: {name} must be a number, got {value!r}")
+            if types[name] == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{cls.__name__}: {name} must be true or false, got {value!r}")
             if isinstance(value, str) and types[name].split(" ")[0] in ("float", "int"):
                 try:
                     values[name] = float(value) if types[name].startswith("float") else int(value)

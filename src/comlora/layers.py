@@ -58,12 +58,14 @@ class ComLoraLinear(nn.Module):
             k = self.num_components
             if h.shape[0] % k:
                 raise ValueError(f"competition forward needs a batch of K*B rows (K={k}), got {h.shape[0]}")
-            stacked = h.reshape(k, -1, h.shape[-1])                      # [K, B*L, d_in]
-            delta = torch.bmm(torch.bmm(stacked, self.lora_A), self.lora_B)  # [K, B*L, d_out]
-            delta = delta.reshape(*result.shape)
+            low = torch.bmm(h.reshape(k, -1, h.shape[-1]), self.lora_A) * self.scaling   # [K, B*L, r]
+            lora_B = self.lora_B
         else:
-            delta = h @ self.lora_A[self.active_component] @ self.lora_B[self.active_component]
-        return result + (self.scaling * delta).to(result.dtype)
+            low = (h @ self.lora_A[self.active_component]).reshape(1, -1, self.r) * self.scaling
+            lora_B = self.lora_B[self.active_component].unsqueeze(0)
+        if result.dtype == low.dtype:       # W0 x + low B in one op: no [K*B*L, d_out] temporaries
+            return torch.baddbmm(result.view(low.shape[0], -1, result.shape[-1]), low, lora_B).view(result.shape)
+        return result + torch.bmm(low, lora_B).reshape(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
         return f"num_components={self.num_components}, r={self.r}, scaling={self.scaling:g}"

@@ -54,6 +54,9 @@ class TrainConfig(ConfigDict):
     keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints kept."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps (several processes: each gets its own GPU from the launcher)."})
     dtype: str = field(default="auto", metadata={"help": "Base model dtype: auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16."})
+    retain_cpu_memory: bool = field(default=True, metadata={"help": "CPU runs on Linux: keep freed memory in the process "
+                                    "heap for the next step instead of returning it to the OS (glibc mallopt), which saves "
+                                    "re-faulting every step's activations; the resident size stays at its peak."})
     mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no or bf16."})
     window: int = field(default=50, metadata={"help": "Steps per bar of the lowest-loss-share plot (Figure 3)."})
 

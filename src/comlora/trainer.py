@@ -13,7 +13,6 @@ Run directory (``cfg.out``):
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import sys
 import time
@@ -23,18 +22,20 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
+from .cpu_memory import peak_rss_mb, retain_freed_memory
 from .data import build_commonsense_mini, collate, data_root, load_items, tokenize_item
 from .mmlu import mmlu_training_items
 from .methods import build_method, load_method
 from .model import ComLoraModel
 from .models import load_model_and_tokenizer
+from .processes import on_main_process
 from .storage import write_json, write_safetensors, write_text
 from .train_config import TrainConfig
 
@@ -108,18 +109,26 @@ def trainable_tensors(method: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in method.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: int, keep: int) -> Path:
-    """Everything a resume needs, written into a temp folder that is renamed into place when complete."""
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random number generator states (CPU, and its current GPU)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: int, keep: int,
+                    rng_states: list[dict[str, torch.Tensor]]) -> Path:
+    """Everything a resume needs, written into a temp folder that is renamed into place when complete.
+    ``rng_states[i]`` is process i's ``rng_state()``."""
     final = run / CHECKPOINTS / f"step-{step:08d}"
     tmp = run / CHECKPOINTS / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_safetensors(tmp / "trainable.safetensors", trainable_tensors(method))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    write_safetensors(tmp / "rng.safetensors", rng)
+    write_safetensors(tmp / "rng.safetensors",
+                      {f"process{i}.{name}": t for i, state in enumerate(rng_states) for name, t in state.items()})
     write_json(tmp / "trainer_state.json", {"step": step})
     if final.exists():
         shutil.rmtree(final)
@@ -129,8 +138,9 @@ def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: in
     return final
 
 
-def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler) -> int:
-    """Restore a checkpoint in place; returns its optimizer step. Only tensors are unpickled (weights_only)."""
+def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process_index: int = 0) -> int:
+    """Restore a checkpoint in place; returns its optimizer step. Only tensors are unpickled (weights_only).
+    The random state is this process's own (process 0's if the checkpoint was written by fewer processes)."""
     saved = load_file(str(path / "trainable.safetensors"))
     params = trainable_tensors(method)
     if set(saved) != set(params):
@@ -143,9 +153,10 @@ def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler) -> int:
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    prefix = f"process{process_index}." if f"process{process_index}.torch" in rng else "process0."
+    torch.set_rng_state(rng[prefix + "torch"])
+    if torch.cuda.is_available() and prefix + "cuda" in rng:
+        torch.cuda.set_rng_state(rng[prefix + "cuda"])
     return json.loads((path / "trainer_state.json").read_text())["step"]
 
 
@@ -170,12 +181,6 @@ def micro_batches(lengths: list[int], per_process: int, num_processes: int, rank
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     for batch in batches:
         yield batch[rank * per_process: (rank + 1) * per_process]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def validation_batches(examples: list[dict], batch_size: int, pad_token_id: int, device):
@@ -212,8 +217,9 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     if cfg.method == "comlora" and cfg.method_options.get("competition") == "low_memory" and accelerator.num_processes > 1:
         raise ValueError("competition='low_memory' runs its own backward passes inside autograd, which DDP cannot "
                          "synchronise: use it with one process")
-    run = prepare_run_dir(cfg, resume) if main else Path(cfg.out)
-    accelerator.wait_for_everyone()
+    run = on_main_process(accelerator, prepare_run_dir, cfg, resume) or Path(cfg.out)
+    if cfg.retain_cpu_memory and accelerator.device.type == "cpu":
+        retain_freed_memory()
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=str(accelerator.device), dtype=cfg.dtype)
@@ -239,7 +245,7 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     step = 0
     checkpoints = checkpoint_dirs(run) if resume else []
     if checkpoints:
-        step = load_checkpoint(checkpoints[-1], method, optimizer, scheduler)
+        step = load_checkpoint(checkpoints[-1], method, optimizer, scheduler, accelerator.process_index)
     metrics_file = run / "metrics.jsonl"
     if main:   # keep only the lines of steps the restored state has seen
         lines = metrics_file.read_text().splitlines() if resume and metrics_file.exists() else []
@@ -290,17 +296,15 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
             progress.update(1)
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("lm", "align", "pairwise", "eta") if k in record}
                                  | {"tok/s": f"{record['tokens_per_s']:.0f}"})
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and main:
-            save_checkpoint(run, method, optimizer, scheduler, step, cfg.keep_checkpoints)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            on_main_process(accelerator, save_checkpoint, run, method, optimizer, scheduler, step, cfg.keep_checkpoints,
+                            gather_object([rng_state()]))
     progress.close()
-    accelerator.wait_for_everyone()
     if step < total_steps:              # stopped early on purpose: leave a checkpoint to resume from
-        if main:
-            save_checkpoint(run, method, optimizer, scheduler, step, cfg.keep_checkpoints)
+        on_main_process(accelerator, save_checkpoint, run, method, optimizer, scheduler, step, cfg.keep_checkpoints,
+                        gather_object([rng_state()]))
         return run
-    if main:
-        finish_run(cfg, run, method, tokenizer, val_examples)
-    accelerator.wait_for_everyone()
+    on_main_process(accelerator, finish_run, cfg, run, method, tokenizer, val_examples)
     return run
 
 
