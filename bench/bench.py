@@ -155,7 +155,10 @@ def worker(variant: str, mode: str, steps: int) -> dict:
     if kind == "train":
         model.train()
         step = training_step_fn(name, model, batch)
-        result["rss_before_steps_mb"] = proc_status_mb("VmRSS")
+        with torch.no_grad():                          # page in the weights (loaded lazily from the file)
+            for p in model.parameters():
+                p.sum()
+        result["resident_before_steps_mb"] = proc_status_mb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current resident size
         step(0)                                        # warm-up, not timed
         times = []
@@ -209,7 +212,7 @@ def summarize(results: list[dict]) -> dict:
             seconds = statistics.median(s for r in runs for s in r["seconds"])
             table[variant] = {"seconds_per_step": seconds, "tokens_per_s": runs[0]["tokens"] / seconds,
                               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                              "step_rss_mb": max(r["peak_rss_during_steps_mb"] - r["rss_before_steps_mb"] for r in runs)}
+                              "step_rss_mb": max(r["peak_rss_during_steps_mb"] - r["resident_before_steps_mb"] for r in runs)}
         else:
             score = statistics.median(s for r in runs for s in r["score_seconds"])
             gen = statistics.median(s for r in runs for s in r["generate_seconds"])
@@ -313,7 +316,7 @@ def across_runs(mode: str) -> str:
     for row in runs[-1]["ratios"]:
         measured = [{r["what"]: r["value"] for r in run["ratios"]}.get(row["what"]) for run in runs]
         if "memory" in row["what"]:     # earlier runs measured step memory in a way retained memory invalidates
-            measured = [v if any("rss_before_steps_mb" in r for r in run["raw"]) else None
+            measured = [v if any("resident_before_steps_mb" in r for r in run["raw"]) else None
                         for v, run in zip(measured, runs)]
         values = ["-" if v is None else f"{v:.3f}" for v in measured]
         lines.append(f"| {row['what']} | {row['target']} | " + " | ".join(values) + " |")
