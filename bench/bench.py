@@ -315,7 +315,7 @@ def across_runs(mode: str) -> str:
              "", "| ratio | target | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(runs)]
     for row in runs[-1]["ratios"]:
         measured = [{r["what"]: r["value"] for r in run["ratios"]}.get(row["what"]) for run in runs]
-        if "memory" in row["what"]:     # earlier runs measured step memory in a way retained memory invalidates
+        if row["what"].endswith("step memory"):  # earlier runs measured step memory in a way retained memory invalidates
             measured = [v if any("resident_before_steps_mb" in r for r in run["raw"]) else None
                         for v, run in zip(measured, runs)]
         values = ["-" if v is None else f"{v:.3f}" for v in measured]

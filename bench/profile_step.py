@@ -36,7 +36,8 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()                                             # warm-up
+    step()                                             # warm-up (twice: the retained heap settles)
+    step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     print(f"python bench/profile_step.py --mode {args.mode} --k {args.k}" + (" --system-malloc" if args.system_malloc else ""))
