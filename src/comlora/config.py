@@ -19,14 +19,17 @@ class ConfigDict:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def integer_checks(self, names, minimum: int) -> list[tuple[bool, str]]:
+        """Each named field is an integer (not a bool) >= ``minimum``."""
+        return [(isinstance(getattr(self, n), int) and not isinstance(getattr(self, n), bool) and getattr(self, n) >= minimum,
+                 f"{n} must be an integer >= {minimum}, got {getattr(self, n)!r}") for n in names]
+
     def adapter_checks(self, *positive_ints: str) -> list[tuple[bool, str]]:
         """The checks every LoRA-style config shares: the named integer fields >= 1, lora_alpha > 0,
         lora_dropout in [0, 1), at least one target module (a tuple of targets becomes a list)."""
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        checks = [(isinstance(getattr(self, n), int) and not isinstance(getattr(self, n), bool) and getattr(self, n) >= 1,
-                   f"{n} must be an integer >= 1, got {getattr(self, n)!r}") for n in positive_ints]
-        return checks + [
+        return self.integer_checks(positive_ints, 1) + [
             (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
             (bool(self.target_modules), "target_modules must name at least one module"),

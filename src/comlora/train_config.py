@@ -64,14 +64,9 @@ class TrainConfig(ConfigDict):
         for name in ("tasks", "target_modules"):            # a YAML scalar means a one-item list
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [x for x in getattr(self, name).split(",") if x])
-        positive = ["num_components", "r", "cutoff_len", "batch_size", "grad_accum", "epochs", "window", "keep_checkpoints",
-                    "val_size"]
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ["max_steps", "save_every", "warmup_steps", "train_per_task", "eval_size"]:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig: {name} must be an integer >= 0, got {getattr(self, name)!r}")
+        self.validate(self.integer_checks(["num_components", "r", "cutoff_len", "batch_size", "grad_accum", "epochs",
+                                           "window", "keep_checkpoints", "val_size"], 1)
+                      + self.integer_checks(["max_steps", "save_every", "warmup_steps", "train_per_task", "eval_size"], 0))
         if self.method not in METHODS:
             raise ValueError(f"TrainConfig: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.lr_scheduler not in SCHEDULERS:

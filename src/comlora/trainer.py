@@ -251,6 +251,10 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
         lines = metrics_file.read_text().splitlines() if resume and metrics_file.exists() else []
         write_text(metrics_file, "".join(l + "\n" for l in lines if (seen := _step_of(l)) is not None and seen <= step))
 
+    def checkpoint(at_step: int) -> None:       # every process hands in its random state; the main one writes
+        on_main_process(accelerator, save_checkpoint, run, method, optimizer, scheduler, at_step, cfg.keep_checkpoints,
+                        gather_object([rng_state()]))
+
     lengths = [len(e["input_ids"]) for e in train_examples]
     progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"train {cfg.method}", dynamic_ncols=True)
     batches = (b for epoch in range(sys.maxsize)
@@ -297,12 +301,10 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("lm", "align", "pairwise", "eta") if k in record}
                                  | {"tok/s": f"{record['tokens_per_s']:.0f}"})
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            on_main_process(accelerator, save_checkpoint, run, method, optimizer, scheduler, step, cfg.keep_checkpoints,
-                            gather_object([rng_state()]))
+            checkpoint(step)
     progress.close()
     if step < total_steps:              # stopped early on purpose: leave a checkpoint to resume from
-        on_main_process(accelerator, save_checkpoint, run, method, optimizer, scheduler, step, cfg.keep_checkpoints,
-                        gather_object([rng_state()]))
+        checkpoint(step)
         return run
     on_main_process(accelerator, finish_run, cfg, run, method, tokenizer, val_examples)
     return run
