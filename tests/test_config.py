@@ -60,6 +60,8 @@ def test_numbers_written_as_strings_are_converted_and_bad_ones_named():
         TrainConfig(val_size=0)
 
 
-def test_single_component_needs_a_loss_that_is_not_pairwise():
-    with pytest.raises(ValueError, match="with K=1 the pairwise loss is 0"):
+def test_single_component_trains_plain_lora_objective_so_needs_the_lm_loss():
+    with pytest.raises(ValueError, match="with K=1 the objective is L_LM alone"):
         ComLoraConfig(num_components=1, top_n=1, lm_loss=False, align_loss=False)
+    with pytest.raises(ValueError, match="with K=1 the objective is L_LM alone"):
+        ComLoraConfig(num_components=1, lm_weight=0.0)

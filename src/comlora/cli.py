@@ -144,8 +144,8 @@ def evaluation_task(args: argparse.Namespace):
         tasks = args.tasks.split(",") if args.tasks else None
         suite = build_commonsense_mini(root, tasks, eval_size=args.eval_size, train_per_task=0, val_size=0, seed=args.seed)
         run = args.run_config
-        if run is not None and run.data == "commonsense-mini" and (args.seed != run.seed or args.eval_size > run.eval_size):
-            raise ValueError(f"--seed {args.seed} / --eval-size {args.eval_size} differ from the run's (seed {run.seed}, "
+        if run is not None and run.data == "commonsense-mini" and (args.seed != run.split_seed or args.eval_size > run.eval_size):
+            raise ValueError(f"--seed {args.seed} / --eval-size {args.eval_size} differ from the run's (data seed {run.split_seed}, "
                              f"eval_size {run.eval_size}): the evaluation items could overlap its training items")
         return (lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, args.limit, args.batch_size,
                                                         args.max_new_tokens, 1 if args.greedy else args.num_beams)), markdown_table
@@ -179,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{args.run} is not a run directory (config.yaml is missing)")
         args.run_config = TrainConfig.from_dict(load_yaml(Path(args.run) / "config.yaml"))
         args.model = args.run_config.model
-        args.seed = args.run_config.seed if args.seed is None else args.seed
+        args.seed = args.run_config.split_seed if args.seed is None else args.seed
         args.eval_size = args.run_config.eval_size if args.eval_size is None else args.eval_size
     args.seed = 0 if args.seed is None else args.seed
     args.eval_size = 100 if args.eval_size is None else args.eval_size
@@ -219,6 +219,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"written: {Path(args.out).with_suffix('.md')} and .csv")
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from .study import run_study
+
+    run_study(args.experiments, args.work, args.results, args.only.split(",") if args.only else None, args.max_runs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comlora", description="Competitive LoRA fine-tuning (ComLoRA) and baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="commonsense", choices=["commonsense", "mmlu", "convai2"], help="Evaluation suite.")
     p.add_argument("--limit", type=int, help="commonsense: items per task (first N of the reserved subset); "
                    "mmlu: rows per subject; convai2: examples.")
-    p.add_argument("--seed", type=int, help="Seed of the commonsense subset / the ConvAI2 split (default: the run's, else 0).")
+    p.add_argument("--seed", type=int, help="Seed of the commonsense subset / the ConvAI2 split (default: the run's data seed, else 0).")
     p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of beam search.")
     p.add_argument("--num-beams", type=int, default=4, help="Beam width (LLM-Adapters: 4).")
     p.add_argument("--max-new-tokens", type=int, default=32, help="New tokens per answer (LLM-Adapters: 32).")
@@ -293,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=25, help="Evaluation items per task.")
     p.add_argument("--configs", default="experiments", help="Folder holding demo-comlora.yaml and demo-lora.yaml.")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("study", help="The reproduction study: run every experiment of experiments/study not yet recorded.")
+    p.add_argument("--experiments", default="experiments/study", help="Folder of experiment YAML files (and base.yaml).")
+    p.add_argument("--results", default="experiments/results/study", help="Where each finished run is recorded.")
+    p.add_argument("--work", default="runs/study", help="Working run directories (checkpoints; a killed study resumes).")
+    p.add_argument("--only", help="Comma-separated experiment names (file stems) to run.")
+    p.add_argument("--max-runs", type=int, help="Stop after this many runs.")
+    p.set_defaults(func=cmd_study)
     return parser
 
 

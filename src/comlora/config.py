@@ -78,7 +78,8 @@ class ComLoraConfig(ConfigDict):
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         metadata={"help": "Linear modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the full module name."},
     )
-    top_n: int = field(default=2, metadata={"help": "N of the alignment loss: the N components with the highest selector similarity (1..K)."})
+    top_n: int | None = field(default=None, metadata={"help": "N of the alignment loss: the N components with the highest "
+                                                      "selector similarity (1..K); None = K (the paper's best, Table 7)."})
     noise_alpha: float = field(default=0.1, metadata={"help": "Std of the Gaussian noise added to per-sample losses in the pairwise loss (Eq. 6)."})
     anneal: str = field(default="exponential", metadata={"help": f"Schedule eta(t) of the alignment loss: one of {ANNEAL_SCHEDULES}."})
     anneal_rate: float = field(default=5.0, metadata={"help": "gamma of the exponential schedule eta(t) = 1 - exp(-gamma t / T)."})
@@ -95,7 +96,8 @@ class ComLoraConfig(ConfigDict):
     lm_weight: float = field(default=1.0, metadata={"help": "w_lm in L = w_lm L_LM + w_align L_align + w_pair L_pairwise."})
     align_weight: float = field(default=1.0, metadata={"help": "w_align in the total loss."})
     pairwise_weight: float = field(default=1.0, metadata={"help": "w_pair in the total loss."})
-    use_selector: bool = field(default=True, metadata={"help": "False = the 'without selector' ablation: L_LM only, winner by validation loss."})
+    use_selector: bool = field(default=True, metadata={"help": "False = the 'without selector' ablation: L_LM only, winner by "
+                                                           "validation loss. K=1 never has a selector (nothing to select)."})
     selector_dim: int | None = field(default=None, metadata={"help": "Width of the selector; None = the base model's hidden size (no input projection)."})
     selector_heads: int = field(default=8, metadata={"help": "Attention heads of the selector's Transformer encoder layer."})
     selector_ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width of the selector's Transformer encoder layer."})
@@ -105,9 +107,14 @@ class ComLoraConfig(ConfigDict):
         default="batched",
         metadata={"help": "'batched': all K components in one forward and backward (fastest); 'low_memory': the same "
                           "gradients with one component's activations alive at a time (K+1 forwards, for memory-bound users)."})
+    decide_at: float | None = field(default=None, metadata={
+        "help": "Early decision: at this fraction of the training steps (0 < decide_at < 1) the winner is selected on the "
+                "validation set and the rest of training runs the winner alone, on L_LM (None = compete to the end)."})
     seed: int = field(default=0, metadata={"help": "Seed of the component and selector initialisation."})
 
     def __post_init__(self) -> None:
+        if self.top_n is None and isinstance(self.num_components, int):
+            self.top_n = self.num_components
         checks = self.adapter_checks("num_components", "r") + [
             (isinstance(self.top_n, int) and 1 <= self.top_n <= max(self.num_components, 1),
              f"top_n must be in 1..K={self.num_components}, got {self.top_n!r}"),
@@ -122,11 +129,15 @@ class ComLoraConfig(ConfigDict):
             (self.selector_dim is None or self.selector_dim >= 1, f"selector_dim must be None or >= 1, got {self.selector_dim!r}"),
             (self.selector_heads >= 1 and self.selector_ffn_dim >= 1, "selector_heads and selector_ffn_dim must be >= 1"),
             (min(self.lm_weight, self.align_weight, self.pairwise_weight) >= 0, "loss weights must be >= 0"),
-            (self.use_selector or not (self.align_loss or self.pairwise_loss),
+            (self.use_selector or not (self.uses_align or self.uses_pairwise),
              "use_selector=False (the 'without selector' ablation) has no alignment or pairwise loss: also set align_loss=False and pairwise_loss=False"),
-            (self.lm_loss or self.align_loss or self.pairwise_loss, "at least one of lm_loss, align_loss, pairwise_loss must be on"),
-            (self.num_components > 1 or self.lm_loss or self.align_loss,
-             "with K=1 the pairwise loss is 0: turn on lm_loss or align_loss"),
+            (self.uses_lm or self.uses_align or self.uses_pairwise,
+             "at least one of lm_loss, align_loss, pairwise_loss must be on with a weight > 0"),
+            (self.num_components > 1 or self.uses_lm,
+             "with K=1 the objective is L_LM alone (plain LoRA): lm_loss must be on with lm_weight > 0"),
+            (self.decide_at is None or (isinstance(self.decide_at, (int, float)) and not isinstance(self.decide_at, bool)
+                                        and 0 < self.decide_at < 1),
+             f"decide_at must be None or a fraction strictly between 0 and 1, got {self.decide_at!r}"),
         ]
         self.validate(checks)
         if self.selector_dim is not None and self.selector_dim % self.selector_heads:
@@ -135,3 +146,21 @@ class ComLoraConfig(ConfigDict):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
+
+    # A loss term is in the objective when its switch is on AND its weight is > 0: a zero weight is the switch off.
+    @property
+    def uses_lm(self) -> bool:
+        return self.lm_loss and self.lm_weight > 0
+
+    @property
+    def uses_align(self) -> bool:
+        return self.align_loss and self.align_weight > 0
+
+    @property
+    def uses_pairwise(self) -> bool:
+        return self.pairwise_loss and self.pairwise_weight > 0
+
+    @property
+    def has_selector(self) -> bool:
+        """A selector exists unless ablated (use_selector=False) or pointless (K=1: nothing to select)."""
+        return self.use_selector and self.num_components > 1

@@ -33,7 +33,7 @@ def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments"))
         seconds[f"train {name}"] = time.perf_counter() - t
 
     cfg = configs["comlora"]
-    suite = build_commonsense_mini(data_root(cfg.data_root), cfg.tasks, cfg.eval_size, 0, 0, cfg.seed)
+    suite = build_commonsense_mini(data_root(cfg.data_root), cfg.tasks, cfg.eval_size, 0, 0, cfg.split_seed)
     evaluate = lambda model, tokenizer: evaluate_commonsense(  # noqa: E731
         model, tokenizer, suite.evaluation, limit, batch_size=8, max_new_tokens=16, num_beams=1)
     results = {}
@@ -60,7 +60,7 @@ def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments"))
     summary = {"command": f"comlora demo --limit {limit} --configs {config_dir}", "date": time.strftime("%Y-%m-%d"),
                "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
                "configs": {name: c.to_dict() for name, c in configs.items()}, "limit_per_task": limit,
-               "eval_seed": cfg.seed, "seconds": seconds, "winner": winner_report,
+               "eval_seed": cfg.split_seed, "seconds": seconds, "winner": winner_report,
                "accuracy": {k: {t: v["tasks"][t]["accuracy"] for t in v["tasks"]} for k, v in results.items()},
                "average_accuracy": {k: v["average"] for k, v in results.items()}}
     write_json(out / "results.json", summary)

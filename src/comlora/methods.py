@@ -72,7 +72,7 @@ def method_config(cfg: TrainConfig):
     if cfg.target_modules is not None:
         shared["target_modules"] = cfg.target_modules
     if cfg.method == "comlora":
-        values = dict(num_components=cfg.num_components, r=cfg.r, top_n=cfg.num_components if cfg.top_n is None else cfg.top_n,
+        values = dict(num_components=cfg.num_components, r=cfg.r, top_n=cfg.top_n,
                       noise_alpha=cfg.noise_alpha, anneal=cfg.anneal)
         return ComLoraConfig.from_dict({**shared, **values, **cfg.method_options})
     if cfg.method == "moelora":

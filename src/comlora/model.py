@@ -46,6 +46,7 @@ class WinnerReport:
     similarity: list[float] | None
     val_loss: list[float] | None
     num_samples: int
+    decided_at_step: int | None = None     # early decision (decide_at): the step at which the winner was fixed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +62,8 @@ class ComLoraModel(nn.Module):
         self.model = model
         self.config = config
         self.winner: int | None = None
+        self.decided: int | None = None          # early decision: the one component still trained
+        self.decided_at_step: int | None = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.adapted: dict[str, ComLoraLinear] = inject_linear_layers(
@@ -68,7 +71,7 @@ class ComLoraModel(nn.Module):
                 lambda linear: ComLoraLinear(linear, config.num_components, config.r, config.lora_alpha, config.lora_dropout))
             embed = model.get_input_embeddings()
             self.selector = None
-            if config.use_selector:
+            if config.has_selector:
                 self.selector = LoraSelector(embed.embedding_dim, config.num_components, config.selector_dim,
                                              config.selector_heads, config.selector_ffn_dim,
                                              config.selector_dropout, config.selector_init_std)
@@ -148,6 +151,8 @@ class ComLoraModel(nn.Module):
                          step: int, total_steps: int, generator: torch.Generator | None = None) -> CompetitionOutput:
         """L = w_lm L_LM + w_align L_align + w_pair L_pairwise for one batch (Eq. 4-10)."""
         cfg = self.config
+        if self.decided is not None:
+            return self.decided_step(input_ids, attention_mask, labels, step, total_steps)
         if cfg.competition == "low_memory":
             anchor = next(iter(self.adapted.values())).lora_A
             losses, counts = LowMemoryComponentLosses.apply(self, input_ids, attention_mask, labels, anchor)
@@ -155,34 +160,50 @@ class ComLoraModel(nn.Module):
             losses, counts = self.component_losses(input_ids, attention_mask, labels)
         return self.competition_objective(losses, counts, input_ids, attention_mask, step, total_steps, generator)
 
+    def decided_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                     step: int, total_steps: int) -> CompetitionOutput:
+        """After an early decision: L = L_LM of the decided component alone (a batch of B rows, not K*B)."""
+        with self.use_component(self.decided):
+            losses, counts = sequence_losses(self.model, input_ids, attention_mask, labels, 1, self.config.loss_reduction)
+        valid = self._valid_samples(counts)
+        lm = losses[valid, 0].mean()
+        eta = anneal_eta(self.config.anneal, step, total_steps, self.config.anneal_rate)
+        return CompetitionOutput(loss=lm, parts={"lm": float(lm.detach()), "eta": eta, "loss": float(lm.detach())},
+                                 per_sample_loss=(losses * valid.unsqueeze(1)).detach(), sim=None, valid=valid,
+                                 num_target_tokens=int(counts.sum()))
+
+    @staticmethod
+    def _valid_samples(counts: torch.Tensor) -> torch.Tensor:
+        valid = counts > 0
+        if not bool(valid.any()):
+            raise ValueError("the batch has no target token at all (every label is -100): check the label masking "
+                             "and cutoff_len; prompts longer than cutoff_len leave no response token")
+        return valid
+
     def competition_objective(self, losses: torch.Tensor, counts: torch.Tensor, input_ids: torch.Tensor,
                               attention_mask: torch.Tensor, step: int, total_steps: int,
                               generator: torch.Generator | None = None) -> CompetitionOutput:
         """The losses of Eq. 4-10 given the per-sample, per-component losses ``l [B, K]`` and target counts ``[B]``
         (however they were computed); samples with no target token are left out."""
         cfg = self.config
-        valid = counts > 0
-        if not bool(valid.any()):
-            raise ValueError("the batch has no target token at all (every label is -100): check the label masking "
-                             "and cutoff_len; prompts longer than cutoff_len leave no response token")
+        valid = self._valid_samples(counts)
         l = losses[valid]
         eta = anneal_eta(cfg.anneal, step, total_steps, cfg.anneal_rate)
         lm = l.mean()
-        total = cfg.lm_weight * lm if cfg.lm_loss else lm.new_zeros(())
+        # a term is in the objective when its switch is on and its weight > 0 (a zero weight is the switch off);
+        # K = 1 has no selector, so its objective is L_LM alone: plain LoRA's
+        total = cfg.lm_weight * lm if cfg.uses_lm else lm.new_zeros(())
         parts = {"lm": float(lm.detach()), "eta": eta}
         sim = None
         if self.selector is not None:
-            # With K = 1 the pairwise loss is 0 and the alignment weight is 1 whatever the selector says,
-            # so it is not run: same losses and gradients, no selector cost.
-            sim_all = (self.similarity(input_ids, attention_mask) if cfg.num_components > 1
-                       else losses.new_zeros(losses.shape))
+            sim_all = self.similarity(input_ids, attention_mask)
             sim = sim_all[valid]
             align = alignment_loss(sim, l, cfg.top_n, eta, cfg.align_sign)
             noisy = add_noise(l.detach() if cfg.pairwise_detach_lm else l, cfg.noise_alpha, generator)
             pair = pairwise_loss(sim, noisy, cfg.pairwise_direction)
-            if cfg.align_loss:
+            if cfg.uses_align:
                 total = total + cfg.align_weight * align
-            if cfg.pairwise_loss:
+            if cfg.uses_pairwise:
                 total = total + cfg.pairwise_weight * pair
             parts.update(align=float(align.detach()), pairwise=float(pair.detach()))
             sim = sim_all.detach() * valid.unsqueeze(1)
@@ -194,18 +215,29 @@ class ComLoraModel(nn.Module):
                       step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
         """The trainer's interface: the total loss and its parts, plus each component's mean loss on the batch."""
         out = self.competition_step(input_ids, attention_mask, labels, step, total_steps)
+        if self.decided is not None:
+            return out.loss, dict(out.parts, target_tokens=out.num_target_tokens)
         parts = dict(out.parts, component_loss=out.per_sample_loss[out.valid].mean(0).tolist(),
                      target_tokens=out.num_target_tokens)
         return out.loss, parts
+
+    def training_state(self) -> dict:
+        """What a checkpoint must carry besides tensors: the early decision, if one was made."""
+        return {"decided": self.decided, "decided_at_step": self.decided_at_step}
+
+    def load_training_state(self, state: dict) -> None:
+        self.decided, self.decided_at_step = state.get("decided"), state.get("decided_at_step")
 
     # ---- winner ------------------------------------------------------------------------
     @torch.no_grad()
     def select_winner(self, batches, compute_loss: bool = True) -> WinnerReport:
         """s_val[k] = sum over validation samples of sim[b, k]; winner = argmax_k s_val[k] (Eq. 11-12).
 
-        ``batches`` yields dicts with input_ids, attention_mask and (for the loss) labels. Without a
-        selector, or with a selector that never trained (pairwise_loss=False), the winner is the component
-        with the lowest validation loss.
+        ``batches`` yields dicts with input_ids, attention_mask and (for the loss) labels. One rule for every
+        ablation: wherever a selector exists the winner is its pick (even untrained, as with pairwise_loss off:
+        that is what the ablation measures), and the lowest-validation-loss pick is reported beside it; without
+        a selector (use_selector=False, K=1) the winner is the lowest validation loss. After an early decision
+        (decide_at) the winner is the decided component.
         """
         if self.selector is None and not compute_loss:
             raise ValueError("without a selector the winner is chosen by validation loss: compute_loss must be True")
@@ -232,11 +264,10 @@ class ComLoraModel(nn.Module):
         by_sim = int(sim_sum.argmax()) if self.selector is not None else None
         val_loss = (loss_sum / loss_samples).tolist() if compute_loss else None
         by_loss = int(torch.tensor(val_loss).argmin()) if compute_loss else None
-        # the selector learns only from the pairwise loss: without it, its ranking is its initialisation
-        trained_selector = by_sim is not None and self.config.pairwise_loss
-        report = WinnerReport(winner=by_sim if trained_selector or not compute_loss else by_loss, winner_by_similarity=by_sim,
+        winner = self.decided if self.decided is not None else by_sim if by_sim is not None else by_loss
+        report = WinnerReport(winner=winner, winner_by_similarity=by_sim,
                               winner_by_loss=by_loss, similarity=sim_sum.tolist() if by_sim is not None else None,
-                              val_loss=val_loss, num_samples=samples)
+                              val_loss=val_loss, num_samples=samples, decided_at_step=self.decided_at_step)
         self.winner = report.winner
         return report
 
@@ -296,6 +327,7 @@ class ComLoraModel(nn.Module):
             "comlora_config": self.config.to_dict(),
             "base_model_name_or_path": getattr(self.model, "name_or_path", None),
             "winner": self.winner,
+            **self.training_state(),
         })
         return path
 
@@ -310,6 +342,7 @@ class ComLoraModel(nn.Module):
         cm = cls(model, ComLoraConfig.from_dict(meta["comlora_config"]))
         load_state_tensors(cm.state_tensors(), load_file(str(path / STATE_WEIGHTS)), source=str(path))
         cm.winner = meta.get("winner")
+        cm.load_training_state(meta)
         return cm
 
 class LowMemoryComponentLosses(torch.autograd.Function):

@@ -27,14 +27,24 @@ def smooth(values: list[float], span: int) -> list[float]:
 
 
 def plot_loss_curves(runs: dict[str, str | Path], out: str | Path, span: int = 5) -> Path:
-    """Figure 2: each ComLoRA component's training loss, and the LM loss of any other run given."""
+    """Figure 2: each ComLoRA component's training loss, and the LM loss of any other run given. After an
+    early decision (decide_at) only the decided component trains: its curve goes on with the run's LM loss."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, run in runs.items():
         rows = read_metrics(run)
         steps = [r["step"] for r in rows]
         if rows and "component_loss" in rows[0]:
+            competing = [r for r in rows if "component_loss" in r]
+            decision = json.loads((Path(run) / "decision.json").read_text()) if (Path(run) / "decision.json").is_file() else None
             for k in range(len(rows[0]["component_loss"])):
-                ax.plot(steps, smooth([r["component_loss"][k] for r in rows], span), label=f"{label} component {k}")
+                values = [r["component_loss"][k] for r in competing]
+                k_steps = [r["step"] for r in competing]
+                if decision is not None and decision["winner"] == k:
+                    values += [r["lm"] for r in rows if "component_loss" not in r]
+                    k_steps += [r["step"] for r in rows if "component_loss" not in r]
+                ax.plot(k_steps, smooth(values, span), label=f"{label} component {k}")
+            if decision is not None:
+                ax.axvline(decision["decided_at_step"] + 0.5, color="grey", linestyle=":", label="early decision")
         else:
             ax.plot(steps, smooth([r["lm"] for r in rows], span), label=label, linestyle="--")
     ax.set_xlabel("optimizer step")
@@ -49,6 +59,7 @@ def plot_loss_curves(runs: dict[str, str | Path], out: str | Path, span: int = 5
 
 def lowest_loss_shares(rows: list[dict], window: int) -> list[list[float]]:
     """Per window of ``window`` steps, the fraction of its steps at which each component had the lowest loss."""
+    rows = [r for r in rows if "component_loss" in r]        # steps before an early decision
     k = len(rows[0]["component_loss"])
     shares = []
     for start in range(0, len(rows), window):
@@ -60,7 +71,7 @@ def lowest_loss_shares(rows: list[dict], window: int) -> list[list[float]]:
 
 def plot_lowest_loss_share(run: str | Path, out: str | Path, window: int = 50) -> Path:
     """Figure 3: stacked bars, one per window of steps."""
-    rows = read_metrics(run)
+    rows = [r for r in read_metrics(run) if "component_loss" in r]
     shares = lowest_loss_shares(rows, window)
     fig, ax = plt.subplots(figsize=(7, 4))
     bottom = [0.0] * len(shares)

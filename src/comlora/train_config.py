@@ -50,6 +50,9 @@ class TrainConfig(ConfigDict):
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch items of similar length together (less padding; order stays random)."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, initialisation, dropout and noise."})
+    data_seed: int | None = field(default=None, metadata={
+        "help": "Seed of the data split (commonsense-mini evaluation, training and validation items; other data's "
+                "held-out items); None = seed. Fix it to train several seeds on the same items."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0 = none; the final state/ is always saved)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints kept."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps (several processes: each gets its own GPU from the launcher)."})
@@ -71,6 +74,9 @@ class TrainConfig(ConfigDict):
             raise ValueError(f"TrainConfig: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"TrainConfig: lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.data_seed is not None and (not isinstance(self.data_seed, int) or isinstance(self.data_seed, bool)
+                                           or self.data_seed < 0):
+            raise ValueError(f"TrainConfig: data_seed must be None (= seed) or an integer >= 0, got {self.data_seed!r}")
         if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
             raise ValueError(f"TrainConfig: top_n must be None (= K) or an integer >= 1, got {self.top_n!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
@@ -85,6 +91,12 @@ class TrainConfig(ConfigDict):
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
         if not isinstance(self.method_options, dict):
             raise ValueError(f"TrainConfig: method_options must be a mapping, got {self.method_options!r}")
+
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data split: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 def load_yaml(path: str | Path) -> dict:

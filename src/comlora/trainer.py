@@ -65,10 +65,10 @@ def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     """
     root = lambda: data_root(cfg.data_root)  # noqa: E731
     if cfg.data == "commonsense-mini":
-        suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size, cfg.seed)
+        suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size, cfg.split_seed)
         return suite.train, suite.validation
     if cfg.data == "convai2":
-        splits = split_dialogues(load_convai2(root() / CONVAI2_FILE), seed=cfg.seed)
+        splits = split_dialogues(load_convai2(root() / CONVAI2_FILE), seed=cfg.split_seed)
         return (convai2_training_items(splits["train"], cfg.history_turns),
                 convai2_training_items(splits["validation"], cfg.history_turns)[:cfg.val_size])
     if cfg.data == "mmlu" or cfg.data.startswith("mmlu:"):
@@ -78,7 +78,7 @@ def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
         items = load_items(cfg.data)
     if cfg.val_size >= len(items):
         raise ValueError(f"{cfg.data}: {len(items)} items cannot hold out val_size={cfg.val_size} for validation")
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
     return [items[i] for i in order[cfg.val_size:]], [items[i] for i in order[:cfg.val_size]]
 
 
@@ -129,7 +129,7 @@ def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: in
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     write_safetensors(tmp / "rng.safetensors",
                       {f"process{i}.{name}": t for i, state in enumerate(rng_states) for name, t in state.items()})
-    write_json(tmp / "trainer_state.json", {"step": step})
+    write_json(tmp / "trainer_state.json", {"step": step, **(method.training_state() if hasattr(method, "training_state") else {})})
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -157,7 +157,10 @@ def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process
     torch.set_rng_state(rng[prefix + "torch"])
     if torch.cuda.is_available() and prefix + "cuda" in rng:
         torch.cuda.set_rng_state(rng[prefix + "cuda"])
-    return json.loads((path / "trainer_state.json").read_text())["step"]
+    state = json.loads((path / "trainer_state.json").read_text())
+    if hasattr(method, "load_training_state"):
+        method.load_training_state(state)
+    return state["step"]
 
 
 def micro_batches(lengths: list[int], per_process: int, num_processes: int, rank: int, seed: int, epoch: int,
@@ -264,7 +267,11 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
         next(batches)
     objective.train()
     end = total_steps if stop_after is None else min(total_steps, step + stop_after)
+    decide_step = early_decision_step(method, total_steps)
     while step < end:
+        if step == decide_step and method.decided is None:
+            decide_early(accelerator, run, method, optimizer, step,
+                         validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, accelerator.device))
         started = time.perf_counter()
         sums: dict[str, float] = {}
         tokens = 0
@@ -308,6 +315,37 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
         return run
     on_main_process(accelerator, finish_run, cfg, run, method, tokenizer, val_examples)
     return run
+
+
+def early_decision_step(method: nn.Module, total_steps: int) -> int | None:
+    """The optimizer step before which a ComLoRA run with ``decide_at`` fixes its winner: round(decide_at * T),
+    at least 1 (None without an early decision)."""
+    decide_at = getattr(getattr(method, "config", None), "decide_at", None)
+    if decide_at is None:
+        return None
+    return max(1, round(decide_at * total_steps))
+
+
+def decide_early(accelerator: Accelerator, run: Path, method: ComLoraModel, optimizer, step: int, batches) -> None:
+    """Select the winner on the validation set now; from here on only it trains (``ComLoraModel.decided_step``).
+
+    Every process selects on the same weights and data, so all agree. The other components' Adam momentum
+    is zeroed: their slices get zero gradients from now on, and without this their weights would keep drifting.
+    """
+    report = method.select_winner(batches)
+    method.decided, method.decided_at_step = report.winner, step
+    report.decided_at_step = step
+    method.train()
+    others = [k for k in range(method.config.num_components) if k != report.winner]
+    for layer in method.adapted.values():
+        for p in (layer.lora_A, layer.lora_B):
+            state = optimizer.state.get(p)
+            if state and "exp_avg" in state:
+                state["exp_avg"][others] = 0
+    if accelerator.is_main_process:
+        write_json(run / "decision.json", report.to_dict())
+        print(f"early decision at step {step}: component {report.winner} trains alone from here "
+              f"(similarity {report.similarity}, validation loss {report.val_loss})", file=sys.stderr)
 
 
 def _step_of(line: str) -> int | None:

@@ -1,0 +1,180 @@
+"""The reproduction study (``comlora study run``): every experiment of ``experiments/study/*.yaml`` times
+its seeds, each trained and evaluated in its own process, skipping what is recorded and resuming what a
+kill interrupted. One experiment file:
+
+    label: ComLoRA (2, 8)            # the row's name in the tables
+    tables: [table3, table6]         # the tables (and figures) it appears in
+    seeds: [0, 1, 2]
+    priority: 1                      # lower runs first
+    components: all                  # evaluate every component (Table 10) or only the winner
+    train: {method: comlora, num_components: 2, r: 8}     # TrainConfig values over base.yaml; null = base model
+
+Per run, ``RESULTS/<experiment>/seed-<s>/`` receives (atomically, when the run is complete): the resolved
+config.yaml, metrics.jsonl, winner.json / validation.json / decision.json, parameters.json, every
+``comlora eval`` result file (each item's response, prediction and answer), and run.json (seed, commit,
+commands, wall times, tokens/s, load average).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .storage import write_json, write_text
+from .train_config import TrainConfig, load_yaml
+
+BASE_FILE = "base.yaml"
+EVAL_FLAGS = ["--greedy", "--max-new-tokens", "16", "--batch-size", "8"]
+RUN_FILES = ("config.yaml", "metrics.jsonl", "winner.json", "validation.json", "decision.json", "parameters.json")
+
+
+@dataclass
+class Experiment:
+    name: str
+    label: str
+    tables: list[str]
+    seeds: list[int]
+    priority: int
+    components: str
+    train: dict | None
+
+
+def load_experiments(folder: str | Path) -> tuple[dict, list[Experiment]]:
+    """(base TrainConfig values, experiments) of a study folder; every file is checked before anything runs."""
+    folder = Path(folder)
+    base = load_yaml(folder / BASE_FILE)
+    experiments = []
+    for path in sorted(folder.glob("*.yaml")):
+        if path.name == BASE_FILE:
+            continue
+        values = load_yaml(path)
+        unknown = set(values) - {"label", "tables", "seeds", "priority", "components", "train"}
+        if unknown or "label" not in values or "tables" not in values:
+            raise ValueError(f"{path}: an experiment needs label and tables (and may have seeds, priority, components, "
+                             f"train); unknown keys {sorted(unknown)}")
+        exp = Experiment(name=path.stem, label=values["label"], tables=list(values["tables"]),
+                         seeds=list(values.get("seeds", [0])), priority=int(values.get("priority", 9)),
+                         components=values.get("components", "winner"), train=values.get("train"))
+        if exp.components not in ("winner", "all"):
+            raise ValueError(f"{path}: components must be winner or all, got {exp.components!r}")
+        if exp.train is not None:
+            train_config(base, exp, exp.seeds[0], "check")       # a bad option fails now, not hours later
+        experiments.append(exp)
+    if not experiments:
+        raise ValueError(f"{folder}: no experiment file (*.yaml besides {BASE_FILE})")
+    return base, experiments
+
+
+def train_config(base: dict, exp: Experiment, seed: int, out: str | Path) -> TrainConfig:
+    values = {**base, **exp.train, "seed": seed, "out": str(out)}
+    values["method_options"] = {**base.get("method_options", {}), **exp.train.get("method_options", {})}
+    return TrainConfig.from_dict(values)
+
+
+def code_commit() -> str:
+    """The git commit of the code that runs (the checkout this package is imported from)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).resolve().parent,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_command(argv: list[str], log: Path) -> float:
+    """Run ``python -m comlora ARGV`` (its output appended to ``log``); returns its wall time in seconds."""
+    started = time.perf_counter()
+    with log.open("a") as f:
+        f.write(f"$ comlora {' '.join(argv)}\n")
+        f.flush()
+        done = subprocess.run([sys.executable, "-m", "comlora", *argv], stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"`comlora {' '.join(argv)}` failed (exit {done.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def run_one(base: dict, exp: Experiment, seed: int, work: Path, results: Path) -> Path:
+    """Train (or resume) and evaluate one experiment at one seed; record it in ``results``."""
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "study.log"
+    record = {"experiment": exp.name, "label": exp.label, "seed": seed, "commit": code_commit(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
+              "commands": [], "eval_flags": EVAL_FLAGS}
+    timing_file = work / "train_seconds.json"
+    if exp.train is None:
+        eval_dir = work / "eval"
+        if not any(eval_dir.glob("commonsense-*.json")):
+            argv = ["eval", "--model", base.get("model", "smollm2-135m"), "--seed", str(base.get("data_seed", seed)),
+                    "--eval-size", str(base["eval_size"]), "--out", str(eval_dir), *EVAL_FLAGS]
+            record["commands"].append("comlora " + " ".join(argv))
+            record["eval_seconds"] = run_command(argv, log)
+    else:
+        run = work / "run"
+        cfg = train_config(base, exp, seed, run)
+        config_file = work / "train.yaml"
+        write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if not (run / "state").is_dir():
+            resume = (run / "config.yaml").is_file()
+            argv = ["train", "--config", str(config_file)] + (["--resume"] if resume else [])
+            record["commands"].append("comlora " + " ".join(argv))
+            seconds = run_command(argv, log)
+            previous = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else 0.0
+            write_json(timing_file, {"seconds": previous + seconds, "resumed": resume or None})
+        record["train_seconds"] = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else None
+        if not any((run / "eval").glob("commonsense-*.json")):
+            argv = ["eval", "--run", str(run), "--components", exp.components, *EVAL_FLAGS]
+            record["commands"].append("comlora " + " ".join(argv))
+            record["eval_seconds"] = run_command(argv, log)
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        record["tokens_per_s"] = sum(m["tokens_per_s"] for m in metrics) / len(metrics)
+        record["steps"] = len(metrics)
+        eval_dir = run / "eval"
+    record["load_average_end"] = os.getloadavg()
+
+    final = results / exp.name / f"seed-{seed}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "eval").mkdir(parents=True)
+    if exp.train is not None:
+        for name in RUN_FILES:
+            if (work / "run" / name).is_file():
+                shutil.copy2(work / "run" / name, tmp / name)
+    for f in sorted(eval_dir.glob("commonsense-*.json")):
+        shutil.copy2(f, tmp / "eval" / f.name)
+    write_json(tmp / "run.json", record)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def run_study(folder: str | Path, work: str | Path, results: str | Path, only: list[str] | None = None,
+              max_runs: int | None = None) -> list[Path]:
+    """Every (experiment, seed) not yet recorded in ``results``, by priority, then seed position, then name."""
+    base, experiments = load_experiments(folder)
+    if only:
+        unknown = sorted(set(only) - {e.name for e in experiments})
+        if unknown:
+            raise ValueError(f"--only: no experiment named {unknown}; known: {sorted(e.name for e in experiments)}")
+        experiments = [e for e in experiments if e.name in only]
+    units = sorted(((e, s, i) for e in experiments for i, s in enumerate(e.seeds)),
+                   key=lambda u: (u[0].priority, u[2], u[0].name))
+    results, work = Path(results), Path(work)
+    todo = [(e, s) for e, s, _ in units if not (results / e.name / f"seed-{s}" / "run.json").is_file()]
+    print(f"study: {len(units)} runs, {len(units) - len(todo)} recorded, {len(todo)} to do", flush=True)
+    done = []
+    for exp, seed in todo[:max_runs]:
+        print(f"study: {exp.name} seed {seed} ({exp.label}) started {time.strftime('%H:%M:%S')}", flush=True)
+        done.append(run_one(base, exp, seed, work / exp.name / f"seed-{seed}", results))
+        print(f"study: {exp.name} seed {seed} recorded in {done[-1]}", flush=True)
+    return done
