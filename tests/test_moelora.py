@@ -255,7 +255,7 @@ def test_contrastive_loss_on_a_fresh_model_is_finite_and_gives_finite_gradients(
 
 def test_training_with_the_contrastive_loss_makes_the_experts_more_distinct():
     """After the first step the experts' outputs are alike (every expert gets the LM gradient of the same inputs:
-    the contrastive part jumps from log(P - 1) at B = 0 to about 12.6); with the loss on, AdamW pulls them
+    the contrastive part jumps from log(P - 1) at B = 0 to about 12.7); with the loss on, AdamW pulls them
     apart while the LM loss still falls; with weight 0 (logged only) they stay alike."""
     batch = make_batch()
     curves = {}
