@@ -225,7 +225,8 @@ class MoeLoraModel(AdapterModel):
 
     def contrastive_sample(self, attention_mask: torch.Tensor, step: int) -> torch.Tensor:
         """Flat indices of at most ``contrastive_tokens`` real tokens, drawn without replacement from a generator
-        seeded by (seed, step): the draw leaves the global RNG (dropout) alone and is the same on a resumed run."""
+        seeded by ``seed * 1_000_003 + step`` (one stream per (seed, step)): the draw leaves the global RNG
+        (dropout) alone and is the same on a resumed run."""
         real_rows = attention_mask.flatten().nonzero().squeeze(1)
         if len(real_rows) <= self.config.contrastive_tokens:
             return real_rows
