@@ -264,8 +264,8 @@ def test_training_with_the_contrastive_loss_makes_the_experts_more_distinct():
         mm.train()
         optimizer = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-2)
         curve = []
-        for step in range(10):
-            loss, parts = mm.training_loss(**batch, step=step, total_steps=10)
+        for step in range(7):
+            loss, parts = mm.training_loss(**batch, step=step, total_steps=7)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

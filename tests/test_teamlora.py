@@ -190,8 +190,8 @@ def test_frozen_interaction_gets_no_gradient_and_stays_at_its_initialisation():
         router_start = next(iter(tm.injected.values())).router.weight.detach().clone()
         trainable = [p for p in tm.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-        for step in range(3):
-            loss, _ = tm.training_loss(**batch, step=step, total_steps=3)
+        for step in range(2):
+            loss, _ = tm.training_loss(**batch, step=step, total_steps=2)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
