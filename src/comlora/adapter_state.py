@@ -51,11 +51,12 @@ class AdapterModel(nn.Module):
         return {**groups["adapter"], **groups["router"]}
 
     def parameter_counts(self) -> dict[str, int]:
-        """{"adapter": LoRA / expert weights, "router": router, interaction matrix or filter,
-        "base": the frozen base model (without the adapter's tensors)}."""
+        """{"adapter": trainable LoRA / expert weights, "router": trainable router, interaction matrix or filter,
+        "base": the frozen base model (without the adapter's tensors)}. A tensor the method adds but keeps frozen
+        (TeamLoRA's M with ``interaction_matrix="frozen"``) is saved with the state and counted in none of them."""
         groups = self.parameter_groups()
         added = {id(p) for group in groups.values() for p in group.values()}
-        counts = {key: sum(p.numel() for p in group.values()) for key, group in groups.items()}
+        counts = {key: sum(p.numel() for p in group.values() if p.requires_grad) for key, group in groups.items()}
         counts["base"] = sum(p.numel() for p in self.model.parameters() if id(p) not in added)
         return counts
 
