@@ -108,7 +108,8 @@ def run_one(base: dict, exp: Experiment, seed: int, work: Path, results: Path) -
     work.mkdir(parents=True, exist_ok=True)
     log = work / "study.log"
     record = {"experiment": exp.name, "label": exp.label, "seed": seed, "commit": code_commit(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_start": os.getloadavg(),
               "commands": [], "eval_flags": EVAL_FLAGS}
     timing_file = work / "train_seconds.json"
     if exp.train is None:
