@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from .adapter_state import AdapterModel
-from .injection import inject_linear_layers
+from .injection import inject_linear_layers, with_resolved_targets
+from .layers import linear_dims
 from .losses import mean_lm_loss
-from .config import DEFAULT_TARGET_MODULES, ConfigDict
+from .config import TARGET_MODULES_HELP, ConfigDict
 
 
 @dataclass
@@ -41,10 +42,7 @@ class TeamLoraConfig(ConfigDict):
     r_A: int | None = field(default=None, metadata={"help": "Rank of the shared A; None = K * r_B. If given it must equal K * r_B (a check, not a second knob)."})
     lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: the update is (lora_alpha / r_B) * sum_i omega_i h_i."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input x (0 = off; the router sees x without it)."})
-    target_modules: list[str] | str = field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "Linear modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the full module name."},
-    )
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
     interaction_init_range: float = field(default=0.1, metadata={"help": "a: off-diagonal entries of M start ~ U(-a, a); the diagonal starts at 1 (a = 0: M = I)."})
     seed: int = field(default=0, metadata={"help": "Seed of the A, router and interaction-matrix initialisation."})
 
@@ -78,16 +76,14 @@ class TeamLoraLinear(nn.Module):
     the router S is a bias-free ``Linear(d_in -> K)`` and ``interaction`` is M ``[K, K]``.
     """
 
-    def __init__(self, base_layer: nn.Linear, num_experts: int, r_B: int, lora_alpha: float,
+    def __init__(self, base_layer: nn.Module, num_experts: int, r_B: int, lora_alpha: float,
                  lora_dropout: float = 0.0, interaction_init_range: float = 0.1) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"TeamLoraLinear adapts torch.nn.Linear only, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.num_experts, self.r_B = num_experts, r_B
         self.scaling = lora_alpha / r_B
         self.interaction_init_range = interaction_init_range
-        d_in, d_out = base_layer.in_features, base_layer.out_features
+        d_in, d_out, _ = linear_dims(base_layer, "TeamLoraLinear")
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(d_in, num_experts * r_B, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, r_B, d_out, device=device, dtype=torch.float32))
@@ -136,6 +132,7 @@ class TeamLoraModel(AdapterModel):
     mergeable = False
 
     def __init__(self, model: nn.Module, config: TeamLoraConfig) -> None:
+        config = with_resolved_targets(model, config)
         super().__init__(model, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
