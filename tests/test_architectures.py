@@ -181,6 +181,9 @@ def test_related_methods_adapt_every_architecture(name):
         grads = [p.grad for p in wrapper.parameters() if p.requires_grad]
         assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads), method
         assert any(g.abs().sum() > 0 for g in grads), method
+        if method == "loratrf":                                   # a filter sits in every decoder layer's output
+            filters = [m for n, m in wrapper.injected.items() if n.endswith("task_filter")]
+            assert len(filters) == 2 and all(f.T2.grad.abs().sum() > 0 for f in filters)
 
 
 @pytest.mark.parametrize("name, transform", [

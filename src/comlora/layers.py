@@ -25,7 +25,8 @@ def linear_dims(layer: nn.Module, adapter: str) -> tuple[int, int, bool]:
 class ComLoraLinear(nn.Module):
     """y = W0 x + (alpha / r) * B_k^T A_k^T x, for one component k or for all K at once.
 
-    The base is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (``fan_in_fan_out``: its weight is ``[d_in, d_out]``). ``lora_A`` is ``[K, d_in, r]`` and ``lora_B`` is ``[K, r, d_out]``. Modes:
+    The base is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (``fan_in_fan_out``: its weight is ``[d_in, d_out]``).
+    ``lora_A`` is ``[K, d_in, r]`` and ``lora_B`` is ``[K, r, d_out]``. Modes:
 
     - ``competition``: the input batch is the real batch replicated K times along dim 0;
       slice k (rows k*B .. (k+1)*B-1) goes through component k, all in one batched matmul;
