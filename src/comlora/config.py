@@ -10,7 +10,11 @@ ANNEAL_SCHEDULES = ("constant", "cosine", "exponential", "linear")
 LOSS_REDUCTIONS = ("mean", "sum")
 PAIRWISE_DIRECTIONS = ("intended", "literal")
 COMPETITION_MODES = ("batched", "low_memory")
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]   # the paper's choice, Llama names
+TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against "
+                       "the full module name; None = the architecture's default (the paper's q,k,v,up,down where the "
+                       "model's names fit, e.g. Llama, Qwen, Mistral, Gemma, Phi-3; otherwise PEFT's default for the "
+                       "model type, e.g. c_attn on GPT-2). Resolved against the model when the adapter is built.")
 
 
 class ConfigDict:
@@ -26,13 +30,15 @@ class ConfigDict:
 
     def adapter_checks(self, *positive_ints: str) -> list[tuple[bool, str]]:
         """The checks every LoRA-style config shares: the named integer fields >= 1, lora_alpha > 0,
-        lora_dropout in [0, 1), at least one target module (a tuple of targets becomes a list)."""
+        lora_dropout in [0, 1), target_modules None (the architecture's default) or at least one module
+        (a tuple of targets becomes a list)."""
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         return self.integer_checks(positive_ints, 1) + [
             (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
-            (bool(self.target_modules), "target_modules must name at least one module"),
+            (self.target_modules is None or bool(self.target_modules),
+             "target_modules must name at least one module, or be None for the architecture's default"),
         ]
 
     def validate(self, checks: list[tuple[bool, str]]) -> None:
@@ -74,10 +80,7 @@ class ComLoraConfig(ConfigDict):
     r: int = field(default=8, metadata={"help": "Rank of every LoRA component."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is (lora_alpha / r) * B^T A^T x."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input x (0 = off)."})
-    target_modules: list[str] | str = field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "Linear modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the full module name."},
-    )
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
     top_n: int | None = field(default=None, metadata={"help": "N of the alignment loss: the N components with the highest "
                                                       "selector similarity (1..K); None = K (the paper's best, Table 7)."})
     noise_alpha: float = field(default=0.1, metadata={"help": "Std of the Gaussian noise added to per-sample losses in the pairwise loss (Eq. 6)."})

@@ -21,10 +21,12 @@ PEFT_CONFIG = "adapter_config.json"
 
 def peft_lora_config(cm: "ComLoraModel") -> LoraConfig:
     """The PEFT LoraConfig that places an r-rank adapter on exactly the modules ComLoRA adapted (named in
-    full: a suffix or regex could also match modules that are not nn.Linear, which PEFT would adapt too)."""
+    full: a suffix or regex could also match modules that are not nn.Linear, which PEFT would adapt too);
+    ``fan_in_fan_out`` when they are GPT-2 ``Conv1D`` layers (weight ``[d_in, d_out]``), as PEFT sets it."""
     cfg = cm.config
     return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=sorted(cm.adapted), bias="none", task_type="CAUSAL_LM",
+                      fan_in_fan_out=any(layer.fan_in_fan_out for layer in cm.adapted.values()),
                       base_model_name_or_path=getattr(cm.model, "name_or_path", None) or None)
 
 
@@ -51,7 +53,8 @@ def write_peft_adapter(cm: "ComLoraModel", component: int, path: str | Path) -> 
 
 @torch.no_grad()
 def merge_component(cm: "ComLoraModel", component: int, inplace: bool) -> nn.Module:
-    """Replace every ComLoraLinear by its base nn.Linear with W <- W0 + (alpha/r) (A_k B_k)^T."""
+    """Replace every ComLoraLinear by its base layer with W <- W0 + (alpha/r) (A_k B_k)^T (nn.Linear) or
+    W <- W0 + (alpha/r) A_k B_k (Conv1D, weight [d_in, d_out])."""
     model = cm.model
     if not inplace:
         with cm.disable_adapters():

@@ -6,11 +6,26 @@ import math
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+ADAPTABLE_LAYERS = (nn.Linear, Conv1D)
+
+
+def linear_dims(layer: nn.Module, adapter: str) -> tuple[int, int, bool]:
+    """``(d_in, d_out, fan_in_fan_out)`` of an ``nn.Linear`` (weight ``[d_out, d_in]``) or a transformers
+    ``Conv1D`` (GPT-2 family: weight ``[d_in, d_out]``, PEFT's ``fan_in_fan_out``); any other layer is a TypeError."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, False
+    if isinstance(layer, Conv1D):
+        d_in, d_out = layer.weight.shape
+        return d_in, d_out, True
+    raise TypeError(f"{adapter} adapts torch.nn.Linear and transformers' Conv1D layers only, got {type(layer).__name__}")
 
 
 class ComLoraLinear(nn.Module):
     """y = W0 x + (alpha / r) * B_k^T A_k^T x, for one component k or for all K at once.
 
+    The base is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (``fan_in_fan_out``: its weight is ``[d_in, d_out]``).
     ``lora_A`` is ``[K, d_in, r]`` and ``lora_B`` is ``[K, r, d_out]``. Modes:
 
     - ``competition``: the input batch is the real batch replicated K times along dim 0;
@@ -19,15 +34,13 @@ class ComLoraLinear(nn.Module):
     - neither: the frozen base layer alone.
     """
 
-    def __init__(self, base_layer: nn.Linear, num_components: int, r: int, lora_alpha: float,
+    def __init__(self, base_layer: nn.Module, num_components: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"ComLoraLinear adapts torch.nn.Linear only, got {type(base_layer).__name__}")
+        d_in, d_out, self.fan_in_fan_out = linear_dims(base_layer, "ComLoraLinear")
         self.base_layer = base_layer
         self.num_components, self.r = num_components, r
         self.scaling = lora_alpha / r
-        d_in, d_out = base_layer.in_features, base_layer.out_features
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(num_components, d_in, r, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(num_components, r, d_out, device=device, dtype=torch.float32))
@@ -46,8 +59,9 @@ class ComLoraLinear(nn.Module):
         self.lora_B.zero_()
 
     def delta_weight(self, component: int) -> torch.Tensor:
-        """scaling * (A_k B_k)^T, shaped like the base weight [d_out, d_in]."""
-        return (self.scaling * (self.lora_A[component] @ self.lora_B[component])).T
+        """scaling * (A_k B_k)^T shaped like an nn.Linear weight [d_out, d_in]; scaling * A_k B_k [d_in, d_out] for a Conv1D."""
+        delta = self.scaling * (self.lora_A[component] @ self.lora_B[component])
+        return delta if self.fan_in_fan_out else delta.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

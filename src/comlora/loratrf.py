@@ -4,7 +4,8 @@ Reading of the paper ("Task-Aware Filters", Eq. 4-5 and footnote 1):
 
 - placement: the filter acts on "the representation vector h^l in each Transformer layer l", and
   the refined information "is added to the original representation": here, on the output hidden
-  state of every decoder layer ``model.base_model.layers[l]`` (a forward hook), before the next layer;
+  state of every decoder layer (a forward hook on ``model.layers[l]`` for Llama, ``transformer.h[l]``
+  for GPT-2 / Falcon, ``model.decoder.layers[l]`` for OPT, ...), before the next layer;
 - h~_i = clamp(cos(h_i, t), 0, 1) * h_i per token, with a learnable task vector t (d). The text says
   the product with t is "clamped to [0, 1]" and Eq. 4 measures it by cosine similarity: the clamp of
   the cosine, so a token pointing away from t (cos <= 0) is left untouched;
@@ -12,7 +13,8 @@ Reading of the paper ("Task-Aware Filters", Eq. 4-5 and footnote 1):
   T1 (d x filter_rank), T2 (filter_rank x d); h <- h + h^;
 - initialisation (not given in the paper): T1 ~ U(-1/sqrt(d), 1/sqrt(d)) and T2 = 0, as LoRA's A and
   B, so the filter starts as the identity; t ~ N(0, I) (the cosine ignores its scale);
-- LoRA on ``o_proj, gate_proj, up_proj, down_proj`` by default (the paper's W_o, W_f1, W_f2 for LLaMA).
+- LoRA on ``o_proj, gate_proj, up_proj, down_proj`` by default (the paper's W_o, W_f1, W_f2 for LLaMA);
+  on other architectures the same roles under their names (``LORATRF_DEFAULT_TARGETS``), else an error.
 
 Not mergeable: the filter's clamp(cos(h, t), 0, 1) weighting makes it a non-linear map of h.
 """
@@ -28,11 +30,19 @@ from torch import nn
 
 from .adapter_state import AdapterModel
 from .config import ConfigDict
-from .injection import inject_linear_layers
+from .injection import inject_linear_layers, with_resolved_targets
 from .losses import mean_lm_loss
 from .layers import ComLoraLinear
 
 LORATRF_TARGET_MODULES = ["o_proj", "gate_proj", "up_proj", "down_proj"]
+# The paper's W_o (attention output), W_f1 and W_f2 (MLP) under each naming, tried in order.
+LORATRF_DEFAULT_TARGETS = (
+    LORATRF_TARGET_MODULES,                         # Llama, Mistral, Qwen2/3, Gemma ...
+    ["o_proj", "gate_up_proj", "down_proj"],        # Phi-3 (gate and up fused)
+    ["dense", "dense_h_to_4h", "dense_4h_to_h"],    # GPT-NeoX, Falcon
+    ["out_proj", "fc1", "fc2"],                     # OPT
+    ["attn.c_proj", "c_fc", "mlp.c_proj"],          # GPT-2
+)
 
 
 @dataclass
@@ -42,10 +52,10 @@ class LoraTrfConfig(ConfigDict):
     r: int = field(default=8, metadata={"help": "Rank of the LoRA on every target module."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is (lora_alpha / r) * B^T A^T x."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input x (0 = off)."})
-    target_modules: list[str] | str = field(
-        default_factory=lambda: list(LORATRF_TARGET_MODULES),
-        metadata={"help": "Linear modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the full module name."},
-    )
+    target_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the "
+                "full module name; None = the attention output and MLP layers (o_proj, gate_proj, up_proj, down_proj on "
+                "Llama; the same roles on Phi-3, GPT-2, GPT-NeoX, OPT, Falcon), an error on other architectures."})
     filter_rank: int = field(default=8, metadata={"help": "Rank of the filter's transform T = T1 T2 (d x filter_rank x d)."})
     seed: int = field(default=0, metadata={"help": "Seed of the LoRA and filter initialisation."})
 
@@ -88,6 +98,18 @@ def filter_decoder_output(layer: nn.Module, args, output):
     return layer.task_filter(output)
 
 
+def decoder_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, list) of the causal LM's decoder layers: the first ``nn.ModuleList`` holding ``num_hidden_layers``
+    modules (``model.layers`` on Llama, ``transformer.h`` on GPT-2 / Falcon, ``model.decoder.layers`` on OPT)."""
+    config = getattr(model, "config", None)
+    count = getattr(config.get_text_config(), "num_hidden_layers", None) if config is not None else None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and count and len(module) == count:
+            return name, module
+    raise ValueError(f"LoRATRF filters the output of every decoder layer, but {type(model).__name__} has no list of "
+                     f"its num_hidden_layers={count} decoder layers")
+
+
 class LoraTrfModel(AdapterModel):
     """A frozen causal LM with a rank-r LoRA on every target module (``ComLoraLinear`` with one component)
     and a ``TaskFilter`` on the output of every decoder layer (``layers[l].task_filter``, applied by a
@@ -98,13 +120,10 @@ class LoraTrfModel(AdapterModel):
     mergeable = False
 
     def __init__(self, model: nn.Module, config: LoraTrfConfig) -> None:
+        config = with_resolved_targets(model, config, LORATRF_DEFAULT_TARGETS, use_peft_mapping=False)
         super().__init__(model, config)
-        decoder_layers = getattr(model.base_model, "layers", None)
-        if not isinstance(decoder_layers, nn.ModuleList):
-            raise ValueError(f"LoRATRF filters the output of every decoder layer, but {type(model).__name__} has no "
-                             "decoder-layer list at model.base_model.layers (Llama-family models have one)")
-        layers_prefix = next(n for n, m in model.named_modules() if m is decoder_layers)
-        hidden_size = model.get_input_embeddings().embedding_dim
+        layers_prefix, decoder_layers = decoder_layer_list(model)
+        hidden_size = model.config.get_text_config().hidden_size      # not the embedding width (OPT may project)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.injected = inject_linear_layers(model, config.target_modules, lambda linear: ComLoraLinear(

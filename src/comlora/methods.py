@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .config import DEFAULT_TARGET_MODULES, ComLoraConfig
+from .config import ComLoraConfig
+from .injection import find_target_modules, resolve_target_modules
 from .loratrf import LoraTrfConfig, LoraTrfModel
 from .losses import mean_lm_loss
 from .model import ComLoraModel
@@ -33,10 +35,14 @@ class PeftLoraModel(nn.Module):
         self.model = peft_model.base_model.model
 
     @classmethod
-    def create(cls, model: nn.Module, r: int, lora_alpha: float, lora_dropout: float, target_modules: list[str],
-               use_dora: bool = False, seed: int = 0) -> "PeftLoraModel":
+    def create(cls, model: nn.Module, r: int, lora_alpha: float, lora_dropout: float,
+               target_modules: list[str] | str | None = None, use_dora: bool = False, seed: int = 0) -> "PeftLoraModel":
+        """PEFT's LoRA / DoRA on ``target_modules`` (None: the architecture's default, as for every method here;
+        ``fan_in_fan_out`` set for GPT-2's Conv1D layers)."""
+        target_modules = resolve_target_modules(model, target_modules)
+        conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in find_target_modules(model, target_modules))
         config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-                            bias="none", task_type="CAUSAL_LM", use_dora=use_dora)
+                            bias="none", task_type="CAUSAL_LM", use_dora=use_dora, fan_in_fan_out=conv1d)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return cls(get_peft_model(model, config))
@@ -92,9 +98,8 @@ def build_method(cfg: TrainConfig, model: nn.Module) -> nn.Module:
     if cfg.method in ("lora", "dora"):
         if cfg.method_options:
             raise ValueError(f"method {cfg.method} takes no method_options, got {sorted(cfg.method_options)}")
-        return PeftLoraModel.create(model, cfg.r, cfg.lora_alpha, cfg.lora_dropout,
-                                    cfg.target_modules or list(DEFAULT_TARGET_MODULES), use_dora=cfg.method == "dora",
-                                    seed=cfg.seed)
+        return PeftLoraModel.create(model, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                                    use_dora=cfg.method == "dora", seed=cfg.seed)
     return WRAPPERS[cfg.method](model, method_config(cfg))
 
 

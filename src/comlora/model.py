@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import ComLoraConfig
-from .injection import inject_linear_layers
+from .injection import inject_linear_layers, with_resolved_targets
 from .layers import ComLoraLinear
 from .losses import add_noise, alignment_loss, anneal_eta, pairwise_loss, sequence_losses
 from .selector import LoraSelector
@@ -59,6 +59,7 @@ class ComLoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: ComLoraConfig) -> None:
         super().__init__()
+        config = with_resolved_targets(model, config)
         self.model = model
         self.config = config
         self.winner: int | None = None

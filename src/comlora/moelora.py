@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_state import AdapterModel
-from .injection import inject_linear_layers
+from .injection import inject_linear_layers, with_resolved_targets
+from .layers import linear_dims
 from .losses import mean_lm_loss
-from .config import DEFAULT_TARGET_MODULES, ConfigDict
+from .config import TARGET_MODULES_HELP, ConfigDict
 
 
 @dataclass
@@ -31,10 +32,7 @@ class MoeLoraConfig(ConfigDict):
     r: int = field(default=8, metadata={"help": "Rank of every expert."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is (lora_alpha / r) * sum_k g_k B_k^T A_k^T x."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input x (0 = off; the router sees x without it)."})
-    target_modules: list[str] | str = field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "Linear modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the full module name."},
-    )
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
     top_k: int | None = field(default=None, metadata={"help": "None = dense routing (every expert, softmax weights); k = keep the k largest weights per token, renormalised to sum to 1."})
     load_balance_weight: float = field(default=0.0, metadata={"help": "Weight of the Switch-Transformer load-balancing loss in the total loss (0 = off; it is still logged)."})
     contrastive_loss: bool = field(default=False, metadata={
@@ -81,15 +79,13 @@ class MoeLoraLinear(nn.Module):
     ``contrastive_rows`` holds flat token indices, ``expert_outputs`` keeps those tokens' routed expert outputs.
     """
 
-    def __init__(self, base_layer: nn.Linear, num_experts: int, r: int, lora_alpha: float,
+    def __init__(self, base_layer: nn.Module, num_experts: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, top_k: int | None = None) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"MoeLoraLinear adapts torch.nn.Linear only, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.num_experts, self.r, self.top_k = num_experts, r, top_k
         self.scaling = lora_alpha / r
-        d_in, d_out = base_layer.in_features, base_layer.out_features
+        d_in, d_out, _ = linear_dims(base_layer, "MoeLoraLinear")
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(num_experts, d_in, r, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, r, d_out, device=device, dtype=torch.float32))
@@ -189,6 +185,7 @@ class MoeLoraModel(AdapterModel):
     mergeable = False
 
     def __init__(self, model: nn.Module, config: MoeLoraConfig) -> None:
+        config = with_resolved_targets(model, config)
         super().__init__(model, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)

@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from .adapter_state import AdapterModel
-from .injection import inject_linear_layers
+from .injection import inject_linear_layers, with_resolved_targets
+from .layers import linear_dims
 from .losses import mean_lm_loss
-from .config import DEFAULT_TARGET_MODULES, ConfigDict
+from .config import TARGET_MODULES_HELP, ConfigDict
 
 ROUTER_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 INTERACTION_MODES = ("learned", "frozen", "off")
@@ -55,10 +56,7 @@ class TeamLoraConfig(ConfigDict):
     r_A: int | None = field(default=None, metadata={"help": "Rank of the shared A; None = K * r_B. If given it must equal K * r_B (a check, not a second knob)."})
     lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: the update is (lora_alpha / r_B) * sum_i omega_i h_i."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input x (0 = off; the router sees x without it)."})
-    target_modules: list[str] | str = field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "Linear modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the full module name."},
-    )
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
     interaction_init_range: float = field(default=0.1, metadata={"help": "a: off-diagonal entries of M start ~ U(-a, a); the diagonal starts at 1 (a = 0: M = I)."})
     interaction_matrix: str = field(default="learned", metadata={
         "help": "M of Eq. 12: 'learned' (trained), 'frozen' (kept at its initialisation: no gradient, still saved) or "
@@ -123,17 +121,15 @@ class TeamLoraLinear(nn.Module):
     and ``interaction`` is M ``[K, K]`` (a parameter without gradient when frozen, None when off: omega = phi).
     """
 
-    def __init__(self, base_layer: nn.Linear, num_experts: int, r_B: int, lora_alpha: float,
+    def __init__(self, base_layer: nn.Module, num_experts: int, r_B: int, lora_alpha: float,
                  lora_dropout: float = 0.0, interaction_init_range: float = 0.1, interaction_matrix: str = "learned",
                  share_A: bool = True, router_hidden_size: int = 0, router_activation: str = "gelu") -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"TeamLoraLinear adapts torch.nn.Linear only, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.num_experts, self.r_B, self.share_A = num_experts, r_B, share_A
         self.scaling = lora_alpha / r_B
         self.interaction_init_range, self.interaction_matrix = interaction_init_range, interaction_matrix
-        d_in, d_out = base_layer.in_features, base_layer.out_features
+        d_in, d_out, _ = linear_dims(base_layer, "TeamLoraLinear")
         device = base_layer.weight.device
         a_shape = (d_in, num_experts * r_B) if share_A else (num_experts, d_in, r_B)
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=torch.float32))
@@ -155,7 +151,7 @@ class TeamLoraLinear(nn.Module):
         def uniform_(p: torch.Tensor, fan_in: int) -> None:
             p.copy_((torch.rand(p.shape, dtype=torch.float32) * 2 - 1) * (1.0 / math.sqrt(fan_in)))
 
-        uniform_(self.lora_A, self.base_layer.in_features)
+        uniform_(self.lora_A, self.lora_A.shape[-2])                 # d_in, shared A or one A_i per expert
         for linear in (m for m in self.router.modules() if isinstance(m, nn.Linear)):
             uniform_(linear.weight, linear.in_features)
             if linear.bias is not None:
@@ -196,6 +192,7 @@ class TeamLoraModel(AdapterModel):
     mergeable = False
 
     def __init__(self, model: nn.Module, config: TeamLoraConfig) -> None:
+        config = with_resolved_targets(model, config)
         super().__init__(model, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)

@@ -25,7 +25,8 @@ class TrainConfig(ConfigDict):
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by lora_alpha / r."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     target_modules: list[str] | None = field(default=None, metadata={
-        "help": "Linear modules to adapt (name suffixes); default: the method's own (q,k,v,up,down; LoRATRF: o,gate,up,down)."})
+        "help": "Linear modules to adapt (name suffixes); default: the method's own for the architecture (q,k,v,up,down on "
+                "Llama-style models, else PEFT's default for the model type; LoRATRF: o,gate,up,down)."})
     top_n: int | None = field(default=None, metadata={"help": "ComLoRA top-N of the alignment loss; None = K."})
     noise_alpha: float = field(default=0.1, metadata={"help": "ComLoRA noise std on the per-sample losses (Eq. 6)."})
     anneal: str = field(default="exponential", metadata={"help": "ComLoRA annealing of the alignment loss: constant, cosine, exponential, linear."})
