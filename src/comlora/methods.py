@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from .checkpointing import ActivationCheckpointing
 from .config import DEFAULT_TARGET_MODULES, ComLoraConfig
 from .loratrf import LoraTrfConfig, LoraTrfModel
 from .losses import mean_lm_loss
@@ -22,7 +23,7 @@ from .teamlora import TeamLoraConfig, TeamLoraModel
 from .train_config import TrainConfig
 
 
-class PeftLoraModel(nn.Module):
+class PeftLoraModel(ActivationCheckpointing, nn.Module):
     """Plain LoRA (or DoRA) from PEFT; its saved state is a standard PEFT adapter folder."""
 
     mergeable = True
