@@ -31,6 +31,8 @@ from transformers import get_scheduler
 from .convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
 from .cpu_memory import peak_rss_mb, retain_freed_memory
 from .data import build_commonsense_mini, collate, data_root, load_items, tokenize_item
+from .distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options, unsharded_method,
+                          use_fsdp_on_cpu)
 from .mmlu import mmlu_training_items
 from .methods import build_method, load_method
 from .model import ComLoraModel
@@ -218,6 +220,8 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
         cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=tracker_logging_dir(cfg.out)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    use_fsdp_on_cpu(accelerator)
+    refuse_unsupported_sharded_options(accelerator, cfg, resume)
     main = accelerator.is_main_process
     if cfg.method == "comlora" and cfg.method_options.get("competition") == "low_memory" and accelerator.num_processes > 1:
         raise ValueError("competition='low_memory' runs its own backward passes inside autograd, which DDP cannot "
@@ -250,7 +254,9 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
-    objective = accelerator.prepare(TrainingObjective(method))
+    # together: FSDP2 and DeepSpeed swap the parameters the optimizer holds, fp16 loss scaling steps through it
+    objective, optimizer = accelerator.prepare(TrainingObjective(method), optimizer)
+    params = [p for p in objective.parameters() if p.requires_grad]
 
     step = 0
     checkpoints = checkpoint_dirs(run) if resume else []
@@ -321,6 +327,9 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     if step < total_steps:              # stopped early on purpose: leave a checkpoint to resume from
         checkpoint(step)
         return run
+    if is_sharded(accelerator):         # finish on a whole copy of what was trained (distributed.py)
+        state = full_trainable_state(method, accelerator)
+        method, tokenizer = on_main_process(accelerator, unsharded_method, cfg, state) or (None, tokenizer)
     on_main_process(accelerator, finish_run, cfg, run, method, tokenizer, val_examples)
     return run
 
