@@ -38,10 +38,14 @@ def is_sharded(accelerator: Accelerator) -> bool:
 
 
 def refuse_unsupported_sharded_options(accelerator: Accelerator, cfg, resume: bool) -> None:
-    """Checkpoints (``--save-every``, ``--resume``) would hold each process's shards: not supported while sharded."""
+    """Checkpoints (``--save-every``, ``--resume``) would hold each process's shards: not supported while sharded;
+    under DeepSpeed the loop runs one micro-batch per optimizer step."""
     if is_sharded(accelerator) and (cfg.save_every or resume):
         raise ValueError(f"{accelerator.distributed_type.value} training does not write or resume checkpoints yet: "
                          "run it without --save-every and --resume (the final state/ is still saved)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum != 1:
+        raise ValueError("with DeepSpeed, comlora train runs one micro-batch per optimizer step: use --grad-accum 1 "
+                         "(and a larger --batch-size)")
 
 
 def full_trainable_state(method: nn.Module, accelerator: Accelerator) -> dict[str, torch.Tensor]:
