@@ -89,8 +89,11 @@ def test_cli_trains_on_a_4bit_base_and_merges_with_a_note(tmp_path, tiny_model_d
     assert "quantization_config" not in merged_config             # a plain full-precision model
 
 
-def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tiny_model_dir):
+def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path, tiny_model_dir, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install 'comlora\[quantization\]'"):
         load_model_and_tokenizer(str(tiny_model_dir), device="cpu", load_in_4bit=True)
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--load-in-8bit", "--out", str(tmp_path / "r")])
+    assert "error: a 4-bit or 8-bit base needs bitsandbytes" in capsys.readouterr().err

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, NotImplementedError, MainProcessFailed) as err:
+    except (ValueError, OSError, NotImplementedError, ImportError, MainProcessFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 
