@@ -5,6 +5,7 @@ import torch
 
 from comlora import ComLoraConfig, get_comlora_model
 from comlora.loratrf import LoraTrfModel
+from comlora.methods import PeftLoraModel
 from comlora.moelora import MoeLoraModel
 from comlora.teamlora import TeamLoraModel
 from conftest import (make_batch, make_loratrf_config, make_moelora_config, make_teamlora_config, make_tiny_llama,
@@ -18,12 +19,20 @@ def comlora_config(**overrides):
 
 
 def build(method: str, checkpointing: bool):
-    """(method model, its injected layers), built identically; the base in train mode (checkpointing needs it)."""
+    """The method model with non-zero B, built identically each time, in train mode (checkpointing needs it)."""
     base = make_tiny_llama(seed=0).train()
     if method.startswith("comlora"):
         extra = {"competition": "low_memory"} if method == "comlora-low-memory" else {"lora_dropout": 0.2}
         model = get_comlora_model(base, comlora_config(**extra))
         layers = list(model.adapted.values())
+    elif method == "lora":              # PEFT's LoRA (the lora / dora methods)
+        model = PeftLoraModel.create(base, r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj"], seed=3)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():           # B = 0 at init makes LoRA a no-op
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        layers = []
     else:
         cls, config = {"moelora": (MoeLoraModel, make_moelora_config(lora_dropout=0.2)),
                        "teamlora": (TeamLoraModel, make_teamlora_config(lora_dropout=0.2)),
@@ -51,13 +60,13 @@ def step(method: str, checkpointing: bool):
         per_sample = loss.detach().reshape(1)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n), "every A gets a gradient"
+    assert grads and all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n), "every A gets a gradient"
     return per_sample, grads, len(calls)
 
 
 # differentiated forward passes per step: one, except low_memory's K = 2 (its first pass runs without a graph)
 @pytest.mark.parametrize("method, recomputed", [("comlora", 1), ("comlora-low-memory", 2), ("moelora", 1),
-                                                ("teamlora", 1), ("loratrf", 1)])
+                                                ("teamlora", 1), ("loratrf", 1), ("lora", 1)])
 def test_checkpointing_gives_the_same_losses_and_gradients(method, recomputed):
     plain_losses, plain_grads, plain_calls = step(method, checkpointing=False)
     ckpt_losses, ckpt_grads, ckpt_calls = step(method, checkpointing=True)
