@@ -27,7 +27,8 @@ import torch
 from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
 
 TRAIN_VARIANTS = ["peft-lora", "comlora-k1", "comlora-k2", "comlora-k2-noselector", "comlora-k2-sequential",
-                  "comlora-k4", "comlora-k4-sequential", "comlora-k4-lowmem", "comlora-k4-system-malloc", "moelora-k4", "teamlora-k4"]
+                  "comlora-k2-checkpointing", "comlora-k4", "comlora-k4-sequential", "comlora-k4-lowmem",
+                  "comlora-k4-system-malloc", "moelora-k4", "teamlora-k4"]
 INFER_VARIANTS = ["base", "base-again", "comlora-merged", "peft-unmerged", "moelora-k4"]  # base-again: the noise floor
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 SIZES = {"quick": dict(batch=4, length=64, new_tokens=16), "full": dict(batch=4, length=128, new_tokens=32)}
@@ -105,6 +106,8 @@ def training_step_fn(variant: str, model, batch: dict):
         if variant.endswith("lowmem"):
             options = dict(competition="low_memory")
         cm = comlora(model, k, **options)
+        if variant.endswith("checkpointing"):
+            cm.gradient_checkpointing_enable()
         if variant.endswith("sequential"):
             loss_fn = lambda step: sequential_step(cm, batch, step, 100)  # noqa: E731
         else:
@@ -223,28 +226,37 @@ def summarize(results: list[dict]) -> dict:
 
 
 def ratios(t: dict) -> list[tuple[str, float, str]]:
-    """(what, measured ratio, target) for every target of the performance issue that the run covers."""
+    """(what, measured ratio, target) for every target of the performance issue that the run covers
+    (a ratio whose variants did not run, see --variants, is left out)."""
     s = lambda v: t[f"train:{v}"]["seconds_per_step"]  # noqa: E731
-    rows = [("comlora K=1 / PEFT LoRA step", s("comlora-k1") / s("peft-lora"), "<= 1.00"),
-            ("comlora K=2 / (2 x K=1) step", s("comlora-k2") / (2 * s("comlora-k1")), "<= 1.05"),
-            ("comlora K=4 / (4 x K=1) step", s("comlora-k4") / (4 * s("comlora-k1")), "<= 1.05"),
-            ("batched K=2 / sequential K=2 step", s("comlora-k2") / s("comlora-k2-sequential"), "< 1"),
-            ("batched K=4 / sequential K=4 step", s("comlora-k4") / s("comlora-k4-sequential"), "<= 0.95"),
-            ("selector share of the K=2 step", 1 - s("comlora-k2-noselector") / s("comlora-k2"), "(report)"),
-            ("low-memory K=4 / batched K=4 step", s("comlora-k4-lowmem") / s("comlora-k4"), "(report)"),
-            ("K=4 step, freed memory kept / glibc default", s("comlora-k4") / s("comlora-k4-system-malloc"), "(report)"),
-            ("low-memory K=4 / batched K=4 step memory",
-             t["train:comlora-k4-lowmem"]["step_rss_mb"] / max(t["train:comlora-k4"]["step_rss_mb"], 1e-9), "(report)"),
-            ("batched K=4 / (4 x PEFT LoRA) step memory",
-             t["train:comlora-k4"]["step_rss_mb"] / max(4 * t["train:peft-lora"]["step_rss_mb"], 1e-9), "<= 1"),
-            ("MoE of LoRA K=4 / PEFT LoRA step", s("moelora-k4") / s("peft-lora"), "(report)"),
-            ("TeamLoRA K=4 / PEFT LoRA step", s("teamlora-k4") / s("peft-lora"), "(report)")]
+    m = lambda v: max(t[f"train:{v}"]["step_rss_mb"], 1e-9)  # noqa: E731
+    g = lambda v: t[f"infer:{v}"]["generate_seconds"] / t["infer:base"]["generate_seconds"]  # noqa: E731
+    c = lambda v: t[f"infer:{v}"]["score_seconds"] / t["infer:base"]["score_seconds"]  # noqa: E731
+    wanted = [("comlora K=1 / PEFT LoRA step", lambda: s("comlora-k1") / s("peft-lora"), "<= 1.00"),
+              ("comlora K=2 / (2 x K=1) step", lambda: s("comlora-k2") / (2 * s("comlora-k1")), "<= 1.05"),
+              ("comlora K=4 / (4 x K=1) step", lambda: s("comlora-k4") / (4 * s("comlora-k1")), "<= 1.05"),
+              ("batched K=2 / sequential K=2 step", lambda: s("comlora-k2") / s("comlora-k2-sequential"), "< 1"),
+              ("batched K=4 / sequential K=4 step", lambda: s("comlora-k4") / s("comlora-k4-sequential"), "<= 0.95"),
+              ("selector share of the K=2 step", lambda: 1 - s("comlora-k2-noselector") / s("comlora-k2"), "(report)"),
+              ("low-memory K=4 / batched K=4 step", lambda: s("comlora-k4-lowmem") / s("comlora-k4"), "(report)"),
+              ("K=4 step, freed memory kept / glibc default", lambda: s("comlora-k4") / s("comlora-k4-system-malloc"),
+               "(report)"),
+              ("low-memory K=4 / batched K=4 step memory", lambda: m("comlora-k4-lowmem") / m("comlora-k4"), "(report)"),
+              ("batched K=4 / (4 x PEFT LoRA) step memory", lambda: m("comlora-k4") / (4 * m("peft-lora")), "<= 1"),
+              ("checkpointed K=2 / K=2 step", lambda: s("comlora-k2-checkpointing") / s("comlora-k2"), "<= 1.4"),
+              ("checkpointed K=2 / K=2 step memory", lambda: m("comlora-k2-checkpointing") / m("comlora-k2"), "<= 0.5"),
+              ("MoE of LoRA K=4 / PEFT LoRA step", lambda: s("moelora-k4") / s("peft-lora"), "(report)"),
+              ("TeamLoRA K=4 / PEFT LoRA step", lambda: s("teamlora-k4") / s("peft-lora"), "(report)")]
     for v in ("base-again", "comlora-merged", "peft-unmerged", "moelora-k4"):
         target = {"base-again": "(noise floor)", "comlora-merged": "<= 1.02"}.get(v, "(report)")
-        rows.append((f"{v} / base generation time", t[f"infer:{v}"]["generate_seconds"] / t["infer:base"]["generate_seconds"],
-                     target))
-        rows.append((f"{v} / base scoring time", t[f"infer:{v}"]["score_seconds"] / t["infer:base"]["score_seconds"],
-                     target))
+        wanted += [(f"{v} / base generation time", lambda v=v: g(v), target),
+                   (f"{v} / base scoring time", lambda v=v: c(v), target)]
+    rows = []
+    for what, value, target in wanted:
+        try:
+            rows.append((what, value(), target))
+        except KeyError:                # a variant of this ratio was not run
+            pass
     return rows
 
 
@@ -270,6 +282,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="Timed training steps per variant per round (inference: twice as many calls).")
     parser.add_argument("--across-runs", action="store_true",
                         help="Only table the ratios of every recorded run of --mode (bench/results) side by side.")
+    parser.add_argument("--variants", type=lambda v: v.split(","),
+                        help="Only these variants (comma-separated, e.g. train:comlora-k2,train:comlora-k2-checkpointing): "
+                             "a partial run, recorded as bench/results/*-MODE-partial.json, never written into the doc.")
+    parser.add_argument("--no-doc", action="store_true",
+                        help="Record the run in bench/results but leave docs/performance.md as it is (e.g. on a busy machine).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -282,6 +299,12 @@ def main() -> None:
         return
     variants = [f"train:{v}" for v in TRAIN_VARIANTS] + [f"infer:{v}" for v in INFER_VARIANTS]
     command = f"python bench/bench.py --mode {args.mode} --rounds {args.rounds} --steps {args.steps}"
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; known: {', '.join(variants)}")
+        variants = [v for v in variants if v in args.variants]
+        command += f" --variants {','.join(variants)}"
     results = []
     for round_index in range(args.rounds):
         order = variants[round_index % len(variants):] + variants[: round_index % len(variants)]
@@ -298,10 +321,14 @@ def main() -> None:
     print(report)
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"{time.strftime('%Y-%m-%d-%H%M')}-{platform.machine()}-{torch.get_num_threads()}cpu-{args.mode}.json"
+    suffix = "-partial" if args.variants else ""
+    path = out_dir / f"{time.strftime('%Y-%m-%d-%H%M')}-{platform.machine()}-{torch.get_num_threads()}cpu-{args.mode}{suffix}.json"
     path.write_text(json.dumps({"command": command, "machine": machine, "summary": table,
                                 "ratios": [{"what": w, "value": v, "target": t} for w, v, t in rows],
                                 "raw": results, "markdown": report}, indent=2) + "\n")
+    if args.variants or args.no_doc:
+        print(f"written: {path} (docs/performance.md left as it is)")
+        return
     update_doc(Path(__file__).parent.parent / "docs" / "performance.md", args.mode, report, path)
     print(f"written: {path} and docs/performance.md ({args.mode} section)")
 

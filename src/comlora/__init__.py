@@ -3,5 +3,19 @@
 from .config import ComLoraConfig
 from .model import CompetitionOutput, ComLoraModel, WinnerReport, get_comlora_model
 
-__all__ = ["ComLoraConfig", "ComLoraModel", "CompetitionOutput", "WinnerReport", "get_comlora_model"]
+__all__ = ["ComLoraConfig", "ComLoraModel", "ComLoraSFTTrainer", "ComLoraTrainer", "CompetitionOutput", "WinnerReport",
+           "get_comlora_model"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The Trainer integrations load transformers.Trainer (and TRL) only when asked for."""
+    if name == "ComLoraTrainer":
+        from .hf_trainer import ComLoraTrainer
+
+        return ComLoraTrainer
+    if name == "ComLoraSFTTrainer":
+        from .trl_trainer import ComLoraSFTTrainer
+
+        return ComLoraSFTTrainer
+    raise AttributeError(f"module 'comlora' has no attribute {name!r}")

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .checkpointing import ActivationCheckpointing
 from .storage import load_state_tensors, write_json, write_safetensors
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(ActivationCheckpointing, nn.Module):
     """Base of the related methods' wrappers: ``.model`` is the causal LM with the method's modules injected.
 
     A subclass sets ``config_class``, ``state_name`` and ``mergeable``, injects its modules in ``__init__`` and records

@@ -92,6 +92,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.merge:
         if not getattr(method, "mergeable", False):
             raise SystemExit(f"error: {cfg.method} cannot be merged into the base weights")
+        if cfg.load_in_4bit or cfg.load_in_8bit:
+            raise SystemExit(f"error: merging a {cfg.method} run trained on a quantized base is not supported (PEFT "
+                             "would re-quantize the merged weights); export the adapter and merge it with PEFT onto "
+                             "the full-precision base")
         merged = method.peft_model.merge_and_unload()
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, NotImplementedError, MainProcessFailed) as err:
+    except (ValueError, OSError, NotImplementedError, ImportError, MainProcessFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from .quantization import merged_base
 from .storage import write_json, write_safetensors
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def merge_component(cm: "ComLoraModel", component: int, inplace: bool) -> nn.Mod
     if not inplace:
         with cm.disable_adapters():
             model = copy.deepcopy(cm.model)
+    model = merged_base(model)          # a 4-bit / 8-bit base is dequantized first, with a note
     names = list(cm.adapted)
     for name in names:
         parent_name, _, child = name.rpartition(".")

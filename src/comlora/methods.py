@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checkpointing import ActivationCheckpointing
 from .config import ComLoraConfig
 from .injection import find_target_modules, resolve_target_modules
 from .loratrf import LoraTrfConfig, LoraTrfModel
@@ -24,7 +25,7 @@ from .teamlora import TeamLoraConfig, TeamLoraModel
 from .train_config import TrainConfig
 
 
-class PeftLoraModel(nn.Module):
+class PeftLoraModel(ActivationCheckpointing, nn.Module):
     """Plain LoRA (or DoRA) from PEFT; its saved state is a standard PEFT adapter folder."""
 
     mergeable = True

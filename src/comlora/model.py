@@ -4,7 +4,7 @@ selection, save and load (spec sections 2-6). Export and merge of one component:
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .checkpointing import ActivationCheckpointing
 from .config import ComLoraConfig
 from .injection import inject_linear_layers, with_resolved_targets
 from .layers import ComLoraLinear
@@ -52,7 +53,7 @@ class WinnerReport:
         return asdict(self)
 
 
-class ComLoraModel(nn.Module):
+class ComLoraModel(ActivationCheckpointing, nn.Module):
     """A frozen causal LM with K competing LoRA components per target module and a LoRA selector."""
 
     mergeable = True        # the winner merges into the base weights: zero inference overhead
@@ -96,6 +97,12 @@ class ComLoraModel(nn.Module):
             yield self
         finally:
             self._set_mode(*before)
+
+    def recompute_contexts(self):
+        """(forward, recomputation) contexts for activation checkpointing: a checkpointed layer is recomputed in the
+        backward pass in the mode it ran in (competition or one component), whatever the mode is by then."""
+        layer = next(iter(self.adapted.values()))
+        return nullcontext(), self._mode(layer.competition, layer.active_component)
 
     def use_component(self, component: int):
         """Context: every forward / generate uses base + component ``component`` alone."""

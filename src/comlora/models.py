@@ -93,13 +93,19 @@ def resolve_model_path(name: str) -> str:
     return str(smollm2_safetensors_dir()) if name == DEFAULT_MODEL else name
 
 
-def load_model_and_tokenizer(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None):
-    """(model, tokenizer) ready for training or evaluation; the tokenizer gets a pad token if it has none."""
+def load_model_and_tokenizer(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+                             load_in_4bit: bool = False, load_in_8bit: bool = False):
+    """(model, tokenizer) ready for training or evaluation; the tokenizer gets a pad token if it has none.
+    ``load_in_4bit`` / ``load_in_8bit`` quantize the linear layers with bitsandbytes (``quantization.py``)."""
+    from .quantization import bnb_quantization_config
+
     path = resolve_model_path(name)
     dev = resolve_device(device)
+    quantization = bnb_quantization_config(load_in_4bit, load_in_8bit, resolve_dtype(dtype, dev))
+    placement = {"quantization_config": quantization, "device_map": {"": dev}} if quantization else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), **placement)
     except OSError as err:
         raise ValueError(f"cannot load model {name!r}: not a local model folder and not reachable on the Hub "
                          f"({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
@@ -108,4 +114,4 @@ def load_model_and_tokenizer(name: str = DEFAULT_MODEL, device: str | None = Non
     model.config.pad_token_id = tokenizer.pad_token_id
     if name == DEFAULT_MODEL:                       # what an exported adapter names as its base
         model.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return model.to(dev), tokenizer
+    return (model if quantization else model.to(dev)), tokenizer   # a quantized model is placed while loading

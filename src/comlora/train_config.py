@@ -61,11 +61,20 @@ class TrainConfig(ConfigDict):
     retain_cpu_memory: bool = field(default=True, metadata={"help": "CPU runs on Linux: keep freed memory in the process "
                                     "heap for the next step instead of returning it to the OS (glibc mallopt), which saves "
                                     "re-faulting every step's activations; the resident size stays at its peak."})
-    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no or bf16."})
+    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no, bf16, or fp16 (CUDA only; "
+                                 "loss scaling by Accelerate, trainable tensors stay float32)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in the backward pass "
+                                         "instead of keeping its activations (non-reentrant): less memory, one more forward."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the frozen base in 4 bits (bitsandbytes nf4, "
+                               "double quantization, compute dtype from --dtype)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the frozen base in 8 bits (bitsandbytes LLM.int8)."})
+    report_to: list[str] | None = field(default=None, metadata={"help": "Experiment trackers of Accelerate (tensorboard, "
+                                        "wandb, mlflow, ...) that get every loss part, eta and the lowest-loss component "
+                                        "per step, besides metrics.jsonl; their logs go to RUN_DIR/trackers."})
     window: int = field(default=50, metadata={"help": "Steps per bar of the lowest-loss-share plot (Figure 3)."})
 
     def __post_init__(self) -> None:
-        for name in ("tasks", "target_modules"):            # a YAML scalar means a one-item list
+        for name in ("tasks", "target_modules", "report_to"):  # a YAML scalar means a one-item list
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [x for x in getattr(self, name).split(",") if x])
         self.validate(self.integer_checks(["num_components", "r", "cutoff_len", "batch_size", "grad_accum", "epochs",
@@ -83,11 +92,20 @@ class TrainConfig(ConfigDict):
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"TrainConfig: device must be auto, cpu, cuda or mps, got {self.device!r} "
                              "(choose GPUs with CUDA_VISIBLE_DEVICES)")
-        if self.dtype in ("float16", "fp16"):
-            raise ValueError("TrainConfig: float16 training needs a gradient scaler, which the loop does not have; "
-                             "use bfloat16 or float32")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"TrainConfig: mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.dtype in ("float16", "fp16") and self.mixed_precision != "fp16":
+            raise ValueError("TrainConfig: float16 training needs loss scaling: add --mixed-precision fp16 (CUDA), "
+                             "or use bfloat16 or float32")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"TrainConfig: mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("TrainConfig: choose one of load_in_4bit and load_in_8bit")
+        if self.report_to is not None:
+            from accelerate.utils import LoggerType
+
+            trackers = [t.value for t in LoggerType]
+            unknown = sorted(set(self.report_to) - set(trackers))
+            if unknown:
+                raise ValueError(f"TrainConfig: unknown tracker(s) {unknown} in report_to; choose from {', '.join(trackers)}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
         if not isinstance(self.method_options, dict):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,12 +31,15 @@ from transformers import get_scheduler
 from .convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
 from .cpu_memory import peak_rss_mb, retain_freed_memory
 from .data import build_commonsense_mini, collate, data_root, load_items, tokenize_item
+from .distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options, unsharded_method,
+                          use_fsdp_on_cpu)
 from .mmlu import mmlu_training_items
 from .methods import build_method, load_method
 from .model import ComLoraModel
-from .models import load_model_and_tokenizer
+from .models import load_model_and_tokenizer, resolve_device
 from .processes import on_main_process
 from .storage import write_json, write_safetensors, write_text
+from .tracking import TRACKER_PROJECT, tracker_config, tracker_logging_dir, tracker_values
 from .train_config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -213,9 +216,15 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
           stop_after: int | None = None) -> Path:
     """Train ``cfg.method`` as configured; returns the run directory. ``stop_after`` ends the loop early
     after that many optimizer steps (as a kill would), leaving the run resumable."""
+    if cfg.mixed_precision == "fp16" and resolve_device(cfg.device).type != "cuda":
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU (its loss scaling is for CUDA); on this device use "
+                         "--mixed-precision bf16 or no")
     accelerator = accelerator or Accelerator(
-        cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
+        cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=tracker_logging_dir(cfg.out)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    use_fsdp_on_cpu(accelerator)
+    refuse_unsupported_sharded_options(accelerator, cfg, resume)
     main = accelerator.is_main_process
     if cfg.method == "comlora" and cfg.method_options.get("competition") == "low_memory" and accelerator.num_processes > 1:
         raise ValueError("competition='low_memory' runs its own backward passes inside autograd, which DDP cannot "
@@ -225,11 +234,16 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
         retain_freed_memory()
 
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=str(accelerator.device), dtype=cfg.dtype)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=str(accelerator.device), dtype=cfg.dtype,
+                                                load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
     train_examples, val_examples = load_training_data(cfg, tokenizer)
     method = build_method(cfg, model).to(model.device)
+    if cfg.gradient_checkpointing:
+        method.gradient_checkpointing_enable()
     if main and not resume:           # only once the model and the data loaded: a failed start leaves no run behind
         write_text(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.report_to:
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg.to_dict()))
     if main and hasattr(method, "print_trainable_parameters"):
         method.print_trainable_parameters()
 
@@ -243,7 +257,9 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
-    objective = accelerator.prepare(TrainingObjective(method))
+    # together: FSDP2 and DeepSpeed swap the parameters the optimizer holds, fp16 loss scaling steps through it
+    objective, optimizer = accelerator.prepare(TrainingObjective(method), optimizer)
+    params = [p for p in objective.parameters() if p.requires_grad]
 
     step = 0
     checkpoints = checkpoint_dirs(run) if resume else []
@@ -280,8 +296,9 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
                      collate([train_examples[i] for i in next(batches)], tokenizer.pad_token_id).items()}
             tokens += int(batch["attention_mask"].sum())
             sync = micro == cfg.grad_accum - 1
-            with (nullcontext() if sync else accelerator.no_sync(objective)), accelerator.autocast():
-                loss, parts = objective(batch, step, total_steps)
+            with nullcontext() if sync else accelerator.no_sync(objective):
+                with accelerator.autocast():            # the forward pass only: backward runs outside autocast
+                    loss, parts = objective(batch, step, total_steps)
                 accelerator.backward(loss / cfg.grad_accum)
             for key, value in parts.items():
                 if isinstance(value, list):
@@ -301,6 +318,8 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
         if "component_loss" in record:
             record["lowest_loss_component"] = min(range(len(record["component_loss"])),
                                                   key=record["component_loss"].__getitem__)
+        if cfg.report_to:
+            accelerator.log(tracker_values(record), step=step)
         if main:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -310,9 +329,14 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint(step)
     progress.close()
+    if cfg.report_to:
+        accelerator.end_training()
     if step < total_steps:              # stopped early on purpose: leave a checkpoint to resume from
         checkpoint(step)
         return run
+    if is_sharded(accelerator):         # finish on a whole copy of what was trained (distributed.py)
+        state = full_trainable_state(method, accelerator)
+        method, tokenizer = on_main_process(accelerator, unsharded_method, cfg, state) or (None, tokenizer)
     on_main_process(accelerator, finish_run, cfg, run, method, tokenizer, val_examples)
     return run
 
@@ -401,7 +425,8 @@ def reload_method(run: str | Path, device: str | None = None):
     if not (run / "state").is_dir():
         raise FileNotFoundError(f"{run} has no final state/ (did the run finish? resume it with --resume)")
     cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device or cfg.device, dtype=cfg.dtype)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device or cfg.device, dtype=cfg.dtype,
+                                                load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
     return load_method(cfg, model, run / "state").eval(), tokenizer, cfg
 
 

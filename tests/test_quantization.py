@@ -1,0 +1,99 @@
+"""Quantized frozen bases (bitsandbytes 4-bit nf4 and 8-bit, on the CPU): ComLoRA trains over them, the winner
+exports as a PEFT adapter that PEFT loads onto the same quantized base, and merging dequantizes."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from comlora import ComLoraConfig, get_comlora_model
+from comlora.cli import main
+from comlora.models import load_model_and_tokenizer
+
+pytest.importorskip("bitsandbytes")
+
+CONFIG = dict(num_components=2, r=4, lora_alpha=8, top_n=2, selector_heads=4, selector_ffn_dim=32,
+              selector_dropout=0.0, noise_alpha=0.0, seed=3)
+
+
+def quantized(path, bits: int):
+    return load_model_and_tokenizer(str(path), device="cpu", dtype="float32", load_in_4bit=bits == 4,
+                                    load_in_8bit=bits == 8)[0]
+
+
+def text_batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 250, (4, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_comlora_trains_over_a_quantized_base_and_exports_what_peft_loads(bits, tiny_model_dir, tmp_path, capsys):
+    import bitsandbytes as bnb
+
+    model = quantized(tiny_model_dir, bits)
+    kind = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    cm = get_comlora_model(model, ComLoraConfig(**CONFIG))
+    assert all(isinstance(layer.base_layer, kind) for layer in cm.adapted.values())
+    frozen = {n: p.detach().clone() for n, p in cm.model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in cm.parameters() if p.requires_grad], lr=0.02)
+    batch = text_batch()
+    losses = []
+    cm.train()
+    for step in range(8):
+        out = cm.competition_step(**batch, step=step, total_steps=8)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.per_sample_loss.mean(0))
+    assert (losses[-1] < losses[0] - 0.05).all(), losses            # every component's loss fell
+    assert all(torch.equal(p, frozen[n]) for n, p in cm.model.named_parameters() if not p.requires_grad)
+
+    cm.eval()
+    ids = text_batch(seed=2)["input_ids"]
+    for k in range(2):
+        cm.export_adapter(tmp_path / f"c{k}", k)
+        with torch.no_grad(), cm.use_component(k):
+            ours = cm(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(quantized(tiny_model_dir, bits), tmp_path / f"c{k}").eval()
+        with torch.no_grad():
+            theirs = peft_model(input_ids=ids).logits
+        assert (ours - theirs).abs().max() <= 1e-4, k
+    with torch.no_grad(), cm.use_component(1):
+        ours = cm(input_ids=ids).logits
+    merged = cm.merge(1)                         # a copy: cm itself stays quantized and usable
+    assert "merging dequantizes it" in capsys.readouterr().err
+    assert not any(isinstance(m, kind) for m in merged.modules())
+    assert all(isinstance(layer.base_layer, kind) for layer in cm.adapted.values())
+    with torch.no_grad():
+        # dequant(W0) + update in float32 vs bitsandbytes' own W0 x plus the update: equal up to float rounding
+        # (LLM.int8 also quantizes the activations, hence its looser bound)
+        assert (merged(input_ids=ids).logits - ours).abs().max() <= (1e-4 if bits == 4 else 5e-2)
+
+
+def test_cli_trains_on_a_4bit_base_and_merges_with_a_note(tmp_path, tiny_model_dir, commonsense_root, capsys):
+    run = tmp_path / "run"
+    main(["train", "--model", str(tiny_model_dir), "--data-root", str(commonsense_root), "--out", str(run),
+          "--device", "cpu", "--train-per-task", "2", "--val-size", "4", "--eval-size", "4", "--batch-size", "4",
+          "--max-steps", "3", "--lr", "0.01", "--load-in-4bit", "--set", "method_options.selector_heads=4",
+          "--set", "method_options.selector_ffn_dim=32"])
+    assert json.loads((run / "winner.json").read_text())["num_samples"] == 4
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")])
+    assert "merging dequantizes it" in capsys.readouterr().err
+    merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged_config             # a plain full-precision model
+
+
+def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install 'comlora\[quantization\]'"):
+        load_model_and_tokenizer(str(tiny_model_dir), device="cpu", load_in_4bit=True)
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--load-in-8bit", "--out", str(tmp_path / "r")])
+    assert "error: a 4-bit or 8-bit base needs bitsandbytes" in capsys.readouterr().err
