@@ -19,6 +19,7 @@ from .losses import mean_lm_loss
 from .model import ComLoraModel
 from .moelora import MoeLoraConfig, MoeLoraModel
 from .teamlora import TeamLoraConfig, TeamLoraModel
+from .saved_state import load_peft_adapter
 from .train_config import TrainConfig
 
 
@@ -63,7 +64,7 @@ class PeftLoraModel(nn.Module):
 
     @classmethod
     def load(cls, model: nn.Module, path: str | Path) -> "PeftLoraModel":
-        return cls(PeftModel.from_pretrained(model, path, is_trainable=True))
+        return cls(load_peft_adapter(model, path, is_trainable=True))
 
 
 def method_config(cfg: TrainConfig):
