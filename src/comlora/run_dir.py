@@ -17,6 +17,7 @@ import fcntl
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -135,13 +136,21 @@ def new_temp_folder(final: Path) -> Path:
 
 
 # ---- the final save -----------------------------------------------------------------------------
-def start_final_save(run: Path) -> Path:
-    """The empty folder the final save is built in (what an interrupted one left there is removed)."""
+@contextmanager
+def final_save(run: Path):
+    """``with final_save(run) as folder:`` write every file of the final save into ``folder`` (what an interrupted
+    save left there is removed first); on leaving, ``commit_final_save`` makes it the run's. If writing fails (a
+    full disk), the folder is removed and the run stays resumable from its last checkpoint."""
     folder = run / FINAL_SAVE
     if folder.exists():
         remove(folder)
     folder.mkdir()
-    return folder
+    try:
+        yield folder
+    except BaseException:
+        remove(folder)
+        raise
+    commit_final_save(run)
 
 
 def commit_final_save(run: Path) -> None:
@@ -201,7 +210,8 @@ def check_run_dir(cfg, resume: bool) -> None:
     if run.exists() and not run.is_dir():
         raise NotADirectoryError(f"--out {run} is a file, not a folder: choose a new folder for the run")
     if not resume:
-        if run.is_dir() and any(p.name != LOCK_FILE for p in run.iterdir()):
+        ignored = {run / LOCK_FILE, *leftovers(run)}
+        if run.is_dir() and any(p not in ignored for p in run.iterdir()):
             raise FileExistsError(f"run directory {run} is not empty: choose another --out, or --resume it")
         return
     config_file = run / "config.yaml"
@@ -217,6 +227,12 @@ def check_run_dir(cfg, resume: bool) -> None:
         raise ValueError(f"--resume: the run in {run} is already complete (it has {COMPLETE_FILE})")
 
 
+def leftovers(run: Path) -> list[Path]:
+    """What a killed process left half written in a run: temporary files and checkpoint folders (atomic_write,
+    new_temp_folder), never a finished file."""
+    return [*run.glob(".*.tmp"), *(run / CHECKPOINTS).glob(".tmp-*")]
+
+
 def open_run_dir(cfg, resume: bool) -> RunLock:
     """Lock ``cfg.out`` (created if need be), check it again under the lock, and write config.yaml for a new run.
     Called once every check that can fail before training has passed: a failed start leaves nothing behind."""
@@ -226,6 +242,8 @@ def open_run_dir(cfg, resume: bool) -> RunLock:
     lock = RunLock(run, "train --resume" if resume else "train").acquire()
     try:
         check_run_dir(cfg, resume)            # again: another process may have started a run here meanwhile
+        for leftover in leftovers(run):
+            remove(leftover)
         if not resume:
             write_text(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except BaseException:

@@ -36,8 +36,8 @@ from .methods import build_method, load_method
 from .model import ComLoraModel
 from .models import load_model_and_tokenizer
 from .processes import on_main_process
-from .run_dir import RunError, check_run_dir, commit_final_save, commit_folder, new_temp_folder, open_run_dir, \
-    require_complete, start_final_save, trained_steps
+from .run_dir import RunError, check_run_dir, commit_folder, final_save, new_temp_folder, open_run_dir, \
+    require_complete, trained_steps
 from .storage import atomic_write, fsync_path, json_line, read_json_object, read_safetensors, write_json, \
     write_safetensors, write_text
 from .train_config import TrainConfig, load_yaml
@@ -376,31 +376,30 @@ def _mean_over_processes(accelerator: Accelerator, values: dict) -> dict:
 
 def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_examples: list[dict]) -> None:
     """Save the final state, select the winner on the validation set, export the adapter, draw the plots: all
-    built in RUN/.final-save, fsynced and moved into the run, then complete.json (run_dir.commit_final_save).
+    built in RUN/.final-save, fsynced and moved into the run, then complete.json (run_dir.final_save).
     Until then the last step's checkpoint is what a resume starts from."""
     from .plots import plot_run
 
     method.eval()
-    final = start_final_save(run)
-    write_json(final / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
     batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
-    if isinstance(method, ComLoraModel):
-        report = method.select_winner(batches)
-        write_json(final / "winner.json", report.to_dict())
-        method.save(final / "state")
-        method.export_adapter(final / "adapter")
-    else:
-        with torch.no_grad():
-            # the LM part only (MoELoRA adds its balance term to the loss), comparable across methods
-            losses = [method.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[1]["lm"]
-                      * len(b["input_ids"]) for b in batches]
-        method.save(final / "state")
-        write_json(final / "validation.json", {"val_loss": sum(losses) / max(1, len(val_examples)),
-                                               "num_samples": len(val_examples)})
-        if getattr(method, "mergeable", False):
-            method.save(final / "adapter")
-    plot_run(run, cfg.window, into=final)
-    commit_final_save(run)
+    with final_save(run) as final:
+        write_json(final / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
+        if isinstance(method, ComLoraModel):
+            report = method.select_winner(batches)
+            write_json(final / "winner.json", report.to_dict())
+            method.save(final / "state")
+            method.export_adapter(final / "adapter")
+        else:
+            with torch.no_grad():
+                # the LM part only (MoELoRA adds its balance term to the loss), comparable across methods
+                losses = [method.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[1]["lm"]
+                          * len(b["input_ids"]) for b in batches]
+            method.save(final / "state")
+            write_json(final / "validation.json", {"val_loss": sum(losses) / max(1, len(val_examples)),
+                                                   "num_samples": len(val_examples)})
+            if getattr(method, "mergeable", False):
+                method.save(final / "adapter")
+        plot_run(run, cfg.window, into=final)
     if checkpoint_dirs(run):
         shutil.rmtree(run / CHECKPOINTS)         # the run is complete: its state/ supersedes them
 
