@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 import sys
 import time
@@ -158,7 +159,11 @@ def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
-    states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    try:
+        states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0]}); the file is corrupt or was cut short") from err
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     rng = read_safetensors(path / "rng.safetensors")
@@ -177,10 +182,10 @@ def resume_from_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, p
         try:
             step = load_checkpoint(path, method, optimizer, scheduler, process_index)
         except Exception as err:         # noqa: BLE001  (any reading failure: try the previous checkpoint)
-            problems.append(f"{path.name}: {type(err).__name__}: {err}")
+            problems.append(path.name)
             if process_index == 0:
-                print(f"warning: checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); "
-                      f"falling back to the previous one", file=sys.stderr)
+                print(f"warning: checkpoint {path} cannot be loaded ({type(err).__name__}: "
+                      f"{(str(err).splitlines() or [''])[0]}); falling back to the previous one", file=sys.stderr)
             continue
         if problems and process_index == 0:
             print(f"warning: resuming from {path.name}, the newest checkpoint that loads", file=sys.stderr)
