@@ -23,24 +23,28 @@ from comlora.run_dir import COMPLETE_FILE, LOCK_FILE, RunLock, RunLocked, check_
 from comlora.storage import read_json, write_json, write_text
 from comlora.train_config import TrainConfig
 
-# A child `comlora` process that kills itself with SIGKILL at the KILL_AT-th commit point inside the run directory
-# (an os.replace / os.rename whose target is under RUN: each atomic file, each folder, the completion marker).
-# With TRACE set it only appends every such commit point to that file.
+# A child `comlora` process that kills itself with SIGKILL just before the KILL_AT-th commit point inside the run
+# directory (an os.replace / os.rename whose target is under RUN: each atomic file, each folder, the completion
+# marker), or that pauses right after committing the file PAUSE_AFTER until the file GO exists.
 KILL_CHILD = r"""
-import os, signal, sys
+import os, signal, sys, time
 run = os.path.realpath(os.environ["RUN_DIR"])
-kill_at, trace = int(os.environ.get("KILL_AT", "0")), os.environ.get("TRACE")
+kill_at, pause_after = int(os.environ.get("KILL_AT", "0")), os.environ.get("PAUSE_AFTER")
 count = [0]
 def counted(real):
     def op(src, dst, *args, **kwargs):
-        if os.path.realpath(str(dst)).startswith(run + os.sep):
-            count[0] += 1
-            if trace:
-                with open(trace, "a") as f:
-                    f.write(os.path.relpath(os.path.realpath(str(dst)), run) + "\n")
-            if count[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return real(src, dst, *args, **kwargs)
+        target = os.path.realpath(str(dst))
+        if not target.startswith(run + os.sep):
+            return real(src, dst, *args, **kwargs)
+        count[0] += 1
+        if count[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = real(src, dst, *args, **kwargs)
+        if os.path.relpath(target, run) == pause_after:
+            open(os.environ["GO"] + ".paused", "w").close()
+            while not os.path.exists(os.environ["GO"]):
+                time.sleep(0.05)
+        return result
     return op
 os.replace, os.rename = counted(os.replace), counted(os.rename)
 from comlora.cli import main
@@ -57,12 +61,31 @@ def train_args(model_dir, data_root, out, *extra):
             "--set", "method_options.selector_heads=4", "--set", "method_options.selector_ffn_dim=32", *extra]
 
 
-def run_child(args, run, kill_at=0, trace=None, timeout=600):
-    env = dict(os.environ, RUN_DIR=str(run), KILL_AT=str(kill_at), PYTHONPATH=SRC, OMP_NUM_THREADS="1")
-    if trace:
-        env["TRACE"] = str(trace)
-    return subprocess.run([sys.executable, "-c", KILL_CHILD, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def child_env(run, **values):
+    return dict(os.environ, RUN_DIR=str(run), PYTHONPATH=SRC, **{k: str(v) for k, v in values.items()})
+
+
+def run_child(args, run, kill_at=0, timeout=600):
+    return subprocess.run([sys.executable, "-c", KILL_CHILD, *args], env=child_env(run, KILL_AT=kill_at),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def commit_points(argv, run, monkeypatch) -> list[str]:
+    """Run the command line in this process and return its commit points in ``run`` (what KILL_AT counts)."""
+    points = []
+    for name in ("replace", "rename"):
+        real = getattr(os, name)
+
+        def op(src, dst, *args, real=real, **kwargs):
+            target = os.path.realpath(str(dst))
+            if target.startswith(os.path.realpath(run) + os.sep):
+                points.append(os.path.relpath(target, os.path.realpath(run)))
+            return real(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, op)
+    main(argv)
+    monkeypatch.undo()
+    return points
 
 
 def final_files(run: Path) -> dict:
@@ -107,7 +130,9 @@ def tiny(tmp_path_factory):
     model_dir = make_tiny_text_model(root)
     data = write_commonsense_root(root / "data")
     reference = root / "reference"
-    main(train_args(model_dir, data, reference))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        points = commit_points(train_args(model_dir, data, reference), reference, monkeypatch)
+    (root / "commit-points").write_text("\n".join(points))
     return model_dir, data, reference
 
 
@@ -116,11 +141,8 @@ def test_kill_inside_the_final_save_resumes_to_the_same_bits(tiny, tmp_path, cap
     """kill -9 between moving state/ and adapter/ into the run (and, in a second run, just before the completion
     marker): no complete.json, eval refuses saying how to finish, --resume ends bitwise equal to the reference."""
     model_dir, data, reference = tiny
-    trace = tmp_path / "trace"
-    traced = run_child(train_args(model_dir, data, tmp_path / "traced"), tmp_path / "traced", trace=trace)
-    assert traced.returncode == 0, traced.stderr
-    points = trace.read_text().splitlines()
-    assert points[-1] == COMPLETE_FILE
+    points = (reference.parent / "commit-points").read_text().splitlines()
+    assert points[0] == "config.yaml" and points[-1] == COMPLETE_FILE and "state" in points
     for kill_at in (points.index("state") + 2, len(points)):       # mid-commit; the marker itself
         run = tmp_path / f"killed-{kill_at}"
         killed = run_child(train_args(model_dir, data, run), run, kill_at=kill_at)
@@ -135,29 +157,28 @@ def test_kill_inside_the_final_save_resumes_to_the_same_bits(tiny, tmp_path, cap
 # ---- concurrent runs -------------------------------------------------------------------------------
 def test_a_second_command_on_a_run_in_use_is_refused_naming_the_holder(tiny, tmp_path, capsys):
     model_dir, data, reference = tiny
-    run = tmp_path / "busy"
-    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, *train_args(model_dir, data, run, "--max-steps", "40")],
-                             env=dict(os.environ, RUN_DIR=str(run), PYTHONPATH=SRC, OMP_NUM_THREADS="1"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run, go = tmp_path / "busy", tmp_path / "go"
+    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, *train_args(model_dir, data, run)],
+                             env=child_env(run, PAUSE_AFTER="checkpoints/step-00000002", GO=go),
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "child.err").open("w"))
     try:
-        deadline = time.time() + 300
-        while not (run / LOCK_FILE).is_file() or not (run / LOCK_FILE).read_text().strip():
-            assert child.poll() is None and time.time() < deadline, "the training child never locked its run"
-            time.sleep(0.2)
+        deadline = time.time() + 600
+        while not Path(f"{go}.paused").exists():      # the child holds the lock, paused after its first checkpoint
+            assert child.poll() is None and time.time() < deadline, "the training child never got to step 2"
+            time.sleep(0.1)
         holder = f"pid {child.pid}: comlora train"
-        for argv in (train_args(model_dir, data, run, "--max-steps", "40", "--resume"),
+        for argv in (train_args(model_dir, data, run, "--resume"),
                      ["select", str(run)], ["export", str(run), "--out", str(tmp_path / "exported")],
                      ["eval", "--run", str(run), "--data-root", str(data), "--limit", "1"]):
             message = cli_error(argv, capsys)
             assert "in use by another comlora process" in message and holder in message, message
         assert "not empty" in cli_error(train_args(model_dir, data, run, "--lr", "0.001"), capsys)
-        assert child.wait(timeout=600) == 0
+        go.touch()
+        assert child.wait(timeout=600) == 0, (tmp_path / "child.err").read_text()[-2000:]
     finally:
         child.kill()
     assert not (tmp_path / "exported").exists()
-    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.01
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 41)) and (run / COMPLETE_FILE).is_file()
+    assert_same_run(reference, run)
 
 
 def test_the_run_directory_is_checked_again_under_the_lock(tmp_path, monkeypatch):
@@ -386,8 +407,9 @@ def test_unfinished_runs_say_how_to_finish_or_restart(tiny, tmp_path, capsys):
     model_dir, data, reference = tiny
     run = tmp_path / "run"
     main(train_args(model_dir, data, run, "--save-every", "0"))
-    (run / COMPLETE_FILE).unlink()               # as if killed inside the final save of a run without checkpoints
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    for path in run.iterdir():                   # as if killed after step 4, before the last step's checkpoint
+        if path.name not in ("config.yaml", "metrics.jsonl", LOCK_FILE):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     message = cli_error(["export", str(run), "--out", str(tmp_path / "x")], capsys)
     assert "has no checkpoint: the 4 optimizer steps it trained are lost" in message
     assert f"comlora train --resume --config {run / 'config.yaml'} --out {run}" in message
@@ -398,9 +420,8 @@ def test_unfinished_runs_say_how_to_finish_or_restart(tiny, tmp_path, capsys):
     assert_same_run(reference, run)
     assert "already complete" in cli_error(["train", "--resume", "--config", str(run / "config.yaml"),
                                             "--out", str(run)], capsys)
-    # a run finished by a comlora without completion markers (no lock file ever) still counts as complete
+    # a run finished by a comlora without completion markers still counts as complete
     (run / COMPLETE_FILE).unlink()
-    (run / LOCK_FILE).unlink()
     main(["export", str(run), "--out", str(tmp_path / "legacy")])
     assert (tmp_path / "legacy" / "adapter_model.safetensors").is_file()
 

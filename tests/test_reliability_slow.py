@@ -15,7 +15,7 @@ import yaml
 
 from comlora.cli import main
 from comlora.run_dir import COMPLETE_FILE
-from test_reliability import KILL_CHILD, SRC, assert_same_run, run_child, train_args
+from test_reliability import KILL_CHILD, SRC, assert_same_run, child_env, commit_points, run_child, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +33,13 @@ def finish(model_dir, data, run, *extra) -> None:
     main(train_args(model_dir, data, run, *extra, *(["--resume"] if (run / "config.yaml").is_file() else [])))
 
 
-def test_kill_at_every_commit_point_then_resume_ends_bitwise_equal(tiny, tmp_path):
+def test_kill_at_every_commit_point_then_resume_ends_bitwise_equal(tiny, tmp_path, monkeypatch):
     """A commit point is each rename into the run: every atomic file (config.yaml, each checkpoint file and folder,
     each file of the final save, the completion marker) and each folder moved into place. The child is killed
     just before the k-th one, for every k; the resumed run must equal the uninterrupted one bit for bit."""
     model_dir, data = tiny
-    reference, trace = tmp_path / "reference", tmp_path / "trace"
-    assert run_child(train_args(model_dir, data, reference), reference, trace=trace).returncode == 0
-    points = trace.read_text().splitlines()
+    reference = tmp_path / "reference"
+    points = commit_points(train_args(model_dir, data, reference), reference, monkeypatch)
     assert len(points) > 20 and points[0] == "config.yaml" and points[-1] == COMPLETE_FILE
     for kill_at in range(1, len(points) + 1):
         run = tmp_path / f"kill-{kill_at}"
@@ -62,7 +61,7 @@ def test_random_kills_many_times_in_a_row_then_resume_ends_bitwise_equal(tiny, t
         while True:
             resume = ["--resume"] if (run / "config.yaml").is_file() else []
             child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, *train_args(model_dir, data, run, *extra, *resume)],
-                                     env=dict(os.environ, RUN_DIR=str(run), PYTHONPATH=SRC, OMP_NUM_THREADS="1"),
+                                     env=child_env(run),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 child.wait(timeout=rng.uniform(2.0, 25.0))
@@ -119,7 +118,7 @@ def test_two_trains_started_on_one_directory(tiny, tmp_path, delay):
     run finishes whole, the other is refused (exit 2, naming the holder or the non-empty folder)."""
     model_dir, data = tiny
     run = tmp_path / "c"
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=SRC)
     first = subprocess.Popen([sys.executable, "-m", "comlora", *train_args(model_dir, data, run, "--max-steps", "8")],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)

@@ -170,12 +170,13 @@ def commit_final_save(run: Path) -> None:
 
 
 def is_complete(run: Path) -> bool:
-    """The run's final save finished. Runs written before the marker existed count when their layout says so
-    (state/ and parameters.json, no checkpoints/ and no interrupted final save)."""
+    """The run's final save finished. Runs written before the marker existed count when their layout says so:
+    state/ and parameters.json, no checkpoints/ and no final save under way (a run of this version always has
+    its last step's checkpoint until complete.json is written)."""
     if (run / COMPLETE_FILE).is_file():
         return True
     return ((run / "state").is_dir() and (run / "parameters.json").is_file() and not (run / CHECKPOINTS).exists()
-            and not (run / FINAL_SAVE).exists() and not (run / LOCK_FILE).exists())
+            and not (run / FINAL_SAVE).exists())
 
 
 def trained_steps(run: Path) -> int:

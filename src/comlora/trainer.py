@@ -282,6 +282,7 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
 
     lengths = [len(e["input_ids"]) for e in train_examples]
     progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"train {cfg.method}", dynamic_ncols=True)
+    run_lock.callback(progress.close)       # an error message then starts on a line of its own
     batches = (b for epoch in range(sys.maxsize)
                for b in micro_batches(lengths, cfg.batch_size, accelerator.num_processes,
                                       accelerator.process_index, cfg.seed, epoch, cfg.group_by_length))
@@ -332,7 +333,6 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("lm", "align", "pairwise", "eta") if k in record}
                                  | {"tok/s": f"{record['tokens_per_s']:.0f}"})
         if nonfinite_steps >= cfg.max_nonfinite_steps:
-            progress.close()
             raise TrainingDiverged(diverged_message(run, cfg, step, nonfinite_steps, means["loss"], grad_norm))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint(step)
