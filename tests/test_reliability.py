@@ -62,7 +62,17 @@ def train_args(model_dir, data_root, out, *extra):
 
 
 def child_env(run, **values):
-    return dict(os.environ, RUN_DIR=str(run), PYTHONPATH=SRC, **{k: str(v) for k, v in values.items()})
+    """A child's environment: this source tree, one thread (as ``one_thread`` gives this process: the same bits)."""
+    return dict(os.environ, RUN_DIR=str(run), PYTHONPATH=SRC, OMP_NUM_THREADS="1",
+                **{k: str(v) for k, v in values.items()})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_child(args, run, kill_at=0, timeout=600):
@@ -122,7 +132,7 @@ def cli_error(argv, capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, one_thread):
     """A tiny model folder, a data root and one uninterrupted reference run, shared by the tests of this file."""
     from conftest import make_tiny_text_model, write_commonsense_root
 
@@ -138,20 +148,20 @@ def tiny(tmp_path_factory):
 
 # ---- kills ---------------------------------------------------------------------------------------
 def test_kill_inside_the_final_save_resumes_to_the_same_bits(tiny, tmp_path, capsys):
-    """kill -9 between moving state/ and adapter/ into the run (and, in a second run, just before the completion
-    marker): no complete.json, eval refuses saying how to finish, --resume ends bitwise equal to the reference."""
+    """kill -9 once state/ is moved into the run and winner.json not yet (every other commit point: the slow
+    tests): no complete.json, eval refuses saying how to finish, --resume ends bitwise equal to the reference."""
     model_dir, data, reference = tiny
     points = (reference.parent / "commit-points").read_text().splitlines()
-    assert points[0] == "config.yaml" and points[-1] == COMPLETE_FILE and "state" in points
-    for kill_at in (points.index("state") + 2, len(points)):       # mid-commit; the marker itself
-        run = tmp_path / f"killed-{kill_at}"
-        killed = run_child(train_args(model_dir, data, run), run, kill_at=kill_at)
-        assert killed.returncode == -9
-        assert not (run / COMPLETE_FILE).exists() and (run / "checkpoints" / "step-00000004").is_dir()
-        message = cli_error(["eval", "--run", str(run), "--data-root", str(data), "--limit", "1"], capsys)
-        assert "has not finished" in message and f"--resume --config {run / 'config.yaml'}" in message
-        main(train_args(model_dir, data, run, "--resume"))
-        assert_same_run(reference, run)
+    assert points[0] == "config.yaml" and points[-1] == COMPLETE_FILE and points[-3:-1] == ["state", "winner.json"]
+    run = tmp_path / "killed"
+    killed = run_child(train_args(model_dir, data, run), run, kill_at=len(points) - 1)
+    assert killed.returncode == -9
+    assert not (run / COMPLETE_FILE).exists() and (run / "checkpoints" / "step-00000004").is_dir()
+    assert (run / "state").is_dir() and not (run / "winner.json").exists()
+    message = cli_error(["eval", "--run", str(run), "--data-root", str(data), "--limit", "1"], capsys)
+    assert "has not finished" in message and f"--resume --config {run / 'config.yaml'}" in message
+    main(train_args(model_dir, data, run, "--resume"))
+    assert_same_run(reference, run)
 
 
 # ---- concurrent runs -------------------------------------------------------------------------------
@@ -263,31 +273,42 @@ CHECKPOINT_DAMAGE = {
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tiny, tmp_path, capsys):
+    """Each kind of damage to the newest checkpoint, at the loading level (what is restored, what is said); one of
+    them end to end (the resumed run bitwise equal); every checkpoint damaged: training starts again from 0."""
     from comlora.cli import build_parser, train_config_from_args
-    from comlora.trainer import train
+    from comlora.methods import build_method
+    from comlora.models import load_model_and_tokenizer
+    from comlora.trainer import resume_from_checkpoint, train, trainable_tensors
 
     model_dir, data, reference = tiny
     argv = train_args(model_dir, data, tmp_path / "killed", "--save-every", "1", "--keep-checkpoints", "3")
-    train(train_config_from_args(build_parser().parse_args(argv)), stop_after=3)   # as if killed after step 3
-    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == \
-        ["step-00000001", "step-00000002", "step-00000003"]
+    cfg = train_config_from_args(build_parser().parse_args(argv))
+    train(cfg, stop_after=3)                         # as if killed after step 3
+    killed = tmp_path / "killed"
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-00000001", "step-00000002",
+                                                                         "step-00000003"]
+    step2 = load_file(str(killed / "checkpoints" / "step-00000002" / "trainable.safetensors"))
+    method = build_method(cfg, load_model_and_tokenizer(str(model_dir), device="cpu")[0])
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     for label, (name, damage, problem) in CHECKPOINT_DAMAGE.items():
         run = tmp_path / label.replace(" ", "-")
-        shutil.copytree(tmp_path / "killed", run)
+        shutil.copytree(killed, run)
         damage(run / "checkpoints" / "step-00000003" / name)
         capsys.readouterr()
-        main(train_args(model_dir, data, run, "--save-every", "1", "--keep-checkpoints", "3", "--resume"))
+        assert resume_from_checkpoint(run, method, optimizer, scheduler) == 2, label
         err = capsys.readouterr().err
         assert f"warning: checkpoint {run / 'checkpoints' / 'step-00000003'} cannot be loaded" in err, label
         assert problem in err and "resuming from step-00000002" in err, (label, err)
-        assert_same_run(reference, run)
-    run = tmp_path / "all-damaged"                   # none loads: the run trains again from step 0, and says so
-    shutil.copytree(tmp_path / "killed", run)
+        assert all(torch.equal(t, step2[k]) for k, t in trainable_tensors(method).items()), label
+    main(train_args(model_dir, data, run, "--save-every", "1", "--keep-checkpoints", "3", "--resume"))
+    assert_same_run(reference, run)                  # the last damage, end to end
+    run = tmp_path / "all-damaged"
+    shutil.copytree(killed, run)
     for step in (1, 2, 3):
         truncate(run / "checkpoints" / f"step-0000000{step}" / "trainable.safetensors")
-    main(train_args(model_dir, data, run, "--save-every", "1", "--keep-checkpoints", "3", "--resume"))
+    assert resume_from_checkpoint(run, method, optimizer, scheduler) == 0
     assert "none of its 3 checkpoints loads, so the 3 optimizer steps it recorded are lost" in capsys.readouterr().err
-    assert_same_run(reference, run)
 
 
 def test_every_file_we_read_corrupt_or_truncated_is_a_one_line_error_naming_it(tiny, tmp_path, capsys):

@@ -148,7 +148,7 @@ def evaluation_targets(args: argparse.Namespace):
         elif args.components == "winner":
             choice = [method.resolve_component(None)]
         else:
-            choice = [int(args.components)]         # checked by cmd_eval; its range by use_component
+            choice = [int(args.components)]
         for k in choice:
             with method.use_component(k):
                 yield f"{name}-component{k}" + ("-winner" if k == method.winner else ""), method, tokenizer
