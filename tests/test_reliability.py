@@ -264,7 +264,7 @@ def truncate(path: Path) -> None:
 
 CHECKPOINT_DAMAGE = {
     "trainable.safetensors truncated": ("trainable.safetensors", truncate, "not a valid safetensors file"),
-    "optimizer.pt garbage": ("optimizer.pt", lambda p: p.write_bytes(os.urandom(500)), "UnpicklingError"),
+    "optimizer.pt garbage": ("optimizer.pt", lambda p: p.write_bytes(b"not a torch file\n" * 30), "UnpicklingError"),
     "optimizer.pt empty": ("optimizer.pt", lambda p: p.write_bytes(b""), "EOFError"),
     "optimizer.pt truncated": ("optimizer.pt", truncate, "RuntimeError"),
     "rng.safetensors truncated": ("rng.safetensors", truncate, "not a valid safetensors file"),
@@ -336,7 +336,7 @@ def test_every_file_we_read_corrupt_or_truncated_is_a_one_line_error_naming_it(t
         ("state/comlora_config.json", lambda p: p.write_text(p.read_text().replace('"winner": ', '"winner": 7, "x": ')),
          "winner must be null or a component"),
         ("state/comlora_model.safetensors", truncate, "comlora_model.safetensors: not a valid safetensors file"),
-        ("state/comlora_model.safetensors", lambda p: p.write_bytes(os.urandom(300)),
+        ("state/comlora_model.safetensors", lambda p: p.write_bytes(b"garbage!" * 40),
          "comlora_model.safetensors: not a valid safetensors file"),
         ("state", lambda p: shutil.rmtree(p), "comlora_config.json is missing"),
     ]

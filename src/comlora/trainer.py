@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import shutil
 import sys
 import time
@@ -161,7 +160,7 @@ def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process
             p.copy_(saved[name])
     try:
         states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+    except Exception as err:    # noqa: BLE001  (a damaged pickle fails in many ways: EOFError, UnpicklingError, ...)
         raise ValueError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0]}); the file is corrupt or was cut short") from err
     optimizer.load_state_dict(states["optimizer"])
