@@ -8,7 +8,7 @@ import io
 import statistics
 from pathlib import Path
 
-from .storage import read_json, read_json_object
+from .storage import read_json_object
 from .train_config import load_yaml
 
 GROUP_KEYS = ("method", "r", "num_components")

@@ -116,8 +116,8 @@ def remove(path: Path) -> None:
 
 def commit_folder(tmp: Path, final: Path, replace: bool = True) -> Path:
     """Make the fully written folder ``tmp`` the folder ``final``: fsync it, put it in the place of ``final`` (an
-    older copy with ``replace``, else only an empty folder), fsync the parent. A crash leaves the old ``final``
-    or the new one, never a mix."""
+    older copy with ``replace``, else only an empty folder), fsync the parent. A crash never leaves a mix under
+    the name ``final``: the old folder, the new one, or (while an older copy is being replaced) none."""
     fsync_tree(tmp)
     if final.exists():
         remove(final) if replace else final.rmdir()
