@@ -3,15 +3,14 @@ pass-through inference, parameter counts, and save / load of the trainable tenso
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .checkpointing import ActivationCheckpointing
-from .storage import load_state_tensors, write_json, write_safetensors
+from .saved_state import check_weights_fit, config_from_file
+from .storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
 
 
 class AdapterModel(ActivationCheckpointing, nn.Module):
@@ -90,7 +89,9 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
         for f in (config_file, weights_file):
             if not f.is_file():
                 raise FileNotFoundError(f"{path} is not a saved {cls.__name__}: {f.name} is missing")
-        meta = json.loads(config_file.read_text())
-        wrapper = cls(model, cls.config_class.from_dict(meta["config"]))
-        load_state_tensors(wrapper.state_tensors(), load_file(str(weights_file)), source=str(path))
+        meta = read_json_object(config_file, "config")
+        config = config_from_file(cls.config_class, meta["config"], config_file)
+        check_weights_fit(lambda m: cls(m, config), model, weights_file, config_file)
+        wrapper = cls(model, config)
+        load_state_tensors(wrapper.state_tensors(), read_safetensors(weights_file), source=str(path))
         return wrapper

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import pickle
+import shutil
 import sys
 import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
+import yaml
+from safetensors import SafetensorError
+
 from .processes import MainProcessFailed
+from .run_dir import RunError, commit_folder, lock_run, new_temp_folder
 from .train_config import TrainConfig, apply_overrides, load_yaml
+
+# What reaches the user as one line "error: ..." and exit code 2 (with --debug, after the traceback): bad values,
+# files that are missing, corrupt or cut short, refusals. Anything else is a bug and shows its traceback.
+USER_ERRORS = (ValueError, OSError, NotImplementedError, ImportError, RunError, MainProcessFailed, SafetensorError, EOFError,
+               pickle.UnpicklingError, yaml.YAMLError)
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,13 +62,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
+    with lock_run(args.run, "select", optional=args.out is not None):
+        select_winner_again(args)
+
+
+def select_winner_again(args: argparse.Namespace) -> None:
     from .model import ComLoraModel
     from .storage import write_json
     from .trainer import reload_method, run_validation_batches
 
     method, tokenizer, cfg = reload_method(args.run)
     if not isinstance(method, ComLoraModel):
-        raise SystemExit(f"error: {args.run} is a {cfg.method} run; winner selection applies to comlora runs")
+        raise ValueError(f"{args.run} is a {cfg.method} run; winner selection applies to comlora runs")
     batches = run_validation_batches(Path(args.run), cfg, tokenizer, method.model.device, args.data)
     report = method.select_winner(batches)
     name = "winner-reselected" if args.data is None else f"winner-{Path(args.data).stem}"
@@ -70,12 +87,27 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; choose a new folder (nothing was written)")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new --out (nothing was written)")
+    with lock_run(args.run, "export", optional=True):
+        tmp = new_temp_folder(out)          # written whole, then renamed to --out
+        try:
+            done = export_into(args, tmp)
+            commit_folder(tmp, out, replace=False)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    print(f"{done} -> {out}")
+
+
+def export_into(args: argparse.Namespace, out: Path) -> str:
+    """Write what ``comlora export`` asks for into ``out``; returns what was exported."""
     from .model import ComLoraModel
     from .trainer import reload_method
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: {out} is not empty; choose a new --out (nothing was written)")
     method, tokenizer, cfg = reload_method(args.run)
     if isinstance(method, ComLoraModel):
         component = method.resolve_component(args.component)
@@ -85,15 +117,14 @@ def cmd_export(args: argparse.Namespace) -> None:
             tokenizer.save_pretrained(out)
         else:
             method.export_adapter(out, component)
-        print(f"exported component {component}{' merged' if args.merge else ''} -> {out}")
-        return
+        return f"exported component {component}{' merged' if args.merge else ''}"
     if args.component not in (None, 0):
-        raise SystemExit(f"error: a {cfg.method} run has no components to choose from")
+        raise ValueError(f"a {cfg.method} run has no components to choose from")
     if args.merge:
         if not getattr(method, "mergeable", False):
-            raise SystemExit(f"error: {cfg.method} cannot be merged into the base weights")
+            raise ValueError(f"{cfg.method} cannot be merged into the base weights")
         if cfg.load_in_4bit or cfg.load_in_8bit:
-            raise SystemExit(f"error: merging a {cfg.method} run trained on a quantized base is not supported (PEFT "
+            raise ValueError(f"merging a {cfg.method} run trained on a quantized base is not supported (PEFT "
                              "would re-quantize the merged weights); export the adapter and merge it with PEFT onto "
                              "the full-precision base")
         merged = method.peft_model.merge_and_unload()
@@ -101,7 +132,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(out)
     else:
         method.save(out)
-    print(f"exported {cfg.method}{' merged' if args.merge else ''} -> {out}")
+    return f"exported {cfg.method}{' merged' if args.merge else ''}"
 
 
 def evaluation_targets(args: argparse.Namespace):
@@ -128,9 +159,9 @@ def evaluation_targets(args: argparse.Namespace):
         return
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     if args.adapter:
-        from peft import PeftModel
+        from .saved_state import load_peft_adapter
 
-        yield Path(args.adapter).name, PeftModel.from_pretrained(model, args.adapter).eval(), tokenizer
+        yield Path(args.adapter).name, load_peft_adapter(model, args.adapter).eval(), tokenizer
     else:
         yield f"base-{Path(args.model).name}", model.eval(), tokenizer
 
@@ -171,17 +202,25 @@ def evaluation_task(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.adapter and args.run:
+        raise ValueError("give --adapter or --run, not both")
+    if args.components not in ("all", "winner") and not args.components.isdigit():
+        raise ValueError(f"--components must be all, winner or a component index (0, 1, ...), got {args.components!r}")
+    args.run_config = None
+    if not args.run:
+        return evaluate_and_write(args)
+    with lock_run(args.run, "eval", optional=args.out is not None):   # RUN/eval is the run's
+        evaluate_and_write(args)
+
+
+def evaluate_and_write(args: argparse.Namespace) -> None:
     from .cpu_memory import retain_freed_memory
     from .evaluation import write_results
     from .models import resolve_device
+    from .trainer import run_config
 
-    if args.adapter and args.run:
-        raise ValueError("give --adapter or --run, not both")
-    args.run_config = None
     if args.run:                      # the commonsense subset must be the run's own held-out items
-        if not (Path(args.run) / "config.yaml").is_file():
-            raise FileNotFoundError(f"{args.run} is not a run directory (config.yaml is missing)")
-        args.run_config = TrainConfig.from_dict(load_yaml(Path(args.run) / "config.yaml"))
+        args.run_config = run_config(Path(args.run))
         args.model = args.run_config.model
         args.seed = args.run_config.split_seed if args.seed is None else args.seed
         args.eval_size = args.run_config.eval_size if args.eval_size is None else args.eval_size
@@ -231,6 +270,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comlora", description="Competitive LoRA fine-tuning (ComLoRA) and baselines.")
+    parser.add_argument("--debug", action="store_true", help="On an error, show its full traceback too.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="Train comlora (or a baseline method) and select, export and plot at the end.")
@@ -311,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="Comma-separated experiment names (file stems) to run.")
     p.add_argument("--max-runs", type=int, help="Stop after this many runs.")
     p.set_defaults(func=cmd_study)
+    for command in sub.choices.values():         # --debug also after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show an error's traceback.")
     return parser
 
 
@@ -318,8 +360,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, NotImplementedError, ImportError, MainProcessFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from err
 
 

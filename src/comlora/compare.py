@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from pathlib import Path
 
-import yaml
+from .storage import read_json_object
+from .train_config import load_yaml
 
 GROUP_KEYS = ("method", "r", "num_components")
 
@@ -19,10 +19,10 @@ def run_summary(run: str | Path) -> dict:
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a run directory (config.yaml is missing)")
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = load_yaml(run / "config.yaml")
     if not (run / "parameters.json").is_file():
         raise FileNotFoundError(f"{run} has no parameters.json: the run did not finish")
-    params = json.loads((run / "parameters.json").read_text())
+    params = read_json_object(run / "parameters.json", "adapter", "router", "base", "mergeable")
     files = sorted((run / "eval").glob("commonsense-*.json"))
     if config["method"] == "comlora":
         files = [f for f in files if "-winner" in f.stem]
@@ -30,7 +30,7 @@ def run_summary(run: str | Path) -> dict:
         found = ", ".join(f.name for f in files) or "none"
         raise ValueError(f"{run}: expected one commonsense evaluation of the {'winner' if config['method'] == 'comlora' else 'run'} "
                          f"in {run / 'eval'} (found {found}); run `comlora eval --run {run}`")
-    result = json.loads(files[0].read_text())
+    result = read_json_object(files[0], "tasks", "average")
     return {"run": str(run), "config": config, "params": params,
             "accuracy": {task: v["accuracy"] for task, v in result["tasks"].items()}, "average": result["average"]}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -41,9 +42,20 @@ class ConfigDict:
              "target_modules must name at least one module, or be None for the architecture's default"),
         ]
 
+    def finite_checks(self) -> list[tuple[bool, str]]:
+        """Every float field holds a finite number (None where the field allows it): no NaN, no inf."""
+        checks = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if str(f.type).startswith("float") and not (value is None and "None" in str(f.type)):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                checks.append((ok, f"{f.name} must be a finite number, got {value!r}"))
+        return checks
+
     def validate(self, checks: list[tuple[bool, str]]) -> None:
-        """Raise ``ValueError("<Config>: <message>")`` for the first ``(ok, message)`` that is not ok."""
-        for ok, message in checks:
+        """Raise ``ValueError("<Config>: <message>")`` for the first ``(ok, message)`` that is not ok, after
+        ``finite_checks`` (which every config gets)."""
+        for ok, message in self.finite_checks() + checks:
             if not ok:
                 raise ValueError(f"{type(self).__name__}: {message}")
 

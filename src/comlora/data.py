@@ -52,7 +52,7 @@ def load_items(path: str | Path, require_answer: bool = False) -> list[dict]:
         raise FileNotFoundError(f"{path}: no such data file or folder")
     try:
         items = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of items, got {type(items).__name__}")

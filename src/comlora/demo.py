@@ -3,7 +3,6 @@ the commonsense-mini suite; base, LoRA and the ComLoRA winner (merged) evaluated
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -15,7 +14,7 @@ from .data import build_commonsense_mini, data_root
 from .evaluation import evaluate_commonsense, markdown_table, write_results
 from .models import load_model_and_tokenizer
 from .plots import plot_loss_curves
-from .storage import write_json, write_text
+from .storage import read_json, write_json, write_text
 from .train_config import TrainConfig, load_yaml
 from .trainer import reload_method, train
 
@@ -56,7 +55,7 @@ def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments"))
     figure2 = plot_loss_curves({"ComLoRA": out / "comlora", f"LoRA r={configs['lora'].r}": out / "lora"},
                                out / "loss_curves_vs_lora.png")
     table = markdown_table(results)
-    winner_report = json.loads((out / "comlora" / "winner.json").read_text())
+    winner_report = read_json(out / "comlora" / "winner.json")
     summary = {"command": f"comlora demo --limit {limit} --configs {config_dir}", "date": time.strftime("%Y-%m-%d"),
                "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
                "configs": {name: c.to_dict() for name, c in configs.items()}, "limit_per_task": limit,

@@ -22,6 +22,7 @@ from .losses import mean_lm_loss
 from .model import ComLoraModel
 from .moelora import MoeLoraConfig, MoeLoraModel
 from .teamlora import TeamLoraConfig, TeamLoraModel
+from .saved_state import load_peft_adapter
 from .train_config import TrainConfig
 
 
@@ -70,7 +71,7 @@ class PeftLoraModel(ActivationCheckpointing, nn.Module):
 
     @classmethod
     def load(cls, model: nn.Module, path: str | Path) -> "PeftLoraModel":
-        return cls(PeftModel.from_pretrained(model, path, is_trainable=True))
+        return cls(load_peft_adapter(model, path, is_trainable=True))
 
 
 def method_config(cfg: TrainConfig):

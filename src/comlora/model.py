@@ -3,13 +3,11 @@ selection, save and load (spec sections 2-6). Export and merge of one component:
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .checkpointing import ActivationCheckpointing
@@ -18,7 +16,8 @@ from .injection import inject_linear_layers, with_resolved_targets
 from .layers import ComLoraLinear
 from .losses import add_noise, alignment_loss, anneal_eta, pairwise_loss, sequence_losses
 from .selector import LoraSelector
-from .storage import load_state_tensors, write_json, write_safetensors
+from .saved_state import check_weights_fit, config_from_file
+from .storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
 
 STATE_CONFIG = "comlora_config.json"
 STATE_WEIGHTS = "comlora_model.safetensors"
@@ -234,7 +233,14 @@ class ComLoraModel(ActivationCheckpointing, nn.Module):
         return {"decided": self.decided, "decided_at_step": self.decided_at_step}
 
     def load_training_state(self, state: dict) -> None:
-        self.decided, self.decided_at_step = state.get("decided"), state.get("decided_at_step")
+        decided, at_step = state.get("decided"), state.get("decided_at_step")
+        k = self.config.num_components
+        if decided is not None and (not isinstance(decided, int) or isinstance(decided, bool) or not 0 <= decided < k):
+            raise ValueError(f"saved training state: decided must be null or a component 0..{k - 1}, got {decided!r}")
+        if (decided is None) != (at_step is None) or (at_step is not None and (not isinstance(at_step, int) or at_step < 1)):
+            raise ValueError(f"saved training state: decided_at_step must be a step >= 1 exactly when decided is set, "
+                             f"got decided={decided!r}, decided_at_step={at_step!r}")
+        self.decided, self.decided_at_step = decided, at_step
 
     # ---- winner ------------------------------------------------------------------------
     @torch.no_grad()
@@ -346,10 +352,16 @@ class ComLoraModel(ActivationCheckpointing, nn.Module):
         for f in (STATE_CONFIG, STATE_WEIGHTS):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path} is not a saved ComLoraModel: {f} is missing")
-        meta = json.loads((path / STATE_CONFIG).read_text())
-        cm = cls(model, ComLoraConfig.from_dict(meta["comlora_config"]))
-        load_state_tensors(cm.state_tensors(), load_file(str(path / STATE_WEIGHTS)), source=str(path))
-        cm.winner = meta.get("winner")
+        meta = read_json_object(path / STATE_CONFIG, "comlora_config")
+        config = config_from_file(ComLoraConfig, meta["comlora_config"], path / STATE_CONFIG)
+        winner = meta.get("winner")
+        if winner is not None and (not isinstance(winner, int) or not 0 <= winner < config.num_components):
+            raise ValueError(f"{path / STATE_CONFIG}: winner must be null or a component 0..{config.num_components - 1}, "
+                             f"got {winner!r}")
+        check_weights_fit(lambda m: cls(m, config), model, path / STATE_WEIGHTS, path / STATE_CONFIG)
+        cm = cls(model, config)
+        load_state_tensors(cm.state_tensors(), read_safetensors(path / STATE_WEIGHTS), source=str(path))
+        cm.winner = winner
         cm.load_training_state(meta)
         return cm
 

@@ -107,7 +107,9 @@ def load_model_and_tokenizer(name: str = DEFAULT_MODEL, device: str | None = Non
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), **placement)
     except OSError as err:
-        raise ValueError(f"cannot load model {name!r}: not a local model folder and not reachable on the Hub "
+        where = (f"the folder {path} is not a complete model (config, tokenizer and weights)" if Path(path).is_dir()
+                 else "not a local model folder and not reachable on the Hub")
+        raise ValueError(f"cannot load model {name!r}: {where} "
                          f"({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

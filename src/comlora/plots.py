@@ -13,8 +13,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(run: str | Path) -> list[dict]:
+    """The lines of RUN/metrics.jsonl, less the steps skipped for a non-finite loss (``"skipped": true``); a line
+    that is not JSON is a ValueError naming the file and the line."""
     path = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            if not row.get("skipped"):
+                rows.append(row)
+    return rows
 
 
 def smooth(values: list[float], span: int) -> list[float]:
@@ -89,13 +102,14 @@ def plot_lowest_loss_share(run: str | Path, out: str | Path, window: int = 50) -
     return Path(out)
 
 
-def plot_run(run: str | Path, window: int = 50) -> list[Path]:
-    """Draw the figures a run's metrics support into the run directory."""
+def plot_run(run: str | Path, window: int = 50, into: str | Path | None = None) -> list[Path]:
+    """Draw the figures a run's metrics support into the run directory (or the folder ``into``)."""
     run = Path(run)
+    into = Path(into) if into is not None else run
     rows = read_metrics(run)
     if not rows:
         return []
-    paths = [plot_loss_curves({run.name: run}, run / "loss_curves.png")]
+    paths = [plot_loss_curves({run.name: run}, into / "loss_curves.png")]
     if "component_loss" in rows[0]:
-        paths.append(plot_lowest_loss_share(run, run / "lowest_loss_share.png", window))
+        paths.append(plot_lowest_loss_share(run, into / "lowest_loss_share.png", window))
     return paths

@@ -1,37 +1,70 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written file."""
+"""Atomic, durable file writes (a reader or a crash never sees a half-written file) and checked reads
+(a corrupt or truncated file is a ValueError naming it, never a library's traceback)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a folder's entries (the names created, renamed or removed in it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:          # some file systems cannot fsync a folder; there is nothing more to do there
+        if err.errno != errno.EINVAL or not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file in the same folder, fsync it, then rename it onto ``path``."""
+    """Call ``write(tmp_path)`` on a new temporary file beside ``path``, fsync it, rename it onto ``path`` and
+    fsync the folder: after a crash ``path`` holds the old content or the new one, whole. The file gets the
+    mode a plain ``open()`` gives (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        write(str(tmp))
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
+
+
+def json_safe(data):
+    """``data`` with every non-finite float (NaN, +-inf) replaced by None: JSON has no such numbers."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    return data
+
+
+def json_line(record: dict) -> str:
+    """One JSON line (metrics.jsonl), non-finite numbers written as null."""
+    return json.dumps(json_safe(record), allow_nan=False)
 
 
 def write_json(path: str | Path, data) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-    atomic_write(path, write)
+    """Strict JSON (non-finite numbers written as null), written atomically."""
+    text = json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -44,16 +77,66 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt", **(metadata or {})}))
 
 
+def read_json(path: str | Path):
+    """The parsed content of a JSON file; invalid JSON is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); the file is corrupt or was cut short") from err
+
+
+def read_json_object(path: str | Path, *keys: str) -> dict:
+    """A JSON file that must hold a mapping with ``keys``; anything else is a ValueError naming the file."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ValueError(f"{path}: {', '.join(missing)} missing (the file is corrupt or not what comlora wrote)")
+    return data
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (on the CPU); a corrupt or truncated file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a valid safetensors file ({err}); the file is corrupt or was cut short") from err
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header alone (no tensor is loaded)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a valid safetensors file ({err}); the file is corrupt or was cut short") from err
+
+
+def state_fit_problems(expected: dict[str, list[int]], saved: dict[str, list[int]]) -> list[str]:
+    """Every missing, unexpected or wrongly shaped tensor name of ``saved`` against ``expected`` (name -> shape)."""
+    problems = [f"missing {k}" for k in expected if k not in saved]
+    problems += [f"unexpected {k}" for k in saved if k not in expected]
+    problems += [f"{k}: saved shape {list(saved[k])}, this model expects {list(v)}"
+                 for k, v in expected.items() if k in saved and list(saved[k]) != list(v)]
+    return problems
+
+
+def summarize(problems: list[str], shown: int = 40) -> str:
+    """The first ``shown`` problems on one line, and how many more there are."""
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
+
+
 @torch.no_grad()
 def load_state_tensors(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor],
                        source: str = "state") -> None:
     """Copy ``saved`` into ``expected``; every missing, unexpected or wrongly shaped tensor is named in one error."""
-    problems = [f"missing {k}" for k in expected if k not in saved]
-    problems += [f"unexpected {k}" for k in saved if k not in expected]
-    problems += [f"{k}: saved shape {list(saved[k].shape)}, this model expects {list(v.shape)}"
-                 for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+    problems = state_fit_problems({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in saved.items()})
     if problems:
-        raise ValueError(f"{source} does not fit this base model (was it saved from another one?):\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(f"{source} does not fit this base model (was it saved from another one?): {summarize(problems)}")
     for k, v in expected.items():
         v.copy_(saved[k])

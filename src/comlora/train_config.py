@@ -45,6 +45,10 @@ class TrainConfig(ConfigDict):
     lr_scheduler: str = field(default="linear", metadata={"help": f"Decay after warm-up: one of {SCHEDULERS}."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+    max_nonfinite_steps: int = field(default=1, metadata={
+        "help": "Stop training with an error (exit code 2, the checkpoints kept) once this many consecutive optimizer "
+                "steps had a loss or gradient norm that is not finite (NaN or inf); such a step updates no weight. "
+                "1 = stop at the first (right for float32 and bfloat16)."})
     epochs: int = field(default=1, metadata={"help": "Epochs over the training items (ignored when max_steps > 0)."})
     max_steps: int = field(default=0, metadata={"help": "Optimizer steps to run; 0 = epochs * steps per epoch."})
     batch_size: int = field(default=8, metadata={"help": "Micro-batch per process."})
@@ -78,8 +82,11 @@ class TrainConfig(ConfigDict):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [x for x in getattr(self, name).split(",") if x])
         self.validate(self.integer_checks(["num_components", "r", "cutoff_len", "batch_size", "grad_accum", "epochs",
-                                           "window", "keep_checkpoints", "val_size"], 1)
-                      + self.integer_checks(["max_steps", "save_every", "warmup_steps", "train_per_task", "eval_size"], 0))
+                                           "window", "keep_checkpoints", "val_size", "max_nonfinite_steps"], 1)
+                      + self.integer_checks(["max_steps", "save_every", "warmup_steps", "train_per_task", "eval_size",
+                                             "seed"], 0)
+                      + [(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}"),
+                         (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")])
         if self.method not in METHODS:
             raise ValueError(f"TrainConfig: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.lr_scheduler not in SCHEDULERS:

@@ -3,27 +3,27 @@
 Run directory (``cfg.out``):
   config.yaml         the resolved TrainConfig
   metrics.jsonl       one line per optimizer step (loss parts, eta, per-component loss, lr, tokens/s, memory)
-  checkpoints/step-N  trainable tensors, optimizer, scheduler, RNG, position (written atomically)
+  checkpoints/step-N  trainable tensors, optimizer, scheduler, RNG, position (written atomically, fsynced)
   state/              the final method state (ComLoRA: every component + selector; LoRA: the PEFT adapter)
   winner.json         ComLoRA winner selection on the validation set; validation.json for other methods
   adapter/            the winner (or the LoRA) as a standard PEFT adapter, when the method is mergeable
   *.png               Figure 2 (per-component loss curves) and Figure 3 (lowest-loss share)
+  complete.json       written last: the run is complete (run_dir.py: the lock, atomic folders, the marker)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -38,11 +38,18 @@ from .methods import build_method, load_method
 from .model import ComLoraModel
 from .models import load_model_and_tokenizer, resolve_device
 from .processes import on_main_process
-from .storage import write_json, write_safetensors, write_text
+from .run_dir import RunError, check_run_dir, commit_folder, final_save, new_temp_folder, open_run_dir, \
+    require_complete, trained_steps
+from .storage import atomic_write, fsync_path, json_line, read_json_object, read_safetensors, write_json, \
+    write_safetensors, write_text
+from .train_config import TrainConfig, load_yaml
 from .tracking import TRACKER_PROJECT, tracker_config, tracker_logging_dir, tracker_values
-from .train_config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
+
+
+class TrainingDiverged(RunError):
+    """The loss or the gradient norm stayed non-finite for ``max_nonfinite_steps`` consecutive steps."""
 
 
 class TrainingObjective(nn.Module):
@@ -125,17 +132,21 @@ def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: in
     """Everything a resume needs, written into a temp folder that is renamed into place when complete.
     ``rng_states[i]`` is process i's ``rng_state()``."""
     final = run / CHECKPOINTS / f"step-{step:08d}"
-    tmp = run / CHECKPOINTS / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_safetensors(tmp / "trainable.safetensors", trainable_tensors(method))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    write_safetensors(tmp / "rng.safetensors",
-                      {f"process{i}.{name}": t for i, state in enumerate(rng_states) for name, t in state.items()})
-    write_json(tmp / "trainer_state.json", {"step": step, **(method.training_state() if hasattr(method, "training_state") else {})})
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    if (run / "metrics.jsonl").is_file():       # the steps it has seen are on the disk before it counts
+        fsync_path(run / "metrics.jsonl")
+    tmp = new_temp_folder(final)
+    try:
+        write_safetensors(tmp / "trainable.safetensors", trainable_tensors(method))
+        atomic_write(tmp / "optimizer.pt", lambda path: torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path))
+        write_safetensors(tmp / "rng.safetensors",
+                          {f"process{i}.{name}": t for i, state in enumerate(rng_states) for name, t in state.items()})
+        write_json(tmp / "trainer_state.json",
+                   {"step": step, **(method.training_state() if hasattr(method, "training_state") else {})})
+        commit_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)       # a full disk: free what the failed write took
+        raise
     for old in checkpoint_dirs(run)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -144,7 +155,7 @@ def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: in
 def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process_index: int = 0) -> int:
     """Restore a checkpoint in place; returns its optimizer step. Only tensors are unpickled (weights_only).
     The random state is this process's own (process 0's if the checkpoint was written by fewer processes)."""
-    saved = load_file(str(path / "trainable.safetensors"))
+    saved = read_safetensors(path / "trainable.safetensors")
     params = trainable_tensors(method)
     if set(saved) != set(params):
         raise ValueError(f"checkpoint {path} does not match this run's method: "
@@ -152,18 +163,45 @@ def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
-    states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    try:
+        states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    except Exception as err:    # noqa: BLE001  (a damaged pickle fails in many ways: EOFError, UnpicklingError, ...)
+        raise ValueError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0]}); the file is corrupt or was cut short") from err
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    rng = load_file(str(path / "rng.safetensors"))
+    rng = read_safetensors(path / "rng.safetensors")
     prefix = f"process{process_index}." if f"process{process_index}.torch" in rng else "process0."
     torch.set_rng_state(rng[prefix + "torch"])
     if torch.cuda.is_available() and prefix + "cuda" in rng:
         torch.cuda.set_rng_state(rng[prefix + "cuda"])
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_json_object(path / "trainer_state.json", "step")
     if hasattr(method, "load_training_state"):
         method.load_training_state(state)
     return state["step"]
+
+
+def resume_from_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, process_index: int = 0) -> int:
+    """Restore the newest checkpoint that loads; returns its step. A corrupt one is skipped with a warning naming
+    its problem; with none (or none readable) the run starts again from step 0, saying what was lost."""
+    problems = []
+    for path in reversed(checkpoint_dirs(run)):
+        try:
+            step = load_checkpoint(path, method, optimizer, scheduler, process_index)
+        except Exception as err:         # noqa: BLE001  (any reading failure: try the previous checkpoint)
+            problems.append(path.name)
+            if process_index == 0:
+                print(f"warning: checkpoint {path} cannot be loaded ({type(err).__name__}: "
+                      f"{(str(err).splitlines() or [''])[0]}); falling back to the previous one", file=sys.stderr)
+            continue
+        if problems and process_index == 0:
+            print(f"warning: resuming from {path.name}, the newest checkpoint that loads", file=sys.stderr)
+        return step
+    if process_index == 0:
+        found = f"none of its {len(problems)} checkpoints loads" if problems else "it has no checkpoint"
+        print(f"note: {run}: {found}, so the {trained_steps(run)} optimizer steps it recorded are lost; training "
+              f"starts again from step 0 (--save-every N writes checkpoints to resume from)", file=sys.stderr)
+    return 0
 
 
 def micro_batches(lengths: list[int], per_process: int, num_processes: int, rank: int, seed: int, epoch: int,
@@ -194,24 +232,6 @@ def validation_batches(examples: list[dict], batch_size: int, pad_token_id: int,
         yield {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
-    run = Path(cfg.out)
-    config_file = run / "config.yaml"
-    if resume:
-        if not config_file.is_file():
-            raise FileNotFoundError(f"--resume: {run} holds no run (config.yaml is missing)")
-        saved, given = yaml.safe_load(config_file.read_text()), cfg.to_dict()
-        diff = sorted(k for k in set(saved) | set(given) if k != "out" and saved.get(k) != given.get(k))
-        if diff:
-            raise ValueError(f"--resume: the options differ from the run's config.yaml in {diff}")
-        if (run / "state").is_dir():
-            raise ValueError(f"--resume: the run in {run} is already complete (it has a final state/)")
-    elif run.exists() and (not run.is_dir() or any(run.iterdir())):
-        raise FileExistsError(f"run directory {run} is not empty: choose another --out, or --resume it")
-    run.mkdir(parents=True, exist_ok=True)
-    return run
-
-
 def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | None = None,
           stop_after: int | None = None) -> Path:
     """Train ``cfg.method`` as configured; returns the run directory. ``stop_after`` ends the loop early
@@ -219,6 +239,12 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     if cfg.mixed_precision == "fp16" and resolve_device(cfg.device).type != "cuda":
         raise ValueError("--mixed-precision fp16 needs a CUDA GPU (its loss scaling is for CUDA); on this device use "
                          "--mixed-precision bf16 or no")
+    with ExitStack() as run_lock:       # the run directory's lock (run_dir.RunLock), held until training ends
+        return _train(cfg, resume, accelerator, stop_after, run_lock)
+
+
+def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop_after: int | None,
+           run_lock: ExitStack) -> Path:
     accelerator = accelerator or Accelerator(
         cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=tracker_logging_dir(cfg.out)),
@@ -229,7 +255,8 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     if cfg.method == "comlora" and cfg.method_options.get("competition") == "low_memory" and accelerator.num_processes > 1:
         raise ValueError("competition='low_memory' runs its own backward passes inside autograd, which DDP cannot "
                          "synchronise: use it with one process")
-    run = on_main_process(accelerator, prepare_run_dir, cfg, resume) or Path(cfg.out)
+    on_main_process(accelerator, check_run_dir, cfg, resume)      # reads only: --out is written once every check passed
+    run = Path(cfg.out)
     if cfg.retain_cpu_memory and accelerator.device.type == "cpu":
         retain_freed_memory()
 
@@ -240,10 +267,6 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     method = build_method(cfg, model).to(model.device)
     if cfg.gradient_checkpointing:
         method.gradient_checkpointing_enable()
-    if main and not resume:           # only once the model and the data loaded: a failed start leaves no run behind
-        write_text(run / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if cfg.report_to:
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg.to_dict()))
     if main and hasattr(method, "print_trainable_parameters"):
         method.print_trainable_parameters()
 
@@ -260,11 +283,14 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     # together: FSDP2 and DeepSpeed swap the parameters the optimizer holds, fp16 loss scaling steps through it
     objective, optimizer = accelerator.prepare(TrainingObjective(method), optimizer)
     params = [p for p in objective.parameters() if p.requires_grad]
+    lock = on_main_process(accelerator, open_run_dir, cfg, resume)    # every check passed: lock --out, write config.yaml
+    if lock is not None:
+        run_lock.enter_context(lock)
+    if cfg.report_to:
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg.to_dict()))
 
-    step = 0
-    checkpoints = checkpoint_dirs(run) if resume else []
-    if checkpoints:
-        step = load_checkpoint(checkpoints[-1], method, optimizer, scheduler, accelerator.process_index)
+    step = resume_from_checkpoint(run, method, optimizer, scheduler, accelerator.process_index) if resume else 0
+    start_step, nonfinite_steps = step, 0
     metrics_file = run / "metrics.jsonl"
     if main:   # keep only the lines of steps the restored state has seen
         lines = metrics_file.read_text().splitlines() if resume and metrics_file.exists() else []
@@ -276,6 +302,7 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
 
     lengths = [len(e["input_ids"]) for e in train_examples]
     progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"train {cfg.method}", dynamic_ncols=True)
+    run_lock.callback(progress.close)       # an error message then starts on a line of its own
     batches = (b for epoch in range(sys.maxsize)
                for b in micro_batches(lengths, cfg.batch_size, accelerator.num_processes,
                                       accelerator.process_index, cfg.seed, epoch, cfg.group_by_length))
@@ -305,16 +332,22 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
                     sums[key] = [a + b / cfg.grad_accum for a, b in zip(sums.get(key, [0.0] * len(value)), value)]
                 else:
                     sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        means = _mean_over_processes(accelerator, sums)
+        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                          else gradient_norm(params))
+        finite = math.isfinite(means["loss"]) and math.isfinite(grad_norm)
+        if finite:                      # a non-finite step updates no weight
+            optimizer.step()
+        nonfinite_steps = 0 if finite else nonfinite_steps + 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
-        record = {"step": step, **_mean_over_processes(accelerator, sums), "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, **means, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens * accelerator.num_processes / seconds, "step_seconds": seconds,
                   "peak_rss_mb": peak_rss_mb()}
+        if not finite:
+            record["skipped"] = True
         if "component_loss" in record:
             record["lowest_loss_component"] = min(range(len(record["component_loss"])),
                                                   key=record["component_loss"].__getitem__)
@@ -322,10 +355,12 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
             accelerator.log(tracker_values(record), step=step)
         if main:
             with metrics_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_line(record) + "\n")
             progress.update(1)
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("lm", "align", "pairwise", "eta") if k in record}
                                  | {"tok/s": f"{record['tokens_per_s']:.0f}"})
+        if nonfinite_steps >= cfg.max_nonfinite_steps:
+            raise TrainingDiverged(diverged_message(run, cfg, step, nonfinite_steps, means["loss"], grad_norm))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             checkpoint(step)
     progress.close()
@@ -334,6 +369,8 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
     if step < total_steps:              # stopped early on purpose: leave a checkpoint to resume from
         checkpoint(step)
         return run
+    if step > start_step and not is_sharded(accelerator):               # the last step's checkpoint: a crash in the final save resumes from it
+        checkpoint(step)
     if is_sharded(accelerator):         # finish on a whole copy of what was trained (distributed.py)
         state = full_trainable_state(method, accelerator)
         method, tokenizer = on_main_process(accelerator, unsharded_method, cfg, state) or (None, tokenizer)
@@ -372,6 +409,21 @@ def decide_early(accelerator: Accelerator, run: Path, method: ComLoraModel, opti
               f"(similarity {report.similarity}, validation loss {report.val_loss})", file=sys.stderr)
 
 
+def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """||g||_2 over every parameter's gradient (what clipping measures), without clipping."""
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def diverged_message(run: Path, cfg: TrainConfig, step: int, count: int, loss: float, grad_norm: float) -> str:
+    checkpoints = checkpoint_dirs(run)
+    kept = f"its last checkpoint, {checkpoints[-1]}, is kept" if checkpoints else "it has no checkpoint"
+    return (f"training stopped at step {step}: the loss ({loss}) or the gradient norm ({grad_norm}) was not finite "
+            f"for {count} consecutive step(s) (max_nonfinite_steps={cfg.max_nonfinite_steps}), and those steps "
+            f"updated no weight; {kept}. Lower the learning rate (lr={cfg.lr}), keep gradient clipping on "
+            f"(max_grad_norm={cfg.max_grad_norm}) or check the data, and start a new run")
+
+
 def _step_of(line: str) -> int | None:
     """The step of a metrics.jsonl line, or None for a line a kill cut short."""
     try:
@@ -391,28 +443,31 @@ def _mean_over_processes(accelerator: Accelerator, values: dict) -> dict:
 
 
 def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_examples: list[dict]) -> None:
-    """Save the final state, select the winner on the validation set, export the adapter, draw the plots."""
+    """Save the final state, select the winner on the validation set, export the adapter, draw the plots: all
+    built in RUN/.final-save, fsynced and moved into the run, then complete.json (run_dir.final_save).
+    Until then the last step's checkpoint is what a resume starts from."""
     from .plots import plot_run
 
     method.eval()
-    method.save(run / "state")              # first: nothing below may cost the trained weights
-    write_json(run / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
     batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
-    if isinstance(method, ComLoraModel):
-        report = method.select_winner(batches)
-        write_json(run / "winner.json", report.to_dict())
-        method.save(run / "state")          # again, now naming the winner
-        method.export_adapter(run / "adapter")
-    else:
-        with torch.no_grad():
-            # the LM part only (MoELoRA adds its balance term to the loss), comparable across methods
-            losses = [method.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[1]["lm"]
-                      * len(b["input_ids"]) for b in batches]
-        write_json(run / "validation.json", {"val_loss": sum(losses) / max(1, len(val_examples)),
-                                             "num_samples": len(val_examples)})
-        if getattr(method, "mergeable", False):
-            method.save(run / "adapter")
-    plot_run(run, cfg.window)
+    with final_save(run) as final:
+        write_json(final / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
+        if isinstance(method, ComLoraModel):
+            report = method.select_winner(batches)
+            write_json(final / "winner.json", report.to_dict())
+            method.save(final / "state")
+            method.export_adapter(final / "adapter")
+        else:
+            with torch.no_grad():
+                # the LM part only (MoELoRA adds its balance term to the loss), comparable across methods
+                losses = [method.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[1]["lm"]
+                          * len(b["input_ids"]) for b in batches]
+            method.save(final / "state")
+            write_json(final / "validation.json", {"val_loss": sum(losses) / max(1, len(val_examples)),
+                                                   "num_samples": len(val_examples)})
+            if getattr(method, "mergeable", False):
+                method.save(final / "adapter")
+        plot_run(run, cfg.window, into=final)
     if checkpoint_dirs(run):
         shutil.rmtree(run / CHECKPOINTS)         # the run is complete: its state/ supersedes them
 
@@ -420,14 +475,24 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
 def reload_method(run: str | Path, device: str | None = None):
     """(method model, tokenizer, TrainConfig) of a finished run, on a freshly loaded base model."""
     run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (config.yaml is missing)")
-    if not (run / "state").is_dir():
-        raise FileNotFoundError(f"{run} has no final state/ (did the run finish? resume it with --resume)")
-    cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = run_config(run)
+    require_complete(run)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device or cfg.device, dtype=cfg.dtype,
                                                 load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
     return load_method(cfg, model, run / "state").eval(), tokenizer, cfg
+
+
+def run_config(run: Path) -> TrainConfig:
+    """The TrainConfig of a run directory; a missing, corrupt or invalid config.yaml is an error naming it."""
+    config_file = Path(run) / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (config.yaml is missing)")
+    try:
+        return TrainConfig.from_dict(load_yaml(config_file))
+    except TypeError as err:
+        raise ValueError(f"{config_file}: {err}") from err
+    except ValueError as err:
+        raise ValueError(str(err) if str(config_file) in str(err) else f"{config_file}: {err}") from err
 
 
 def run_validation_batches(run: Path, cfg: TrainConfig, tokenizer, device, data: str | None = None):

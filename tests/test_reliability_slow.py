@@ -1,0 +1,139 @@
+"""Slow fault injection (`make test-slow`): kill -9 at every commit point of a run and at random moments, many
+times in a row, each followed by a resume; a real full file system (a small tmpfs) at every point of a run;
+two `comlora train` processes started on one directory. Tiny models; subprocesses where a kill is needed."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from comlora.cli import main
+from comlora.run_dir import COMPLETE_FILE
+from test_reliability import (KILL_CHILD, SRC, assert_same_run, child_env, commit_points, one_thread,  # noqa: F401
+                              run_child, train_args)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_thread):
+    from conftest import make_tiny_text_model, write_commonsense_root
+
+    root = tmp_path_factory.mktemp("reliability-slow")
+    return make_tiny_text_model(root), write_commonsense_root(root / "data")
+
+
+def finish(model_dir, data, run, *extra) -> None:
+    """Resume a killed run (or start it again if it was killed before its config.yaml existed)."""
+    main(train_args(model_dir, data, run, *extra, *(["--resume"] if (run / "config.yaml").is_file() else [])))
+
+
+def test_kill_at_every_commit_point_then_resume_ends_bitwise_equal(tiny, tmp_path, monkeypatch):
+    """A commit point is each rename into the run: every atomic file (config.yaml, each checkpoint file and folder,
+    each file of the final save, the completion marker) and each folder moved into place. The child is killed
+    just before the k-th one, for every k; the resumed run must equal the uninterrupted one bit for bit."""
+    model_dir, data = tiny
+    reference = tmp_path / "reference"
+    points = commit_points(train_args(model_dir, data, reference), reference, monkeypatch)
+    assert len(points) > 20 and points[0] == "config.yaml" and points[-1] == COMPLETE_FILE
+    for kill_at in range(1, len(points) + 1):
+        run = tmp_path / f"kill-{kill_at}"
+        assert run_child(train_args(model_dir, data, run), run, kill_at=kill_at).returncode == -9, points[kill_at - 1]
+        assert not (run / COMPLETE_FILE).exists()
+        finish(model_dir, data, run)
+        assert_same_run(reference, run)
+
+
+def test_random_kills_many_times_in_a_row_then_resume_ends_bitwise_equal(tiny, tmp_path):
+    """SIGKILL after a random delay, then resume, killed again ... until one attempt finishes (12 steps)."""
+    model_dir, data = tiny
+    extra = ("--max-steps", "12", "--save-every", "3")
+    reference = tmp_path / "reference"
+    main(train_args(model_dir, data, reference, *extra))
+    rng = random.Random(0)
+    for trial in range(3):
+        run, kills = tmp_path / f"run-{trial}", 0
+        while True:
+            resume = ["--resume"] if (run / "config.yaml").is_file() else []
+            child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, *train_args(model_dir, data, run, *extra, *resume)],
+                                     env=child_env(run),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                child.wait(timeout=rng.uniform(2.0, 25.0) if kills < 8 else None)    # then let it finish
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                kills += 1
+                continue
+            assert child.returncode == 0
+            break
+        assert kills > 0
+        assert_same_run(reference, run)
+
+
+def test_a_full_file_system_at_every_point_of_a_run(tiny, tmp_path):
+    """--out on a tmpfs too small for the run, at sizes from 'fills before config.yaml' to 'fills in the final
+    save': every attempt stops with one line naming ENOSPC (or succeeds), the folder is then enlarged and the
+    run resumed, and it ends equal to an uninterrupted run."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    model_dir, data = tiny
+    reference = tmp_path / "reference"
+    main(train_args(model_dir, data, reference))
+    need = sum(p.stat().st_size for p in reference.rglob("*") if p.is_file())
+    mount = tmp_path / "small"
+    mount.mkdir()
+    failed_in = set()
+    try:
+        for size_kib in range(8, need // 1024 + 1200, 96):
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)], check=True)
+            run = mount / "run"
+            try:
+                main(train_args(model_dir, data, run))
+                stopped = False
+            except SystemExit as err:
+                assert err.code == 2
+                stopped = True
+            if stopped:
+                failed_in.add("final save" if (run / "checkpoints" / "step-00000004").is_dir() else
+                              "checkpoint" if (run / "checkpoints").exists() else "start")
+                assert not (run / ".final-save").exists() and not list(run.glob("checkpoints/.tmp-*"))
+                subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+                finish(model_dir, data, run)
+            assert_same_run(reference, run)
+            subprocess.run(["umount", str(mount)], check=True)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False, capture_output=True)
+    assert {"checkpoint", "final save"} <= failed_in
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5, 3.0])
+def test_two_trains_started_on_one_directory(tiny, tmp_path, delay):
+    """The issue's `comlora train ... --out runs/c & sleep 0.5; comlora train ... --lr 1e-3 --out runs/c`: one
+    run finishes whole, the other is refused (exit 2, naming the holder or the non-empty folder)."""
+    model_dir, data = tiny
+    run = tmp_path / "c"
+    env = dict(os.environ, PYTHONPATH=SRC)
+    first = subprocess.Popen([sys.executable, "-m", "comlora", *train_args(model_dir, data, run, "--max-steps", "8")],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    second = subprocess.run([sys.executable, "-m", "comlora",
+                             *train_args(model_dir, data, run, "--max-steps", "8", "--lr", "0.001")],
+                            env=env, capture_output=True, text=True)
+    first_err = first.communicate(timeout=600)[1]
+    codes = sorted([first.returncode, second.returncode])
+    assert codes == [0, 2], (first_err[-500:], second.stderr[-500:])
+    loser = second if second.returncode == 2 else first
+    loser_err = loser.stderr if loser is second else first_err
+    assert "in use by another comlora process (pid" in loser_err or "is not empty" in loser_err
+    winner_lr = 0.01 if first.returncode == 0 else 0.001
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == winner_lr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9)) and (run / COMPLETE_FILE).is_file()
+    shutil.rmtree(run)
