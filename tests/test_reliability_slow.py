@@ -153,7 +153,7 @@ def test_a_full_file_system_at_every_point_of_a_run(tiny, tmp_path):
             assert_same_run(reference, run)
             subprocess.run(["umount", str(mount)], check=True)
     finally:
-        subprocess.run(["umount", str(mount)], check=False, capture_output=True)
+        subprocess.run(["umount", "--lazy", str(mount)], check=False, capture_output=True)
     assert {"checkpoint", "final save"} <= failed_in
 
 
