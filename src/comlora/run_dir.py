@@ -139,18 +139,18 @@ def new_temp_folder(final: Path) -> Path:
 @contextmanager
 def final_save(run: Path):
     """``with final_save(run) as folder:`` write every file of the final save into ``folder`` (what an interrupted
-    save left there is removed first); on leaving, ``commit_final_save`` makes it the run's. If writing fails (a
-    full disk), the folder is removed and the run stays resumable from its last checkpoint."""
+    save left there is removed first); on leaving, ``commit_final_save`` makes it the run's. If writing or moving
+    fails (a full disk), the folder is removed and the run stays resumable from its last checkpoint."""
     folder = run / FINAL_SAVE
     if folder.exists():
         remove(folder)
     folder.mkdir()
     try:
         yield folder
+        commit_final_save(run)
     except BaseException:
         remove(folder)
         raise
-    commit_final_save(run)
 
 
 def commit_final_save(run: Path) -> None:

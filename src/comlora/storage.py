@@ -74,7 +74,14 @@ def write_text(path: str | Path, text: str) -> None:
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors only (no pickle); tensors are made contiguous and moved to the CPU first."""
     cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt", **(metadata or {})}))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(cpu, tmp, metadata={"format": "pt", **(metadata or {})})
+        except SafetensorError as err:         # a full disk, as safetensors reports it
+            raise OSError(f"cannot write {path}: {err}") from err
+
+    atomic_write(path, write)
 
 
 def read_json(path: str | Path):

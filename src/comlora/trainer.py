@@ -13,6 +13,7 @@ Run directory (``cfg.out``):
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -137,8 +138,9 @@ def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: in
     tmp = new_temp_folder(final)
     try:
         write_safetensors(tmp / "trainable.safetensors", trainable_tensors(method))
-        atomic_write(tmp / "optimizer.pt", lambda path: torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path))
+        states = io.BytesIO()           # serialised in memory: torch.save reports a full disk as a RuntimeError
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, states)
+        atomic_write(tmp / "optimizer.pt", lambda path: Path(path).write_bytes(states.getbuffer()))
         write_safetensors(tmp / "rng.safetensors",
                           {f"process{i}.{name}": t for i, state in enumerate(rng_states) for name, t in state.items()})
         write_json(tmp / "trainer_state.json",
