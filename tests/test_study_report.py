@@ -407,3 +407,21 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
     assert "- `bbbb2222`: t3-comlora-k2-r8/seed-2" in text
     assert "**The recorded load averages differ a lot** (from 1.0 to 9.0 on 2 CPUs)" in text
     assert "Not yet recorded" not in section(text, "## Table 3 analogue")
+
+
+def test_a_bad_record_is_named_in_the_error(tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(yaml.safe_dump({"eval_size": ITEMS}))
+    (folder / "t3-lora-r8.yaml").write_text(yaml.safe_dump({"label": "LoRA r=8", "tables": ["table3"],
+                                                           "train": {"method": "lora", "r": 8}}))
+    results = tmp_path / "results"
+    flags = np.ones(ITEMS * len(TASKS), dtype=bool)
+    write_run(results, "t3-lora-r8", 0, {"run": eval_result(flags), "run-20260101": eval_result(flags)})
+    with pytest.raises(ValueError, match=r"seed-0/eval: expected one commonsense evaluation of the run, found"):
+        write_report(folder, results, tmp_path / "page.md", tmp_path / "fig", PAPER)
+    (results / "t3-lora-r8" / "seed-0" / "eval" / "commonsense-run-20260101.json").unlink()
+    (results / "t3-lora-r8" / "seed-0" / "winner.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"seed-0/winner.json: not valid JSON"):
+        write_report(folder, results, tmp_path / "page.md", tmp_path / "fig", PAPER)
+    assert not (tmp_path / "page.md").exists()

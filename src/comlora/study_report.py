@@ -523,8 +523,9 @@ class StudyReport:
 
     def table10(self) -> list[str]:
         lines = [f"## Table 10: every component of {self.label(MAIN)}", ""] + self.missing_line([MAIN])
+        checks = self.component_checks()
         rows, summary = [], []
-        for check in self.component_checks():
+        for check in checks:
             seed, val_loss = check.run.seed, check.run.winner.get("val_loss")
             for k, result in check.components.items():
                 rows.append([seed, f"{k}{' **(winner)**' if k == check.winner else ''}",
@@ -536,14 +537,16 @@ class StudyReport:
                             "yes" if check.winner_is_best else "no",
                             "–" if not val_loss else ("yes" if min(val_loss) == val_loss[check.winner] else "no"),
                             "–" if gap is None else f"{gap.interval()}, p {p_text(gap.p_bootstrap)}"])
-        lines += markdown_table(["seed", "component", *[c for _, c in TASKS], "average", "validation loss"], rows)
-        lines += ["", "The winner is the selector's pick (`winner.json`); the validation loss is each component's on "
-                  "the validation items.", ""]
-        lines += markdown_table(["seed", "winner", "by selector", "by validation loss", "best on the test items",
-                                 "winner best on test?", "winner lowest validation loss?",
-                                 "winner − best other, points [95% CI], p"], summary)
+        if checks:
+            lines += markdown_table(["seed", "component", *[c for _, c in TASKS], "average", "validation loss"], rows)
+            lines += ["", "The winner is the selector's pick (`winner.json`); the validation loss is each component's "
+                      "on the validation items.", ""]
+            lines += markdown_table(["seed", "winner", "by selector", "by validation loss", "best on the test items",
+                                     "winner best on test?", "winner lowest validation loss?",
+                                     "winner − best other, points [95% CI], p"], summary)
+            lines.append("")
         paper = self.paper["tables"]["table10"]
-        lines += ["", f"The paper's Table 10 ({paper['setting']}, LLaMA-3-8B):", ""]
+        lines += [f"The paper's Table 10 ({paper['setting']}, LLaMA-3-8B):", ""]
         lines += markdown_table(["component", *[c for _, c in TASKS], "average"],
                                 [[r["row"], *paper_cells(r)] for r in paper["rows"]])
         return lines + ["", *self.table10_claim(), ""]
