@@ -355,7 +355,7 @@ class StudyReport:
                  f"**{len(recorded)} of {len(planned)} planned runs recorded** "
                  f"({len(self.experiments)} experiments in `{self.experiments_dir}`, times their seeds)."]
         if recorded:
-            lines.append(f"Latest recorded run: {max(r.record.get('date', '') for r in recorded)}.")
+            lines.append(f"Latest run started {max(r.record.get('date', '') for r in recorded)}.")
         if len(commits) == 1:
             lines.append(f"All recorded runs ran at commit `{next(iter(commits))}`.")
         elif commits:
@@ -631,7 +631,7 @@ class StudyReport:
         lines = ["## Recorded runs", ""]
         if not rows:
             return lines + ["None yet.", ""]
-        return lines + markdown_table(["run", "recorded", "commit", "train s", "eval s", "steps"], rows) + [""]
+        return lines + markdown_table(["run", "started", "commit", "train s", "eval s", "steps"], rows) + [""]
 
     def markdown(self, page: Path, figures: Path, command: str) -> str:
         sections = [self.header(command), self.verdicts(), self.table3(), self.paired_lora(), self.ablations(),
