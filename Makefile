@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow demo bench clean study study-report
 
 WORDNET := /usr/share/wordnet/data.noun
 
@@ -44,3 +44,11 @@ clean:
 # The main job: ComLoRA K=2 r=8 and LoRA r=8 on SmolLM2-135M + commonsense-mini, then evaluation.
 demo: setup
 	$(VENV)/bin/comlora demo
+
+# The reproduction study (issue 10): run every experiments/study run not yet recorded in experiments/results/study
+# (a killed study resumes), then build docs/reproduction.md and its figures from the recorded runs.
+study: setup
+	$(VENV)/bin/comlora study
+
+study-report: setup
+	$(VENV)/bin/comlora study-report

@@ -268,6 +268,15 @@ def cmd_study(args: argparse.Namespace) -> None:
     run_study(args.experiments, args.work, args.results, args.only.split(",") if args.only else None, args.max_runs)
 
 
+def cmd_study_report(args: argparse.Namespace) -> None:
+    from .study_report import write_report
+
+    command = " ".join(["comlora", "study-report", "--experiments", args.experiments, "--results", args.results,
+                        "--out", args.out, "--figures", args.figures] + (["--paper", args.paper] if args.paper else []))
+    page = write_report(args.experiments, args.results, args.out, args.figures, args.paper, command)
+    print(f"written: {page} (figures in {args.figures}/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comlora", description="Competitive LoRA fine-tuning (ComLoRA) and baselines.")
     parser.add_argument("--debug", action="store_true", help="On an error, show its full traceback too.")
@@ -351,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="Comma-separated experiment names (file stems) to run.")
     p.add_argument("--max-runs", type=int, help="Stop after this many runs.")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("study-report", help="The reproduction page (tables, paired tests, verdicts, figures) from the "
+                       "recorded study runs, beside the paper's numbers.")
+    p.add_argument("--experiments", default="experiments/study", help="Folder of experiment YAML files (and base.yaml).")
+    p.add_argument("--results", default="experiments/results/study", help="Where `comlora study` recorded the runs (read only).")
+    p.add_argument("--out", default="docs/reproduction.md", help="The page to write.")
+    p.add_argument("--figures", default="docs/figures/reproduction", help="Folder for the figures' PNG files.")
+    p.add_argument("--paper", help="The paper's numbers (default: EXPERIMENTS/paper-numbers.json).")
+    p.set_defaults(func=cmd_study_report)
     for command in sub.choices.values():         # --debug also after the command
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show an error's traceback.")
     return parser

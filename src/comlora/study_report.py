@@ -1,0 +1,679 @@
+"""``comlora study-report``: the reproduction page (docs/reproduction.md) and its figures, computed from the runs
+``comlora study`` recorded (``RESULTS/<experiment>/seed-<s>/``, see study.py) and shown beside the paper's numbers
+(``experiments/study/paper-numbers.json``). No number on the page is typed: each comes from those files.
+
+Statistics (one pair of runs A, B over the evaluation items both answered and the seeds both have):
+  c_i = correctness of item i averaged over the seeds,  d_i = c_i(A) - c_i(B),  difference = 100 * mean_i d_i;
+  paired bootstrap: resample the items with replacement; 95% CI = 2.5th/97.5th percentiles of the resampled
+  difference; two-sided p = (1 + #{|d* - d| >= |d|}) / (1 + resamples), the resampled differences shifted to the
+  null of no difference;
+  sign test: n = #{i: d_i != 0}, k = #{i: d_i > 0}, p = min(1, 2 * sum_{j <= min(k, n-k)} C(n, j) / 2^n).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .study import Experiment, load_experiments
+from .storage import write_text
+from .train_config import TrainConfig
+
+TASKS = [("boolq", "BoolQ"), ("piqa", "PIQA"), ("social_i_qa", "SIQA"), ("ARC-Challenge", "ARC-c"),
+         ("ARC-Easy", "ARC-e"), ("openbookqa", "OBQA"), ("hellaswag", "HellaS"), ("winogrande", "WinoG")]
+TABLE3_ORDER = ["t3-base-model", "t3-lora-r8", "t3-lora-r16", "t3-lora-r8-2epochs", "t3-dora-r8", "t3-moelora-k2-r8",
+                "t3-teamlora-k2-r8", "t3-loratrf-r8", "t3-comlora-k2-r8", "t3-comlora-k4-r4"]
+MAIN = "t3-comlora-k2-r8"          # ComLoRA (2, 8): the full row of every ablation, Table 10, the figures
+LORA_R8 = "t3-lora-r8"             # beside it in Figure 2 and in the early-decision table
+ABLATION_TABLES = ["table5", "table6", "table7", "table8", "table9"]
+ALPHA = 0.05
+RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+PAPER_FILE = "paper-numbers.json"
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+
+def paired_bootstrap(differences, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """(2.5th percentile, 97.5th percentile, two-sided p) of mean(d) over items resampled with replacement;
+    p = (1 + #{|mean(d*) - mean(d)| >= |mean(d)|}) / (1 + resamples)."""
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError("paired_bootstrap needs a non-empty 1-D sequence of per-item differences")
+    rng = np.random.default_rng(seed)
+    observed = d.mean()
+    means = np.concatenate([d[rng.integers(0, d.size, size=(min(1000, resamples - start), d.size))].mean(axis=1)
+                            for start in range(0, resamples, 1000)])
+    extreme = np.count_nonzero(np.abs(means - observed) >= abs(observed) - 1e-12)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high), (1 + int(extreme)) / (1 + resamples)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: p = min(1, 2 * sum_{j <= min(wins, losses)} C(n, j) / 2^n), n = wins + losses."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"sign_test needs counts >= 0, got {wins} and {losses}")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, j) for j in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def binomial_upper_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    return sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+
+def item_correctness(result: dict, source: str) -> dict[tuple[str, object], tuple[str, float]]:
+    """(task, item index) -> (answer, 1.0 if correct else 0.0) of one commonsense evaluation result."""
+    out = {}
+    for task, _ in TASKS:
+        if task not in result.get("tasks", {}):
+            raise ValueError(f"{source}: no {task!r} in its evaluation (tasks: {sorted(result.get('tasks', {}))})")
+        for position, item in enumerate(result["tasks"][task]["items"]):
+            key = (task, item["index"] if item.get("index") is not None else position)
+            out[key] = (item["answer"], 1.0 if item["correct"] else 0.0)
+    return out
+
+
+def mean_correctness(results: list[tuple[dict, str]]) -> dict[tuple[str, object], tuple[str, float]]:
+    """(task, index) -> (answer, correctness averaged over the results) on the items every result answered."""
+    maps = [item_correctness(r, source) for r, source in results]
+    keys = set.intersection(*(set(m) for m in maps))
+    return {k: (maps[0][k][0], sum(m[k][1] for m in maps) / len(maps)) for k in keys}
+
+
+@dataclass
+class Paired:
+    """A paired comparison of A and B (module docstring); accuracies and difference in points."""
+
+    seeds: list[int]
+    items: int
+    accuracy_a: float
+    accuracy_b: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    p_bootstrap: float
+    a_better: int
+    b_better: int
+    p_sign: float
+
+    def interval(self) -> str:
+        """'difference [95% CI]' in points."""
+        return f"{self.difference:+.1f} [{self.ci_low:+.1f}, {self.ci_high:+.1f}]"
+
+    def outcome(self, a: str, b: str) -> str:
+        """Which of the two is better at p < ALPHA, if either."""
+        if self.p_bootstrap >= ALPHA:
+            return "not distinguishable at this scale"
+        return f"{a if self.difference > 0 else b} better"
+
+    def verdict(self, paper_sign: float = 1.0) -> str:
+        """Supported: the difference has the paper's sign and p < ALPHA; not supported: the other sign, p < ALPHA."""
+        if self.p_bootstrap >= ALPHA:
+            return "not distinguishable at this scale"
+        return "supported" if self.difference * paper_sign > 0 else "not supported (the opposite is significant)"
+
+
+def paired_comparison(a: list[tuple[dict, str]], b: list[tuple[dict, str]], seeds: list[int]) -> Paired:
+    """Compare evaluation results ``a`` and ``b`` (one per seed, as (result, source)) on their common items."""
+    ca, cb = mean_correctness(a), mean_correctness(b)
+    keys = sorted(set(ca) & set(cb), key=str)
+    if not keys:
+        raise ValueError(f"{a[0][1]} and {b[0][1]} have no evaluation item in common")
+    for k in keys:
+        if ca[k][0] != cb[k][0]:
+            raise ValueError(f"{a[0][1]} and {b[0][1]}: item {k} has answer {ca[k][0]!r} in one and {cb[k][0]!r} in "
+                             "the other; the runs were evaluated on different items")
+    d = np.array([ca[k][1] - cb[k][1] for k in keys])
+    low, high, p = paired_bootstrap(d)
+    wins, losses = int(np.count_nonzero(d > 0)), int(np.count_nonzero(d < 0))
+    return Paired(seeds=seeds, items=len(keys), accuracy_a=100 * float(np.mean([ca[k][1] for k in keys])),
+                  accuracy_b=100 * float(np.mean([cb[k][1] for k in keys])), difference=100 * float(d.mean()),
+                  ci_low=100 * low, ci_high=100 * high, p_bootstrap=p, a_better=wins, b_better=losses,
+                  p_sign=sign_test(wins, losses))
+
+
+# ---- recorded runs --------------------------------------------------------------------------------
+
+COMPONENT_FILE = re.compile(r"-component(\d+)(-winner)?")
+
+
+@dataclass
+class RecordedRun:
+    """One recorded (experiment, seed): the files ``comlora study`` wrote for it."""
+
+    experiment: str
+    seed: int
+    path: Path
+    record: dict                   # run.json
+    config: dict | None            # config.yaml (None: the base model, nothing trained)
+    parameters: dict | None
+    winner: dict | None            # winner.json (ComLoRA)
+    decision: dict | None          # decision.json (early decision)
+    evals: dict[str, dict]         # eval file name -> result
+
+    @property
+    def result(self) -> dict:
+        """The run's evaluation: the winner's for ComLoRA, else the one file."""
+        winners = [n for n in self.evals if "-winner" in n]
+        names = winners or list(self.evals)
+        if len(names) != 1:
+            raise ValueError(f"{self.path / 'eval'}: expected one commonsense evaluation of the "
+                             f"{'winner' if winners else 'run'}, found {sorted(self.evals)}")
+        return self.evals[names[0]]
+
+    @property
+    def source(self) -> str:
+        return f"{self.experiment}/seed-{self.seed}"
+
+    def components(self) -> dict[int, dict]:
+        """ComLoRA component index -> its evaluation (``components: all`` runs have one per component)."""
+        out = {}
+        for name, result in self.evals.items():
+            found = COMPONENT_FILE.search(name)
+            if found:
+                out[int(found.group(1))] = result
+        return dict(sorted(out.items()))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def load_run(experiment: str, seed: int, path: Path) -> RecordedRun:
+    optional = {name: read_json(path / f"{name}.json") if (path / f"{name}.json").is_file() else None
+                for name in ("parameters", "winner", "decision")}
+    evals = {f.stem: read_json(f) for f in sorted((path / "eval").glob("commonsense-*.json"))}
+    if not evals:
+        raise ValueError(f"{path}: recorded (run.json) but has no eval/commonsense-*.json")
+    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else None
+    return RecordedRun(experiment=experiment, seed=seed, path=path, record=read_json(path / "run.json"), config=config,
+                       evals=evals, **optional)
+
+
+def load_recorded(results: Path, experiments: list[Experiment]) -> tuple[dict[str, dict[int, RecordedRun]], list[str]]:
+    """Recorded runs of the planned (experiment, seed)s, and the recorded folders no experiment plans."""
+    planned = {e.name: set(e.seeds) for e in experiments}
+    runs: dict[str, dict[int, RecordedRun]] = {e.name: {} for e in experiments}
+    unplanned = []
+    for record in sorted(results.glob("*/seed-*/run.json")) if results.is_dir() else []:
+        folder = record.parent
+        name, seed_text = folder.parent.name, folder.name.removeprefix("seed-")
+        if not seed_text.isdigit() or int(seed_text) not in planned.get(name, set()):
+            unplanned.append(f"{name}/{folder.name}")
+            continue
+        runs[name][int(seed_text)] = load_run(name, int(seed_text), folder)
+    return runs, unplanned
+
+
+@dataclass
+class ComponentCheck:
+    """Table 10 for one ComLoRA run: its components' evaluations and whether the selector's winner was best."""
+
+    run: RecordedRun
+
+    @property
+    def components(self) -> dict[int, dict]:
+        return self.run.components()
+
+    @property
+    def winner(self) -> int:
+        return self.run.winner["winner"]
+
+    @property
+    def best(self) -> list[int]:
+        """The components with the highest average accuracy on the test items (several when tied)."""
+        top = max(r["average"] for r in self.components.values())
+        return [k for k, r in self.components.items() if r["average"] == top]
+
+    @property
+    def winner_is_best(self) -> bool:
+        return self.winner in self.best
+
+    def against_best_other(self) -> Paired | None:
+        """The winner against the best of the other components, paired on the items."""
+        others = [k for k in self.components if k != self.winner]
+        if self.winner not in self.components or not others:
+            return None
+        other = max(others, key=lambda k: self.components[k]["average"])
+        return paired_comparison([(self.components[self.winner], self.run.source)],
+                                 [(self.components[other], self.run.source)], [self.run.seed])
+
+
+# ---- formatting -----------------------------------------------------------------------------------
+
+def mean_std(values: list[float], digits: int = 1) -> str:
+    """The value for one seed, else mean ± sample standard deviation (n - 1)."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def p_text(p: float) -> str:
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def paper_cells(row: dict) -> list[str]:
+    """The paper's task values and average, in italics."""
+    return [f"*{v:.2f}*" for v in row["tasks"]] + [f"*{row['average']:.2f}*"]
+
+
+def seeds_text(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds)) + (" (one seed)" if len(seeds) == 1 else "")
+
+
+class StudyReport:
+    """The page's sections, each from the recorded runs of the experiments it needs."""
+
+    def __init__(self, experiments_dir: str | Path, results: str | Path, paper_file: str | Path | None = None):
+        self.experiments_dir, self.results = Path(experiments_dir), Path(results)
+        self.base, experiments = load_experiments(self.experiments_dir)
+        self.experiments = {e.name: e for e in experiments}
+        self.runs, self.unplanned = load_recorded(self.results, experiments)
+        self.paper_file = Path(paper_file) if paper_file else self.experiments_dir / PAPER_FILE
+        self.paper = load_paper(self.paper_file)
+        self._paired: dict[tuple[str, str], Paired | None] = {}
+
+    # ---- lookups
+    def tagged(self, table: str) -> list[str]:
+        return sorted(n for n, e in self.experiments.items() if table in e.tables)
+
+    def label(self, name: str) -> str:
+        return self.experiments[name].label if name in self.experiments else name
+
+    def missing(self, names: list[str]) -> list[str]:
+        """Lines naming the planned runs of ``names`` not yet recorded (and names no experiment file defines)."""
+        out = []
+        for name in names:
+            if name not in self.experiments:
+                out.append(f"`{name}` (no experiment file)")
+                continue
+            seeds = [s for s in self.experiments[name].seeds if s not in self.runs[name]]
+            if seeds:
+                out.append(f"`{name}` seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+        return out
+
+    def missing_line(self, names: list[str]) -> list[str]:
+        missing = self.missing(names)
+        if not missing:
+            return ["All runs of this section are recorded.", ""]
+        return [f"Not yet recorded: {'; '.join(missing)}.", ""]
+
+    def recorded(self, name: str) -> list[RecordedRun]:
+        return [self.runs[name][s] for s in sorted(self.runs.get(name, {}))]
+
+    def paired(self, a: str, b: str) -> Paired | None:
+        """``a`` vs ``b`` over the seeds both have recorded (None if there is none)."""
+        if (a, b) not in self._paired:
+            seeds = sorted(set(self.runs.get(a, {})) & set(self.runs.get(b, {})))
+            self._paired[(a, b)] = paired_comparison(
+                [(self.runs[a][s].result, self.runs[a][s].source) for s in seeds],
+                [(self.runs[b][s].result, self.runs[b][s].source) for s in seeds], seeds) if seeds else None
+        return self._paired[(a, b)]
+
+    def accuracy_cells(self, runs: list[RecordedRun]) -> list[str]:
+        """Each task's accuracy and the average (as the evaluation files record them), mean ± std over ``runs``."""
+        for run in runs:
+            absent = [task for task, _ in TASKS if task not in run.result.get("tasks", {})]
+            if absent:
+                raise ValueError(f"{run.path / 'eval'}: the evaluation has no {absent}")
+        cells = [mean_std([r.result["tasks"][task]["accuracy"] for r in runs]) for task, _ in TASKS]
+        return cells + [mean_std([r.result["average"] for r in runs])]
+
+    # ---- sections
+    def header(self, command: str) -> list[str]:
+        planned = [(n, s) for n, e in sorted(self.experiments.items()) for s in e.seeds]
+        recorded = [self.runs[n][s] for n, s in planned if s in self.runs[n]]
+        commits: dict[str, list[str]] = {}
+        for run in recorded:
+            commits.setdefault(run.record.get("commit", "unknown"), []).append(run.source)
+        b = TrainConfig.from_dict(self.base)          # the defaults filled in
+        lines = ["# Reproduction study: ComLoRA at CPU scale", "",
+                 f"*Generated by `{command}` (or `make study-report`) from the runs recorded in `{self.results}`: "
+                 "every number is computed from those files; do not edit this page by hand, regenerate it.*", "",
+                 f"**{len(recorded)} of {len(planned)} planned runs recorded** "
+                 f"({len(self.experiments)} experiments in `{self.experiments_dir}`, times their seeds)."]
+        if recorded:
+            lines.append(f"Latest run started {max(r.record.get('date', '') for r in recorded)}.")
+        if len(commits) == 1:
+            lines.append(f"All recorded runs ran at commit `{next(iter(commits))}`.")
+        elif commits:
+            lines += ["", "The recorded runs ran at different commits:", ""]
+            lines += [f"- `{c}`: {', '.join(sources)}" for c, sources in commits.items()]
+        if self.unplanned:
+            lines += ["", f"Recorded but planned by no experiment file (left out): {', '.join(self.unplanned)}."]
+        flags = recorded[0].record.get("eval_flags", []) if recorded else []
+        lines += ["", f"Setting (from `{self.experiments_dir / 'base.yaml'}`): model `{b.model}`, data `{b.data}` with "
+                  f"{b.train_per_task} training items per task ({len(TASKS) * b.train_per_task}), {b.val_size} "
+                  f"validation items, {b.eval_size} evaluation items per task (the same {len(TASKS) * b.eval_size} "
+                  f"items for every run, data_seed {b.data_seed}), {b.epochs} epoch(s) at lr {b.lr} unless a row says "
+                  f"otherwise; evaluation `{' '.join(flags) or '(no run recorded yet)'}`.",
+                  "The paper's numbers are the paper's own (LLaMA-3-8B, the full commonsense-170k set, 3 epochs, "
+                  f"averages of 5 seeds; `{self.paper_file}`): they are shown beside ours for the "
+                  "direction of each effect, not as values this scale could reach. Its ablations (Tables 5, 7-10) "
+                  "were run at K = 4; ours use ComLoRA (2, 8), its best configuration and our main one.", "",
+                  "Statistics: accuracy in %, mean ± sample standard deviation over the recorded seeds (a single "
+                  "value: one seed). Paired comparisons of two runs use the evaluation items both answered, each "
+                  "item's correctness averaged over the seeds both have: the difference of accuracy with a 95% "
+                  f"paired-bootstrap interval over items ({RESAMPLES:,} resamples, seed {BOOTSTRAP_SEED}), its "
+                  "two-sided p (the resampled differences shifted to the null), and an exact sign test on the items "
+                  "where the two differ. The bootstrap covers the sampling of evaluation items; the variation between "
+                  "training seeds shows in the ± of the tables. A claim is *supported* when the difference has the "
+                  f"paper's direction with bootstrap p < {ALPHA}, *not supported* when it has the other direction "
+                  f"with p < {ALPHA}, and *not distinguishable at this scale* otherwise. The claims are tested one by "
+                  f"one, without a correction for multiple comparisons: among {len(self.paper['claims'])} tests, "
+                  f"about one in {round(1 / ALPHA)} comes out significant by chance where there is no effect.", ""]
+        return lines
+
+    def verdicts(self) -> list[str]:
+        rows, names = [], set()
+        for claim in self.paper["claims"]:
+            better, than = claim["better"], claim["than"]
+            names |= {better, than}
+            paper_better = paper_average(self.paper, claim["table"], better)
+            paper_than = paper_average(self.paper, claim["table"], than)
+            paper = f"{paper_better:.2f} vs {paper_than:.2f} ({claim['table'].replace('table', 'Table ')})"
+            c = self.paired(better, than)
+            if c is None:
+                missing = "; ".join(self.missing([better, than])) or "no seed recorded for both"
+                rows.append([claim["claim"], paper, *["–"] * 5, f"not measured yet (missing: {missing})"])
+                continue
+            rows.append([claim["claim"], paper, f"{c.accuracy_a:.1f} vs {c.accuracy_b:.1f}",
+                         c.interval(), p_text(c.p_bootstrap),
+                         p_text(c.p_sign), seeds_text(c.seeds),
+                         f"**{c.verdict(math.copysign(1, paper_better - paper_than))}**"])
+        lines = ["## Verdicts on the paper's claims", "",
+                 "Each claim compares two runs on the same items (their common seeds); this study's accuracies are "
+                 "those of the paired items. A one-seed comparison shows the effect of the change for one "
+                 "initialisation only.", ""]
+        lines += markdown_table(["claim of the paper", "paper avg (LLaMA-3-8B)", "this study", "Δ points [95% CI]",
+                                 "p (bootstrap)", "p (sign test)", "seeds", "verdict"], rows)
+        lines += ["", *self.table10_claim(), ""]
+        return lines
+
+    def table3(self) -> list[str]:
+        names = [n for n in TABLE3_ORDER if n in self.experiments and "table3" in self.experiments[n].tables]
+        names += [n for n in self.tagged("table3") if n not in names]
+        paper_rows = {r["experiment"]: r for r in self.paper["tables"]["table3"]["rows"] if r["experiment"]}
+        rows = []
+        for name in names:
+            runs = self.recorded(name)
+            params = "–"
+            if runs and runs[0].parameters:
+                p = runs[0].parameters
+                params = f"{100 * p['adapter'] / p['base']:.2f}/{100 * p['router'] / p['base']:.2f}"
+            rows.append([self.label(name), len(runs), params, *(self.accuracy_cells(runs) if runs else ["–"] * 9)])
+            if name in paper_rows:
+                r = paper_rows[name]
+                rows.append([f"↳ *paper: {r['row']}*", "", r["params_l_s"], *paper_cells(r)])
+        lines = ["## Table 3 analogue: the methods on the 8 commonsense tasks", ""] + self.missing_line(names)
+        lines += markdown_table(["method", "seeds", "L/S %", *[c for _, c in TASKS], "average"], rows)
+        others = [r["row"] for r in self.paper["tables"]["table3"]["rows"] if not r["experiment"]]
+        lines += ["", "L/S %: trainable parameters of the adapters (L) and of the selector or router (S) as % of the "
+                  "base model (`parameters.json`). Rows in italics are the paper's (LLaMA-3-8B); it has no base-model, "
+                  "2-epoch, DoRA, MoE of LoRA, TeamLoRA or LoRATRF row, and its rows "
+                  f"{', '.join(others)} have no counterpart here.", ""]
+        return lines
+
+    def paired_lora(self) -> list[str]:
+        loras = [n for n in TABLE3_ORDER + self.tagged("table3") if n in self.experiments
+                 and (self.experiments[n].train or {}).get("method") == "lora"]
+        loras = list(dict.fromkeys(loras))
+        lines = [f"## Paired comparison: {self.label(MAIN)} against each LoRA row", ""]
+        lines += self.missing_line([MAIN, *loras])
+        rows = []
+        for name in loras:
+            c = self.paired(MAIN, name)
+            if c is None:
+                rows.append([self.label(name)] + ["–"] * 8)
+                continue
+            rows.append([self.label(name), seeds_text(c.seeds), c.items, f"{c.accuracy_a:.1f} vs {c.accuracy_b:.1f}",
+                         c.interval(), p_text(c.p_bootstrap),
+                         f"{c.a_better} / {c.b_better}", p_text(c.p_sign), c.outcome("ComLoRA", "LoRA")])
+        lines += markdown_table(["LoRA row", "seeds", "items", f"{self.label(MAIN)} vs LoRA", "Δ points [95% CI]",
+                                 "p (bootstrap)", "items better / worse", "p (sign test)", f"at p < {ALPHA}"], rows)
+        lines += ["", "Per item, correctness is averaged over the seeds both runs have; an item counts as better or "
+                  "worse when that average differs. The 2-epoch LoRA row is the control no paper has: LoRA with the "
+                  "training compute of ComLoRA K=2.", ""]
+        return lines
+
+    def ablation(self, table: str) -> list[str]:
+        spec = self.paper["tables"][table]
+        members = self.tagged(table)
+        by_experiment = {r["experiment"]: r for r in spec["rows"] if r["experiment"]}
+        names = [r["experiment"] for r in spec["rows"] if r["experiment"] in members]
+        names += [n for n in members if n not in names]
+        lines = [f"### {spec['title']}", ""]
+        if not names:
+            return lines + [f"No experiment of the study is tagged {table}.", ""]
+        lines += self.missing_line(names)
+        rows, stats = [], []
+        for name in names:
+            runs = self.recorded(name)
+            label = self.label(name) + (" (full)" if name == MAIN else "")
+            rows.append([label, len(runs), *(self.accuracy_cells(runs) if runs else ["–"] * 9)])
+            if name in by_experiment:
+                r = by_experiment[name]
+                rows.append([f"↳ *paper: {r['row']}*", "", *paper_cells(r)])
+            if name == MAIN:
+                continue
+            c = self.paired(name, MAIN)
+            paper_delta = (f"{by_experiment[name]['average'] - by_experiment[MAIN]['average']:+.2f}"
+                           if name in by_experiment and MAIN in by_experiment else "–")
+            claimed = any(cl["table"] == table and cl["better"] == MAIN and cl["than"] == name
+                          for cl in self.paper["claims"])
+            if c is None:
+                stats.append([self.label(name), "–", "–", "–", "–", paper_delta, "not measured yet"])
+            else:
+                stats.append([self.label(name), seeds_text(c.seeds), c.interval(), p_text(c.p_bootstrap),
+                              p_text(c.p_sign), paper_delta, c.verdict(paper_sign=-1) if claimed else "–"])
+        lines += markdown_table(["run", "seeds", *[c for _, c in TASKS], "average"], rows)
+        lines += ["", f"The paper's rows (italics): {spec['setting']}. Paired against the full row "
+                  "(Δ = this row − full, on the seeds both have):", ""]
+        lines += markdown_table(["run", "seeds", "Δ points [95% CI]", "p (bootstrap)", "p (sign test)",
+                                 "paper Δ (avg)", "the paper's claim (full is better)"], stats)
+        return lines + [""]
+
+    def ablations(self) -> list[str]:
+        lines = ["## Ablations (Tables 5-9) on ComLoRA (2, 8)", "",
+                 "Each row: mean ± std over its recorded seeds (most ablations have one seed, seed 0). The paired test "
+                 "of a one-seed row uses the full row's seed 0 only.", ""]
+        for table in ABLATION_TABLES:
+            lines += self.ablation(table)
+        return lines
+
+    def component_checks(self) -> list[ComponentCheck]:
+        """Per recorded seed of MAIN with its components evaluated: the selector's winner against the test items."""
+        return [ComponentCheck(run) for run in self.recorded(MAIN) if len(run.components()) > 1 and run.winner]
+
+    def table10_claim(self) -> list[str]:
+        checks = self.component_checks()
+        if not checks:
+            missing = "; ".join(self.missing([MAIN])) or "component evaluations"
+            return ["The paper's Table 10 claim (the selector's winner is the best component on the test items): "
+                    f"not measured yet (missing: {missing})."]
+        k, n = sum(c.winner_is_best for c in checks), len(checks)
+        chance = 1 / len(checks[0].components)
+        p = binomial_upper_tail(k, n, chance)
+        verdict = "supported" if p < ALPHA else "not distinguishable at this scale"
+        return [f"The paper's Table 10 claim (the selector's winner is the best component on the test items): the "
+                f"winner was the best (or tied best) in {k} of {n} recorded seeds; a random pick is best with "
+                f"probability {chance:.2f} per seed (one-sided binomial p = {p:.3f}): **{verdict}**."]
+
+    def table10(self) -> list[str]:
+        lines = [f"## Table 10: every component of {self.label(MAIN)}", ""] + self.missing_line([MAIN])
+        checks = self.component_checks()
+        rows, summary = [], []
+        for check in checks:
+            seed, val_loss = check.run.seed, check.run.winner.get("val_loss")
+            for k, result in check.components.items():
+                rows.append([seed, f"{k}{' **(winner)**' if k == check.winner else ''}",
+                             *[f"{result['tasks'][t]['accuracy']:.1f}" for t, _ in TASKS], f"{result['average']:.1f}",
+                             f"{val_loss[k]:.4f}" if val_loss else "–"])
+            gap = check.against_best_other()
+            summary.append([seed, check.winner, check.run.winner.get("winner_by_similarity"),
+                            check.run.winner.get("winner_by_loss"), ", ".join(map(str, check.best)),
+                            "yes" if check.winner_is_best else "no",
+                            "–" if not val_loss else ("yes" if min(val_loss) == val_loss[check.winner] else "no"),
+                            "–" if gap is None else f"{gap.interval()}, p {p_text(gap.p_bootstrap)}"])
+        if checks:
+            lines += markdown_table(["seed", "component", *[c for _, c in TASKS], "average", "validation loss"], rows)
+            lines += ["", "The winner is the selector's pick (`winner.json`); the validation loss is each component's "
+                      "on the validation items.", ""]
+            lines += markdown_table(["seed", "winner", "by selector", "by validation loss", "best on the test items",
+                                     "winner best on test?", "winner lowest validation loss?",
+                                     "winner − best other, points [95% CI], p"], summary)
+            lines.append("")
+        paper = self.paper["tables"]["table10"]
+        lines += [f"The paper's Table 10 ({paper['setting']}, LLaMA-3-8B):", ""]
+        lines += markdown_table(["component", *[c for _, c in TASKS], "average"],
+                                [[r["row"], *paper_cells(r)] for r in paper["rows"]])
+        return lines + ["", *self.table10_claim(), ""]
+
+    def figures(self, page: Path, figures: Path) -> list[str]:
+        from .plots import plot_loss_curves, plot_lowest_loss_share
+
+        lines = [f"## Figures 2 and 3 from the {self.label(MAIN)} runs", ""] + self.missing_line([MAIN, LORA_R8])
+        runs = self.recorded(MAIN)
+        if runs:
+            figures.mkdir(parents=True, exist_ok=True)
+        for run in runs:
+            if not (run.path / "metrics.jsonl").is_file():
+                lines += [f"Seed {run.seed}: no figure, `{run.path / 'metrics.jsonl'}` is missing.", ""]
+                continue
+            curves = {f"{self.label(MAIN)} seed {run.seed}": run.path}
+            if run.seed in self.runs.get(LORA_R8, {}) and (self.runs[LORA_R8][run.seed].path / "metrics.jsonl").is_file():
+                curves[f"{self.label(LORA_R8)} seed {run.seed}"] = self.runs[LORA_R8][run.seed].path
+            window = int((run.config or {}).get("window") or 10)
+            fig2 = plot_loss_curves(curves, figures / f"figure2-seed{run.seed}.png")
+            fig3 = plot_lowest_loss_share(run.path, figures / f"figure3-seed{run.seed}.png", window)
+            lines += [f"Seed {run.seed}: Figure 2 (training loss of each component"
+                      f"{', beside ' + self.label(LORA_R8) if len(curves) > 1 else ''}) and Figure 3 (share of the "
+                      f"steps of each window of {window} at which each component had the lowest loss).", "",
+                      f"![Figure 2, seed {run.seed}]({os.path.relpath(fig2, page.parent)}) "
+                      f"![Figure 3, seed {run.seed}]({os.path.relpath(fig3, page.parent)})", ""]
+        return lines
+
+    def early_decision(self) -> list[str]:
+        def order(name: str) -> tuple:
+            train = self.experiments[name].train or {}
+            decide = (train.get("method_options") or {}).get("decide_at")
+            return (train.get("method") == "comlora", 1.0 if decide is None else decide, name)
+
+        names = sorted(self.tagged("decide"), key=order)
+        lines = ["## Beyond the paper: the early decision (`decide_at`)", ""]
+        if not names:
+            return lines + ["No experiment of the study is tagged decide.", ""]
+        lines += self.missing_line(names)
+        rows, loads = [], {}
+        for name in names:
+            runs = self.recorded(name)
+            records = [r.record for r in runs]
+            timed = [r for r in records if r.get("load_average_start") and r.get("load_average_end")]
+            loads.update({(name, r["seed"]): (r["load_average_start"][0] + r["load_average_end"][0]) / 2 for r in timed})
+            decided = sorted({r.decision["decided_at_step"] for r in runs if r.decision})
+            steps = "/".join(map(str, sorted({r["steps"] for r in records if r.get("steps")})))
+            against = [self.paired(name, other) if name != other else None for other in (MAIN, LORA_R8)]
+            rows.append([self.label(name), len(runs), mean_std([r.result["average"] for r in runs]),
+                         f"{', '.join(map(str, decided))} of {steps}" if decided else "–",
+                         mean_std([r["train_seconds"] for r in records if r.get("train_seconds") is not None], 0),
+                         mean_std([r["tokens_per_s"] for r in records if r.get("tokens_per_s") is not None], 0),
+                         ", ".join(f"{r['load_average_start'][0]:.1f}→{r['load_average_end'][0]:.1f}"
+                                   for r in timed) or "–",
+                         *["–" if c is None else f"{c.interval()}, p {p_text(c.p_bootstrap)}" for c in against]])
+        lines += markdown_table(["run", "seeds", "average accuracy", "decided at step", "training wall time (s)",
+                                 "tokens/s", "load average (1 min) start→end, per seed", f"Δ vs {self.label(MAIN)}",
+                                 f"Δ vs {self.label(LORA_R8)}"], rows)
+        lines += ["", "Wall time and tokens/s as `run.json` records them (the training command's wall time; tokens/s "
+                  "averaged over the optimizer steps). Δ: points [95% CI], bootstrap p, paired on the seeds both have."]
+        if loads:
+            cpus = max((r.record.get("cpus") or 1) for name in names for r in self.recorded(name))
+            low, high = min(loads.values()), max(loads.values())
+            if high - low > cpus / 2:
+                lines.append(f"**The recorded load averages differ a lot** (from {low:.1f} to {high:.1f} on {cpus} "
+                             "CPUs): the machine was shared, and wall times and tokens/s measured under different load "
+                             "are not comparable; compare the accuracies, and the timings only roughly.")
+            else:
+                lines.append(f"The recorded load averages range from {low:.1f} to {high:.1f} on {cpus} CPUs; timings "
+                             "are comparable only under similar load.")
+        return lines + [""]
+
+    def run_list(self) -> list[str]:
+        rows = []
+        for name in sorted(self.runs):
+            for run in self.recorded(name):
+                rec = run.record
+                rows.append([f"`{run.source}`", rec.get("date", "–"), f"`{str(rec.get('commit', 'unknown'))[:12]}`",
+                             f"{rec['train_seconds']:.0f}" if rec.get("train_seconds") is not None else "–",
+                             f"{rec['eval_seconds']:.0f}" if rec.get("eval_seconds") is not None else "–",
+                             rec.get("steps", "–")])
+        lines = ["## Recorded runs", ""]
+        if not rows:
+            return lines + ["None yet.", ""]
+        return lines + markdown_table(["run", "started", "commit", "train s", "eval s", "steps"], rows) + [""]
+
+    def markdown(self, page: Path, figures: Path, command: str) -> str:
+        sections = [self.header(command), self.verdicts(), self.table3(), self.paired_lora(), self.ablations(),
+                    self.table10(), self.figures(page, figures), self.early_decision(), self.run_list()]
+        return "\n".join(line for section in sections for line in section).rstrip() + "\n"
+
+
+def load_paper(path: Path) -> dict:
+    """The paper's numbers (experiments/study/paper-numbers.json), checked: 8 task values per row, claims whose
+    rows exist and whose paper averages go the claimed way."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the paper's numbers are missing (experiments/study/{PAPER_FILE})")
+    paper = read_json(path)
+    for key in ("tables", "claims"):
+        if key not in paper:
+            raise ValueError(f"{path}: no {key!r}")
+    for name, table in paper["tables"].items():
+        for row in table["rows"]:
+            if len(row.get("tasks", [])) != len(TASKS) or "average" not in row:
+                raise ValueError(f"{path}: {name} row {row.get('row')!r} needs {len(TASKS)} task values and an average")
+    for claim in paper["claims"]:
+        better = paper_average(paper, claim["table"], claim["better"])
+        than = paper_average(paper, claim["table"], claim["than"])
+        if better <= than:
+            raise ValueError(f"{path}: claim {claim['claim']!r}: the paper's {claim['table']} has {better} for "
+                             f"{claim['better']} and {than} for {claim['than']}, not the claimed order")
+    return paper
+
+
+def paper_average(paper: dict, table: str, experiment: str) -> float:
+    rows = [r for r in paper["tables"].get(table, {}).get("rows", []) if r["experiment"] == experiment]
+    if len(rows) != 1:
+        raise ValueError(f"the paper's numbers: {table} has {len(rows)} rows for experiment {experiment!r} (need one)")
+    return rows[0]["average"]
+
+
+def write_report(experiments: str | Path, results: str | Path, out: str | Path, figures: str | Path,
+                 paper: str | Path | None = None, command: str | None = None) -> Path:
+    """Build the page from the recorded runs and write it (and the figures) atomically."""
+    out, figures = Path(out), Path(figures)
+    command = command or (f"comlora study-report --experiments {experiments} --results {results} --out {out} "
+                          f"--figures {figures}")
+    report = StudyReport(experiments, results, paper)
+    write_text(out, report.markdown(out, figures, command))
+    return out
