@@ -71,8 +71,16 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .model import ComLoraModel
+    from .provenance import base_model_record, write_model_card
     from .trainer import reload_method
 
+    if args.format == "gguf":
+        from .gguf_export import export_run_gguf
+
+        print(export_run_gguf(args.run, args.out, args.component, args.merge, args.outtype))
+        return
+    if args.outtype is not None:
+        raise SystemExit("error: --outtype applies to --format gguf")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} is not empty; choose a new --out (nothing was written)")
@@ -85,6 +93,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             tokenizer.save_pretrained(out)
         else:
             method.export_adapter(out, component)
+        write_model_card(out, base_model_record(cfg.model), "transformers" if args.merge else "peft")
         print(f"exported component {component}{' merged' if args.merge else ''} -> {out}")
         return
     if args.component not in (None, 0):
@@ -97,6 +106,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(out)
     else:
         method.save(out)
+    write_model_card(out, base_model_record(cfg.model), "transformers" if args.merge else "peft")
     print(f"exported {cfg.method}{' merged' if args.merge else ''} -> {out}")
 
 
@@ -106,19 +116,16 @@ def evaluation_targets(args: argparse.Namespace):
     from .models import load_model_and_tokenizer
     from .trainer import reload_method
 
+    if args.backend == "llama.cpp":
+        yield from llama_cpp_targets(args)
+        return
     if args.run:
         method, tokenizer, cfg = reload_method(args.run, device=args.device)
         name = Path(args.run).name
         if not isinstance(method, ComLoraModel):
             yield f"{name}", method, tokenizer
             return
-        if args.components == "all":
-            choice = list(range(method.config.num_components))
-        elif args.components == "winner":
-            choice = [method.resolve_component(None)]
-        else:
-            choice = [int(args.components)]
-        for k in choice:
+        for k in chosen_components(method, args.components):
             with method.use_component(k):
                 yield f"{name}-component{k}" + ("-winner" if k == method.winner else ""), method, tokenizer
         return
@@ -129,6 +136,37 @@ def evaluation_targets(args: argparse.Namespace):
         yield Path(args.adapter).name, PeftModel.from_pretrained(model, args.adapter).eval(), tokenizer
     else:
         yield f"base-{Path(args.model).name}", model.eval(), tokenizer
+
+
+def chosen_components(method, spec: str) -> list[int]:
+    """``--components``: all, winner, or one index."""
+    if spec == "all":
+        return list(range(method.config.num_components))
+    return [method.resolve_component(None if spec == "winner" else int(spec))]
+
+
+def llama_cpp_targets(args: argparse.Namespace):
+    """Yield (label, LlamaCppGenerator, None) for ``--backend llama.cpp``: a run's components or LoRA through a
+    GGUF adapter on its base GGUF, or ``--model`` (the default or a .gguf file) with an optional GGUF ``--adapter``."""
+    from .llama_cpp_backend import LlamaCppGenerator, gguf_model_path, run_generator
+    from .model import ComLoraModel
+    from .trainer import reload_method
+
+    if args.run:
+        method, _, cfg = reload_method(args.run, device="cpu")
+        name = Path(args.run).name
+        if not isinstance(method, ComLoraModel):
+            yield f"{name}-llama.cpp", run_generator(method, cfg.model), None
+            return
+        for k in chosen_components(method, args.components):
+            label = f"{name}-component{k}" + ("-winner" if k == method.winner else "") + "-llama.cpp"
+            yield label, run_generator(method, cfg.model, k), None
+        return
+    if args.adapter and Path(args.adapter).suffix != ".gguf":
+        raise ValueError(f"--backend llama.cpp takes a GGUF adapter file (comlora export RUN --format gguf), "
+                         f"not {args.adapter}")
+    label = Path(args.adapter).stem if args.adapter else f"base-{Path(args.model).name}"
+    yield f"{label}-llama.cpp", LlamaCppGenerator(gguf_model_path(args.model), args.adapter), None
 
 
 def evaluation_task(args: argparse.Namespace):
@@ -173,6 +211,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.adapter and args.run:
         raise ValueError("give --adapter or --run, not both")
+    if args.backend == "llama.cpp" and not (args.greedy or args.num_beams == 1):
+        raise ValueError("the llama.cpp backend decodes greedily (llama.cpp has no beam search): add --greedy")
+    if args.backend == "llama.cpp" and args.task == "mmlu" and args.mmlu_mode != "generate":
+        raise ValueError("the llama.cpp backend scores MMLU by generation: add --mmlu-mode generate")
     args.run_config = None
     if args.run:                      # the commonsense subset must be the run's own held-out items
         if not (Path(args.run) / "config.yaml").is_file():
@@ -190,7 +232,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     results = {}
     for label, model, tokenizer in evaluation_targets(args):
         result = evaluate(model, tokenizer)
-        result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed)
+        result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed,
+                                  backend=args.backend)
         name = f"{args.task}-{label}" + (f"-limit{args.limit}" if args.limit is not None else "")
         if (out / f"{name}.json").exists():         # never overwrite an earlier evaluation
             name += f"-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -241,8 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="Export one component (default: the winner) as a PEFT adapter or a merged model.")
     p.add_argument("run", help="Run directory.")
     p.add_argument("--component", type=int, help="Component index (default: the winner).")
-    p.add_argument("--merge", action="store_true", help="Write a merged transformers model instead of an adapter.")
-    p.add_argument("--out", required=True, help="New (or empty) output folder.")
+    p.add_argument("--merge", action="store_true", help="Write a merged model (transformers folder, or with --format "
+                   "gguf a standalone GGUF model) instead of an adapter.")
+    p.add_argument("--format", default="peft", choices=["peft", "gguf"], help="peft: a PEFT adapter folder (with "
+                   "--merge a transformers folder); gguf: one llama.cpp GGUF file (LoRA adapter for the base GGUF, or merged).")
+    p.add_argument("--outtype", help="--format gguf: tensor type of the LoRA adapter (f32 default, f16) or of the "
+                   "merged weights (f16 default, f32, q8_0; the base's other tensors are copied as they are).")
+    p.add_argument("--out", required=True, help="New (or empty) output folder; with --format gguf a new FILE.gguf.")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="Evaluate a base model, a PEFT adapter or a run's components.")
@@ -273,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=1.0, help="Beam-search length penalty.")
     g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="Forbid repeating n-grams of this size (0 = off).")
     g.add_argument("--no-bertscore", action="store_true", help="Skip BERTScore (the slowest metric).")
+    p.add_argument("--backend", default="transformers", choices=["transformers", "llama.cpp"],
+                   help="llama.cpp: generate with llama-cpp-python on the GGUF base (--model smollm2-135m or a .gguf "
+                   "file) with a GGUF --adapter, or a run's LoRA exported to GGUF; greedy only, MMLU in generate mode.")
     p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
     p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -300,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, NotImplementedError, MainProcessFailed) as err:
+    except (ValueError, OSError, ImportError, NotImplementedError, MainProcessFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 

@@ -331,25 +331,29 @@ def _mean_over_processes(accelerator: Accelerator, values: dict) -> dict:
 def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_examples: list[dict]) -> None:
     """Save the final state, select the winner on the validation set, export the adapter, draw the plots."""
     from .plots import plot_run
+    from .provenance import base_model_record, write_model_card
 
     method.eval()
     method.save(run / "state")              # first: nothing below may cost the trained weights
+    record = base_model_record(cfg.model)   # the base weights, named in winner.json and the adapter's card
     write_json(run / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
     batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
     if isinstance(method, ComLoraModel):
         report = method.select_winner(batches)
-        write_json(run / "winner.json", report.to_dict())
+        write_json(run / "winner.json", report.to_dict() | record)
         method.save(run / "state")          # again, now naming the winner
         method.export_adapter(run / "adapter")
+        write_model_card(run / "adapter", record)
     else:
         with torch.no_grad():
             # the LM part only (MoELoRA adds its balance term to the loss), comparable across methods
             losses = [method.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[1]["lm"]
                       * len(b["input_ids"]) for b in batches]
         write_json(run / "validation.json", {"val_loss": sum(losses) / max(1, len(val_examples)),
-                                             "num_samples": len(val_examples)})
+                                             "num_samples": len(val_examples)} | record)
         if getattr(method, "mergeable", False):
             method.save(run / "adapter")
+            write_model_card(run / "adapter", record)
     plot_run(run, cfg.window)
     if checkpoint_dirs(run):
         shutil.rmtree(run / CHECKPOINTS)         # the run is complete: its state/ supersedes them
