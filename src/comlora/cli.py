@@ -156,17 +156,23 @@ def llama_cpp_targets(args: argparse.Namespace):
         method, _, cfg = reload_method(args.run, device="cpu")
         name = Path(args.run).name
         if not isinstance(method, ComLoraModel):
-            yield f"{name}-llama.cpp", run_generator(method, cfg.model), None
+            yield from freed_after_use(f"{name}-llama.cpp", run_generator(method, cfg.model))
             return
         for k in chosen_components(method, args.components):
             label = f"{name}-component{k}" + ("-winner" if k == method.winner else "") + "-llama.cpp"
-            yield label, run_generator(method, cfg.model, k), None
+            yield from freed_after_use(label, run_generator(method, cfg.model, k))
         return
     if args.adapter and Path(args.adapter).suffix != ".gguf":
         raise ValueError(f"--backend llama.cpp takes a GGUF adapter file (comlora export RUN --format gguf), "
                          f"not {args.adapter}")
     label = Path(args.adapter).stem if args.adapter else f"base-{Path(args.model).name}"
-    yield f"{label}-llama.cpp", LlamaCppGenerator(gguf_model_path(args.model), args.adapter), None
+    yield from freed_after_use(f"{label}-llama.cpp", LlamaCppGenerator(gguf_model_path(args.model), args.adapter))
+
+
+def freed_after_use(label: str, generator):
+    """Yield one llama.cpp target; free its model once the caller is done with it."""
+    yield label, generator, None
+    generator.close()
 
 
 def evaluation_task(args: argparse.Namespace):

@@ -32,9 +32,10 @@ def gguf_model_path(model: str) -> Path:
 
 class LlamaCppGenerator:
     """A GGUF model, optionally with a GGUF LoRA adapter, in llama.cpp; decodes greedily (llama.cpp's greedy
-    sampler, no repetition penalty) until an end-of-generation token or ``max_new_tokens``."""
+    sampler, no repetition penalty) until an end-of-generation token or ``max_new_tokens``. ``n_ctx`` tokens of
+    context (prompt + new tokens); ``logits_all`` keeps every position's logits (n_ctx x vocab floats)."""
 
-    def __init__(self, model_path: str | Path, lora_path: str | Path | None = None, n_ctx: int = 0,
+    def __init__(self, model_path: str | Path, lora_path: str | Path | None = None, n_ctx: int = 4096,
                  n_threads: int | None = None, logits_all: bool = False) -> None:
         llama_cpp = import_llama_cpp()
         for label, path in (("model", model_path), ("adapter", lora_path)):
@@ -81,6 +82,10 @@ class LlamaCppGenerator:
             if progress is not None:
                 progress(1)
         return texts
+
+    def close(self) -> None:
+        """Free llama.cpp's model and context now (not at interpreter exit, where llama-cpp-python's finalizer fails)."""
+        self.llm.close()
 
     def next_token_logits(self, token_ids: list[int]):
         """Logits [len(token_ids), vocab] of the next token at every position (needs ``logits_all=True``)."""
