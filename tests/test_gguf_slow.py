@@ -91,6 +91,14 @@ def compare_logits(model, tokenizer, llama_adapted: LlamaCppGenerator, llama_bas
             "mean_abs_logit_diff_without_adapter": float(base_gaps.mean())}
 
 
+def test_the_demo_run_records_its_q4_1_gguf_base(comlora_run):
+    base = json.loads((comlora_run / "winner.json").read_text())["base_model"]
+    assert base["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and base["gguf_quantization"] == "Q4_1"
+    assert base["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (comlora_run / "adapter" / "README.md").read_text()
+    assert "`SmolLM2-135M-Instruct.Q4_1.gguf` (Q4_1 GGUF" in card and base["gguf_sha256"] in card
+
+
 def test_llama_cpp_logits_with_the_comlora_adapter_match_ours(comlora_run, evaluation, tmp_path):
     method, tokenizer, _ = reload_method(comlora_run, device="cpu")
     winner = method.winner

@@ -19,13 +19,14 @@ converts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
-from .provenance import base_gguf_file, base_model_record
+from .provenance import base_gguf_file, base_model_record, read_gguf
 from .storage import atomic_write
 
 ADAPTER_OUTTYPES = ("f32", "f16")
@@ -88,10 +89,13 @@ class GgufLayout:
     def arch_name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.arch]
 
+    @cached_property
+    def name_map(self) -> gguf.TensorNameMap:
+        return gguf.get_tensor_name_map(self.arch, self.num_layers)
+
     def tensor(self, module: str) -> tuple[gguf.MODEL_TENSOR, str]:
         """(kind, GGUF weight name) of a transformers module, from gguf's own name map."""
-        found = gguf.get_tensor_name_map(self.arch, self.num_layers).get_type_and_name(
-            module + ".weight", try_suffixes=(".weight",))
+        found = self.name_map.get_type_and_name(module + ".weight", try_suffixes=(".weight",))
         if found is None:
             raise ValueError(f"{module}: llama.cpp's {self.arch_name} architecture has no tensor for this module")
         return found
@@ -218,7 +222,7 @@ def write_merged_gguf(base_path: str | Path, path: str | Path, weights: list[Ada
     if outtype not in MERGED_OUTTYPES:
         raise ValueError(f"a merged GGUF model is written as one of {', '.join(MERGED_OUTTYPES)}, not {outtype!r}")
     base_path = Path(base_path)
-    reader = gguf.GGUFReader(base_path)
+    reader = read_gguf(base_path)
     check_base_gguf(reader, layout, base_path.name)
     tensors = {t.name: t for t in reader.tensors}
     merged, written = {}, {}
@@ -303,7 +307,7 @@ def export_run_gguf(run: str | Path, out: str | Path, component: int | None = No
         kinds = ", ".join(sorted(set(types.values())))
         return f"exported {label} merged into {base.name} ({len(types)} tensors now {kinds}) -> {out}"
     if base is not None:
-        reader = gguf.GGUFReader(base)
+        reader = read_gguf(base)
         check_base_gguf(reader, layout, base.name)
         present = {t.name for t in reader.tensors}
         missing = [name for _, name in (layout.tensor(w.module) for w in weights) if name not in present]

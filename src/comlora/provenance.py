@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+from functools import lru_cache
 from pathlib import Path
 
 import gguf
@@ -26,9 +27,22 @@ def base_gguf_file(model: str) -> Path | None:
     return smollm2_gguf_path() if model == DEFAULT_MODEL else None
 
 
+def read_gguf(path: str | Path) -> gguf.GGUFReader:
+    """gguf's reader of a GGUF file (memory-mapped), kept while the file is unchanged: parsing SmolLM2's
+    49k-token vocabulary takes seconds."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _gguf_reader(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _gguf_reader(path: Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
+    return gguf.GGUFReader(path)
+
+
 def gguf_quantization(path: str | Path) -> str:
     """The file type a GGUF file declares (general.file_type), e.g. 'Q4_1' for LlamaFileType.MOSTLY_Q4_1."""
-    field = gguf.GGUFReader(path).get_field(gguf.Keys.General.FILE_TYPE)
+    field = read_gguf(path).get_field(gguf.Keys.General.FILE_TYPE)
     if field is None:
         return "unknown (no general.file_type)"
     return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
