@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
+GGUF_STAMP := $(VENV)/.setup-gguf-done
 
-.PHONY: setup test test-slow demo bench clean study study-report
+.PHONY: setup setup-gguf test test-slow demo bench clean study study-report
 
 WORDNET := /usr/share/wordnet/data.noun
 
@@ -27,10 +28,18 @@ $(WORDNET):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base
 
+# llama-cpp-python (the `gguf` extra) for the slow GGUF tests and `comlora eval --backend llama.cpp`: PyPI has
+# only its source, which cmake and gcc build in about 4 minutes on 2 cores. `make test` never builds it.
+setup-gguf: $(GGUF_STAMP)
+
+$(GGUF_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -e '.[dev,gguf]'
+	touch $(GGUF_STAMP)
+
 test: setup
 	$(PY) -m pytest
 
-test-slow: setup
+test-slow: setup setup-gguf
 	$(PY) -m pytest -m slow
 
 # Side-by-side training and inference benchmark (bench/bench.py): MODE=full (SmolLM2, minutes) or quick.

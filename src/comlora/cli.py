@@ -87,6 +87,14 @@ def select_winner_again(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.format == "gguf":            # one file, written by gguf_export
+        from .gguf_export import export_run_gguf
+
+        with lock_run(args.run, "export", optional=True):
+            print(export_run_gguf(args.run, args.out, args.component, args.merge, args.outtype))
+        return
+    if args.outtype is not None:
+        raise ValueError("--outtype applies to --format gguf")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; choose a new folder (nothing was written)")
@@ -106,6 +114,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def export_into(args: argparse.Namespace, out: Path) -> str:
     """Write what ``comlora export`` asks for into ``out``; returns what was exported."""
     from .model import ComLoraModel
+    from .provenance import base_model_record, write_model_card
     from .trainer import reload_method
 
     method, tokenizer, cfg = reload_method(args.run)
@@ -117,6 +126,7 @@ def export_into(args: argparse.Namespace, out: Path) -> str:
             tokenizer.save_pretrained(out)
         else:
             method.export_adapter(out, component)
+        write_model_card(out, base_model_record(cfg.model), "transformers" if args.merge else "peft")
         return f"exported component {component}{' merged' if args.merge else ''}"
     if args.component not in (None, 0):
         raise ValueError(f"a {cfg.method} run has no components to choose from")
@@ -132,6 +142,7 @@ def export_into(args: argparse.Namespace, out: Path) -> str:
         tokenizer.save_pretrained(out)
     else:
         method.save(out)
+    write_model_card(out, base_model_record(cfg.model), "transformers" if args.merge else "peft")
     return f"exported {cfg.method}{' merged' if args.merge else ''}"
 
 
@@ -141,19 +152,16 @@ def evaluation_targets(args: argparse.Namespace):
     from .models import load_model_and_tokenizer
     from .trainer import reload_method
 
+    if args.backend == "llama.cpp":
+        yield from llama_cpp_targets(args)
+        return
     if args.run:
         method, tokenizer, cfg = reload_method(args.run, device=args.device)
         name = Path(args.run).name
         if not isinstance(method, ComLoraModel):
             yield f"{name}", method, tokenizer
             return
-        if args.components == "all":
-            choice = list(range(method.config.num_components))
-        elif args.components == "winner":
-            choice = [method.resolve_component(None)]
-        else:
-            choice = [int(args.components)]
-        for k in choice:
+        for k in chosen_components(method, args.components):
             with method.use_component(k):
                 yield f"{name}-component{k}" + ("-winner" if k == method.winner else ""), method, tokenizer
         return
@@ -164,6 +172,43 @@ def evaluation_targets(args: argparse.Namespace):
         yield Path(args.adapter).name, load_peft_adapter(model, args.adapter).eval(), tokenizer
     else:
         yield f"base-{Path(args.model).name}", model.eval(), tokenizer
+
+
+def chosen_components(method, spec: str) -> list[int]:
+    """``--components``: all, winner, or one index."""
+    if spec == "all":
+        return list(range(method.config.num_components))
+    return [method.resolve_component(None if spec == "winner" else int(spec))]
+
+
+def llama_cpp_targets(args: argparse.Namespace):
+    """Yield (label, LlamaCppGenerator, None) for ``--backend llama.cpp``: a run's components or LoRA through a
+    GGUF adapter on its base GGUF, or ``--model`` (the default or a .gguf file) with an optional GGUF ``--adapter``."""
+    from .llama_cpp_backend import LlamaCppGenerator, gguf_model_path, run_generator
+    from .model import ComLoraModel
+    from .trainer import reload_method
+
+    if args.run:
+        method, _, cfg = reload_method(args.run, device="cpu")
+        name = Path(args.run).name
+        if not isinstance(method, ComLoraModel):
+            yield from freed_after_use(f"{name}-llama.cpp", run_generator(method, cfg.model))
+            return
+        for k in chosen_components(method, args.components):
+            label = f"{name}-component{k}" + ("-winner" if k == method.winner else "") + "-llama.cpp"
+            yield from freed_after_use(label, run_generator(method, cfg.model, k))
+        return
+    if args.adapter and Path(args.adapter).suffix != ".gguf":
+        raise ValueError(f"--backend llama.cpp takes a GGUF adapter file (comlora export RUN --format gguf), "
+                         f"not {args.adapter}")
+    label = Path(args.adapter).stem if args.adapter else f"base-{Path(args.model).name}"
+    yield from freed_after_use(f"{label}-llama.cpp", LlamaCppGenerator(gguf_model_path(args.model), args.adapter))
+
+
+def freed_after_use(label: str, generator):
+    """Yield one llama.cpp target; free its model once the caller is done with it."""
+    yield label, generator, None
+    generator.close()
 
 
 def evaluation_task(args: argparse.Namespace):
@@ -219,6 +264,10 @@ def evaluate_and_write(args: argparse.Namespace) -> None:
     from .models import resolve_device
     from .trainer import run_config
 
+    if args.backend == "llama.cpp" and not (args.greedy or args.num_beams == 1):
+        raise ValueError("the llama.cpp backend decodes greedily (llama.cpp has no beam search): add --greedy")
+    if args.backend == "llama.cpp" and args.task == "mmlu" and args.mmlu_mode != "generate":
+        raise ValueError("the llama.cpp backend scores MMLU by generation: add --mmlu-mode generate")
     if args.run:                      # the commonsense subset must be the run's own held-out items
         args.run_config = run_config(Path(args.run))
         args.model = args.run_config.model
@@ -233,7 +282,8 @@ def evaluate_and_write(args: argparse.Namespace) -> None:
     results = {}
     for label, model, tokenizer in evaluation_targets(args):
         result = evaluate(model, tokenizer)
-        result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed)
+        result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed,
+                                  backend=args.backend)
         name = f"{args.task}-{label}" + (f"-limit{args.limit}" if args.limit is not None else "")
         if (out / f"{name}.json").exists():         # never overwrite an earlier evaluation
             name += f"-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -300,8 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="Export one component (default: the winner) as a PEFT adapter or a merged model.")
     p.add_argument("run", help="Run directory.")
     p.add_argument("--component", type=int, help="Component index (default: the winner).")
-    p.add_argument("--merge", action="store_true", help="Write a merged transformers model instead of an adapter.")
-    p.add_argument("--out", required=True, help="New (or empty) output folder.")
+    p.add_argument("--merge", action="store_true", help="Write a merged model (transformers folder, or with --format "
+                   "gguf a standalone GGUF model) instead of an adapter.")
+    p.add_argument("--format", default="peft", choices=["peft", "gguf"], help="peft: a PEFT adapter folder (with "
+                   "--merge a transformers folder); gguf: one llama.cpp GGUF file (LoRA adapter for the base GGUF, or merged).")
+    p.add_argument("--outtype", help="--format gguf: tensor type of the LoRA adapter (f32 default, f16) or of the "
+                   "merged weights (f16 default, f32, q8_0; the base's other tensors are copied as they are).")
+    p.add_argument("--out", required=True, help="New (or empty) output folder; with --format gguf a new FILE.gguf.")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="Evaluate a base model, a PEFT adapter or a run's components.")
@@ -332,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=1.0, help="Beam-search length penalty.")
     g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="Forbid repeating n-grams of this size (0 = off).")
     g.add_argument("--no-bertscore", action="store_true", help="Skip BERTScore (the slowest metric).")
+    p.add_argument("--backend", default="transformers", choices=["transformers", "llama.cpp"],
+                   help="llama.cpp: generate with llama-cpp-python on the GGUF base (--model smollm2-135m or a .gguf "
+                   "file) with a GGUF --adapter, or a run's LoRA exported to GGUF; greedy only, MMLU in generate mode.")
     p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
     p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")

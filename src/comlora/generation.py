@@ -11,8 +11,12 @@ def generate_texts(model, tokenizer, prompts: list[str], batch_size: int = 8, ma
     """Decode only the new tokens of each prompt's continuation; greedy when ``num_beams == 1``.
 
     ``model`` is anything with ``generate`` (a transformers model, a PeftModel, a ComLoraModel inside
-    ``use_component``); ``generate_kwargs`` pass through (length_penalty, no_repeat_ngram_size, ...).
+    ``use_component``); ``generate_kwargs`` pass through (length_penalty, no_repeat_ngram_size, ...). A model with
+    its own ``generate_texts`` (``llama_cpp_backend.LlamaCppGenerator``) tokenizes and decodes by itself.
     """
+    if hasattr(model, "generate_texts"):
+        return model.generate_texts(prompts, max_new_tokens=max_new_tokens, num_beams=num_beams, progress=progress,
+                                    **generate_kwargs)
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device

@@ -449,16 +449,19 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
     built in RUN/.final-save, fsynced and moved into the run, then complete.json (run_dir.final_save).
     Until then the last step's checkpoint is what a resume starts from."""
     from .plots import plot_run
+    from .provenance import base_model_record, write_model_card
 
     method.eval()
+    record = base_model_record(cfg.model)   # the base weights, named in winner.json and the adapter's card
     batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
     with final_save(run) as final:
         write_json(final / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
         if isinstance(method, ComLoraModel):
             report = method.select_winner(batches)
-            write_json(final / "winner.json", report.to_dict())
+            write_json(final / "winner.json", report.to_dict() | record)
             method.save(final / "state")
             method.export_adapter(final / "adapter")
+            write_model_card(final / "adapter", record)
         else:
             with torch.no_grad():
                 # the LM part only (MoELoRA adds its balance term to the loss), comparable across methods
@@ -466,9 +469,10 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
                           * len(b["input_ids"]) for b in batches]
             method.save(final / "state")
             write_json(final / "validation.json", {"val_loss": sum(losses) / max(1, len(val_examples)),
-                                                   "num_samples": len(val_examples)})
+                                                   "num_samples": len(val_examples)} | record)
             if getattr(method, "mergeable", False):
                 method.save(final / "adapter")
+                write_model_card(final / "adapter", record)
         plot_run(run, cfg.window, into=final)
     if checkpoint_dirs(run):
         shutil.rmtree(run / CHECKPOINTS)         # the run is complete: its state/ supersedes them
