@@ -132,7 +132,9 @@ def run_one(base: dict, exp: Experiment, seed: int, work: Path, results: Path) -
             previous = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else 0.0
             write_json(timing_file, {"seconds": previous + seconds, "resumed": resume or None})
         record["train_seconds"] = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else None
-        if not any((run / "eval").glob("commonsense-*.json")):
+        expected = cfg.num_components if exp.components == "all" and cfg.method == "comlora" else 1
+        if len(list((run / "eval").glob("commonsense-*.json"))) < expected:       # a kill may leave some written
+            shutil.rmtree(run / "eval", ignore_errors=True)
             argv = ["eval", "--run", str(run), "--components", exp.components, *EVAL_FLAGS]
             record["commands"].append("comlora " + " ".join(argv))
             record["eval_seconds"] = run_command(argv, log)
