@@ -133,7 +133,7 @@ def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: in
     """Everything a resume needs, written into a temp folder that is renamed into place when complete.
     ``rng_states[i]`` is process i's ``rng_state()``."""
     final = run / CHECKPOINTS / f"step-{step:08d}"
-    if (run / "metrics.jsonl").is_file():       # the steps it has seen are on the disk before it counts
+    if (run / "metrics.jsonl").exists():        # the steps it has seen are on the disk before it counts
         fsync_path(run / "metrics.jsonl")
     tmp = new_temp_folder(final)
     try:
