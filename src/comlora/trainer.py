@@ -337,7 +337,8 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
         means = _mean_over_processes(accelerator, sums)
         grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                           else gradient_norm(params))
-        finite = math.isfinite(means["loss"]) and math.isfinite(grad_norm)
+        # fp16: the GradScaler skips a step whose gradients overflowed and lowers its scale; that is no divergence
+        finite = math.isfinite(means["loss"]) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
         if finite:                      # a non-finite step updates no weight
             optimizer.step()
         nonfinite_steps = 0 if finite else nonfinite_steps + 1
