@@ -36,7 +36,7 @@ SIZES = {"quick": dict(batch=4, length=64, new_tokens=16), "full": dict(batch=4,
 
 def load_base(mode: str):
     if mode == "full":
-        from comlora.models import load_model_and_tokenizer
+        from comlora.base_models import load_model_and_tokenizer
 
         return load_model_and_tokenizer("smollm2-135m", device="cpu", dtype="float32")[0]
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -68,7 +68,7 @@ def comlora(model, k: int, **options):
 
 def sequential_step(cm, batch: dict, step: int, total: int):
     """The naive competition: one forward per component (each replaying the frozen base), same objective."""
-    from comlora.losses import sequence_losses
+    from comlora.methods.losses import sequence_losses
 
     per_component = []
     for k in range(cm.config.num_components):
@@ -89,8 +89,8 @@ def training_step_fn(variant: str, model, batch: dict):
         loss_fn = lambda step: peft_model(**batch).loss  # noqa: E731  (what a PEFT user writes)
         params = [p for p in peft_model.parameters() if p.requires_grad]
     elif variant.startswith(("moelora", "teamlora")):
-        from comlora.moelora import MoeLoraConfig, get_moelora_model
-        from comlora.teamlora import TeamLoraConfig, get_teamlora_model
+        from comlora.methods.moelora import MoeLoraConfig, get_moelora_model
+        from comlora.methods.teamlora import TeamLoraConfig, get_teamlora_model
 
         if variant.startswith("moelora"):
             wrapper = get_moelora_model(model, MoeLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
@@ -128,7 +128,7 @@ def inference_model(variant: str, model, tmp: Path):
     if variant in ("base", "base-again"):
         return model
     if variant == "moelora-k4":
-        from comlora.moelora import MoeLoraConfig, get_moelora_model
+        from comlora.methods.moelora import MoeLoraConfig, get_moelora_model
 
         return get_moelora_model(model, MoeLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
     pristine = copy.deepcopy(model)                     # the PEFT adapter goes on an untouched base

@@ -51,7 +51,7 @@ RELATED_TARGETS = ["q_proj", "v_proj", "down_proj"]    # the MoELoRA and TeamLoR
 
 
 def make_moelora_config(**overrides):
-    from comlora.moelora import MoeLoraConfig
+    from comlora.methods.moelora import MoeLoraConfig
 
     values = dict(num_experts=3, r=4, lora_alpha=8, target_modules=RELATED_TARGETS, seed=3)
     values.update(overrides)
@@ -59,7 +59,7 @@ def make_moelora_config(**overrides):
 
 
 def make_teamlora_config(**overrides):
-    from comlora.teamlora import TeamLoraConfig
+    from comlora.methods.teamlora import TeamLoraConfig
 
     values = dict(num_experts=3, r_B=2, lora_alpha=8, target_modules=RELATED_TARGETS, seed=3)
     values.update(overrides)
@@ -67,7 +67,7 @@ def make_teamlora_config(**overrides):
 
 
 def make_loratrf_config(**overrides):
-    from comlora.loratrf import LoraTrfConfig
+    from comlora.methods.loratrf import LoraTrfConfig
 
     values = dict(r=4, lora_alpha=8, filter_rank=3, seed=3)
     values.update(overrides)

@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 from comlora import ComLoraConfig, get_comlora_model
-from comlora.injection import default_target_modules
-from comlora.layers import ComLoraLinear
-from comlora.loratrf import LORATRF_DEFAULT_TARGETS, LoraTrfConfig, LoraTrfModel
-from comlora.losses import lm_head_logits, sequence_losses
-from comlora.methods import PeftLoraModel
-from comlora.moelora import MoeLoraConfig, MoeLoraModel
-from comlora.teamlora import TeamLoraConfig, TeamLoraModel
+from comlora.methods.injection import default_target_modules
+from comlora.methods.comlora.layer import ComLoraLinear
+from comlora.methods.loratrf import LORATRF_DEFAULT_TARGETS, LoraTrfConfig, LoraTrfModel
+from comlora.methods.losses import lm_head_logits, sequence_losses
+from comlora.methods.registry import PeftLoraModel
+from comlora.methods.moelora import MoeLoraConfig, MoeLoraModel
+from comlora.methods.teamlora import TeamLoraConfig, TeamLoraModel
 
 from conftest import VOCAB, logits, make_batch, randomise_lora_B
 

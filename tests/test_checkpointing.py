@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from comlora import ComLoraConfig, get_comlora_model
-from comlora.loratrf import LoraTrfModel
-from comlora.methods import PeftLoraModel
-from comlora.moelora import MoeLoraModel
-from comlora.teamlora import TeamLoraModel
+from comlora.methods.loratrf import LoraTrfModel
+from comlora.methods.registry import PeftLoraModel
+from comlora.methods.moelora import MoeLoraModel
+from comlora.methods.teamlora import TeamLoraModel
 from conftest import (make_batch, make_loratrf_config, make_moelora_config, make_teamlora_config, make_tiny_llama,
                       randomise_lora_B)
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from comlora.cli import main
-from comlora.train_config import TrainConfig
-from comlora.trainer import train
+from comlora.training.config import TrainConfig
+from comlora.training.loop import train
 
 
 def train_args(model_dir, data_root, out, *extra):
@@ -168,7 +168,7 @@ def test_compare_refuses_an_unevaluated_run(tmp_path, tiny_model_dir, commonsens
 
 def test_mmlu_and_convai2_train_and_evaluate(tmp_path, tiny_model_dir, capsys):
     """Training on MMLU-format and ConvAI2 data, and both evaluations, through the same commands (real data root)."""
-    from comlora.data import data_root
+    from comlora.data.items import data_root
 
     root = str(data_root())
     common = ["--model", str(tiny_model_dir), "--data-root", root, "--device", "cpu", "--batch-size", "4",
@@ -212,7 +212,7 @@ def test_cpu_training_and_evaluation_keep_freed_memory_unless_told_not_to(tmp_pa
                                                                           monkeypatch, flag, calls):
     called = []
     record = lambda: called.append(True) or True  # noqa: E731
-    monkeypatch.setattr("comlora.trainer.retain_freed_memory", record)
+    monkeypatch.setattr("comlora.training.loop.retain_freed_memory", record)
     monkeypatch.setattr("comlora.cpu_memory.retain_freed_memory", record)
     main(train_args(tiny_model_dir, commonsense_root, tmp_path / "run", "--method", "lora", "--max-steps", "1", *flag))
     assert len(called) == calls

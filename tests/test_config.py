@@ -48,7 +48,7 @@ def test_round_trip_and_unknown_field():
 
 
 def test_numbers_written_as_strings_are_converted_and_bad_ones_named():
-    from comlora.train_config import TrainConfig
+    from comlora.training.config import TrainConfig
 
     assert TrainConfig.from_dict({"lr": "3e-4"}).lr == 3e-4               # PyYAML reads 3e-4 as a string
     assert ComLoraConfig.from_dict({"noise_alpha": "1e-1"}).noise_alpha == 0.1

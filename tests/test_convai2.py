@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from comlora.convai2 import (INSTRUCTION, Dialogue, convai2_examples, convai2_training_items, evaluate_convai2,
+from comlora.evaluation.convai2 import (INSTRUCTION, Dialogue, convai2_examples, convai2_training_items, evaluate_convai2,
                              first_line, load_convai2, markdown_table, split_dialogues)
-from comlora.data import data_root, format_prompt, load_items
-from comlora.text_metrics import text_metrics
+from comlora.data.items import data_root, format_prompt, load_items
+from comlora.evaluation.text_metrics import text_metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "convai2" / "dialogues.txt"
 MALFORMED = Path(__file__).parent / "fixtures" / "convai2_malformed"
@@ -121,7 +121,7 @@ def test_evaluate_with_canned_generations(monkeypatch):
         seen.update(prompts=prompts, kw=kw)
         return [ex["response"] + "\nPartner: go on" if i % 2 == 0 else "i like cats ." for i, ex in enumerate(examples)]
 
-    monkeypatch.setattr("comlora.convai2.generate_texts", fake_generate)
+    monkeypatch.setattr("comlora.evaluation.convai2.generate_texts", fake_generate)
     r = evaluate_convai2(None, None, examples, num_beams=4, length_penalty=0.8, no_repeat_ngram_size=3, bertscore=False)
     assert seen["prompts"][0] == format_prompt({"instruction": examples[0]["prompt"], "input": ""})
     assert seen["kw"]["num_beams"] == 4 and seen["kw"]["length_penalty"] == 0.8 and seen["kw"]["no_repeat_ngram_size"] == 3

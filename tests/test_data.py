@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from comlora.data import (COMMONSENSE_TASKS, build_commonsense_mini, collate, data_root, format_prompt, load_items,
+from comlora.data.items import (COMMONSENSE_TASKS, build_commonsense_mini, collate, data_root, format_prompt, load_items,
                           tokenize_item)
 
 from conftest import make_tokenizer

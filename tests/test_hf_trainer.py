@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from comlora import ComLoraConfig, ComLoraTrainer, get_comlora_model
-from comlora.data import collate
+from comlora.data.items import collate
 from conftest import VOCAB, make_tiny_llama
 
 CONFIG = dict(num_components=2, r=4, lora_alpha=8, top_n=2, selector_heads=4, selector_ffn_dim=32,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from comlora.loratrf import TaskFilter, get_loratrf_model
+from comlora.methods.loratrf import TaskFilter, get_loratrf_model
 
 from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
 from conftest import make_loratrf_config as make_config

@@ -11,10 +11,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from comlora import ComLoraConfig, get_comlora_model
-from comlora.export import peft_adapter_state
-from comlora.methods import method_config
-from comlora.train_config import TrainConfig
-from comlora.trainer import train
+from comlora.methods.comlora.export import peft_adapter_state
+from comlora.methods.registry import method_config
+from comlora.training.config import TrainConfig
+from comlora.training.loop import train
 
 from conftest import make_batch, make_tiny_llama, randomise_lora_B
 
@@ -177,7 +177,7 @@ LLAMA3_8B_PARAMETERS = 8_030_261_248      # Meta-Llama-3-8B, its safetensors ind
 def test_selector_share_of_llama3_8b_as_stated_in_the_docs(ffn_dim, share):
     """The selector on LLaMA-3-8B (d = 4096, K = 2, 8 heads): attention 4 d^2 + 4 d, feed-forward 2 d f + f + d,
     two layer norms 4 d, embeddings K d. The default (f = 2048) is 1.05%; f = 6016 gives the paper's 1.45%."""
-    from comlora.selector import LoraSelector
+    from comlora.methods.comlora.selector import LoraSelector
 
     with torch.device("meta"):
         selector = LoraSelector(4096, 2, num_heads=8, ffn_dim=ffn_dim)

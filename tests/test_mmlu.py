@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from comlora.data import data_root, format_prompt as alpaca_prompt, load_items
-from comlora.mmlu import (CATEGORIES, LETTERS, SUBJECT_CATEGORIES, aggregate, evaluate_mmlu, extract_letter,
+from comlora.data.items import data_root, format_prompt as alpaca_prompt, load_items
+from comlora.evaluation.mmlu import (CATEGORIES, LETTERS, SUBJECT_CATEGORIES, aggregate, evaluate_mmlu, extract_letter,
                           format_prompt, letter_logprobs, load_mmlu, markdown_table, mmlu_training_items)
 
 from conftest import make_tiny_llama
@@ -223,7 +223,7 @@ def test_evaluate_generate_mode_with_canned_responses(monkeypatch):
         seen["prompts"] = prompts
         return [next(canned) for _ in prompts]
 
-    monkeypatch.setattr("comlora.mmlu.generate_texts", fake_generate)
+    monkeypatch.setattr("comlora.evaluation.mmlu.generate_texts", fake_generate)
     dev = load_mmlu(FIXTURES, "dev")
     r = evaluate_mmlu(None, None, items, shots_per_subject=1, dev_items=dev, mode="generate")
     assert [row["prediction"] for row in r["items"]] == ["B", "D", None, "A", "C"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from comlora.methods import method_config
-from comlora.moelora import MoeLoraLinear, expert_contrastive_loss, get_moelora_model, load_balancing_loss
-from comlora.train_config import TrainConfig
+from comlora.methods.registry import method_config
+from comlora.methods.moelora import MoeLoraLinear, expert_contrastive_loss, get_moelora_model, load_balancing_loss
+from comlora.training.config import TrainConfig
 
 from conftest import RELATED_TARGETS as TARGETS
 from conftest import make_batch, make_tiny_llama, randomise_lora_B

@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from comlora import ComLoraConfig, get_comlora_model
 from comlora.cli import main
-from comlora.models import load_model_and_tokenizer
+from comlora.base_models import load_model_and_tokenizer
 
 pytest.importorskip("bitsandbytes")
 

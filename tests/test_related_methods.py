@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from comlora.loratrf import LoraTrfModel, get_loratrf_model
-from comlora.moelora import MoeLoraModel, get_moelora_model
-from comlora.teamlora import TeamLoraModel, get_teamlora_model
+from comlora.methods.loratrf import LoraTrfModel, get_loratrf_model
+from comlora.methods.moelora import MoeLoraModel, get_moelora_model
+from comlora.methods.teamlora import TeamLoraModel, get_teamlora_model
 
 from conftest import (logits, make_batch, make_loratrf_config, make_moelora_config, make_teamlora_config,
                       make_tiny_llama, randomise_lora_B)

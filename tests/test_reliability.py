@@ -19,9 +19,9 @@ import yaml
 from safetensors.torch import load_file
 
 from comlora.cli import main
-from comlora.run_dir import COMPLETE_FILE, LOCK_FILE, RunLock, RunLocked, open_run_dir
+from comlora.training.run_dir import COMPLETE_FILE, LOCK_FILE, RunLock, RunLocked, open_run_dir
 from comlora.storage import read_json, write_json, write_text
-from comlora.train_config import TrainConfig
+from comlora.training.config import TrainConfig
 
 # A child `comlora` process that kills itself with SIGKILL just before the KILL_AT-th commit point inside the run
 # directory (an os.replace / os.rename whose target is under RUN: each atomic file, each folder, the completion
@@ -214,7 +214,7 @@ def test_the_run_directory_is_checked_again_under_the_lock(tmp_path, monkeypatch
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     (tmp_path / "run").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from comlora.run_dir import RunLock; RunLock(sys.argv[2], 'train').acquire();"
+                               "from comlora.training.run_dir import RunLock; RunLock(sys.argv[2], 'train').acquire();"
                                "print('locked', flush=True); time.sleep(600)", SRC, str(tmp_path / "run")],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -276,9 +276,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tiny, t
     """Each kind of damage to the newest checkpoint, at the loading level (what is restored, what is said); one of
     them end to end (the resumed run bitwise equal); every checkpoint damaged: training starts again from 0."""
     from comlora.cli import build_parser, train_config_from_args
-    from comlora.methods import build_method
-    from comlora.models import load_model_and_tokenizer
-    from comlora.trainer import resume_from_checkpoint, train, trainable_tensors
+    from comlora.methods.registry import build_method
+    from comlora.base_models import load_model_and_tokenizer
+    from comlora.training.loop import resume_from_checkpoint, train, trainable_tensors
 
     model_dir, data, reference = tiny
     argv = train_args(model_dir, data, tmp_path / "killed", "--save-every", "1", "--keep-checkpoints", "3")
@@ -468,8 +468,8 @@ def test_divergence_stops_with_exit_2_and_keeps_the_last_checkpoint(tiny, tmp_pa
 
 def test_non_finite_steps_are_skipped_up_to_max_nonfinite_steps(tiny, tmp_path, monkeypatch):
     """One NaN step with max_nonfinite_steps=2: that step updates no weight, the run finishes."""
-    from comlora.model import ComLoraModel
-    from comlora.trainer import train
+    from comlora.methods.comlora.model import ComLoraModel
+    from comlora.training.loop import train
 
     model_dir, data, reference = tiny
     real = ComLoraModel.training_loss

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from comlora.cli import main
-from comlora.run_dir import COMPLETE_FILE
+from comlora.training.run_dir import COMPLETE_FILE
 from test_reliability import SRC, assert_same_run, commit_points, one_thread, train_args  # noqa: F401
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from comlora.cli import main
-from comlora.train_config import TrainConfig
-from comlora.trainer import train
+from comlora.training.config import TrainConfig
+from comlora.training.loop import train
 
 
 def run_config(tmp_path, tiny_model_dir, commonsense_root, name, **extra):

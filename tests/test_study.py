@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from comlora.study import load_experiments, run_study
+from comlora.study.runner import load_experiments, run_study
 
 
 def write_study(folder, tiny_model_dir, commonsense_root):
@@ -40,10 +40,10 @@ def test_study_records_skips_and_resumes(tmp_path, tiny_model_dir, commonsense_r
     assert [i["index"] for i in base_items["tasks"]["boolq"]["items"]] == [i["index"] for i in items]   # same items
 
     # seed 1 killed after its first checkpoint: the study resumes it instead of starting over
-    from comlora.train_config import TrainConfig
-    from comlora.trainer import train
+    from comlora.training.config import TrainConfig
+    from comlora.training.loop import train
     _, experiments = load_experiments(study)
-    from comlora.study import train_config
+    from comlora.study.runner import train_config
     exp = next(e for e in experiments if e.name == "comlora")
     train(train_config(yaml.safe_load((study / "base.yaml").read_text()), exp, 1, work / "comlora" / "seed-1" / "run"),
           stop_after=2)

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-import comlora.study as study_module
+import comlora.study.runner as study_module
 from comlora.cli import main
-from comlora.study import run_study
-from comlora.study_report import TASKS, Paired, load_paper, paired_bootstrap, sign_test, write_report
+from comlora.study.runner import run_study
+from comlora.study.report import TASKS, Paired, load_paper, paired_bootstrap, sign_test, write_report
 from conftest import make_tiny_text_model, write_commonsense_root
 
 PAPER = "experiments/study/paper-numbers.json"
@@ -83,7 +83,7 @@ def test_verdict_rule():
 # ---- the paper's numbers ----------------------------------------------------------------------------
 
 def test_paper_numbers_are_consistent_and_map_to_study_experiments():
-    from comlora.study import load_experiments
+    from comlora.study.runner import load_experiments
 
     paper = load_paper(__import__("pathlib").Path(PAPER))
     _, experiments = load_experiments("experiments/study")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from comlora.methods import method_config
-from comlora.teamlora import TeamLoraConfig, TeamLoraLinear, TeamLoraModel, get_teamlora_model
-from comlora.train_config import TrainConfig
+from comlora.methods.registry import method_config
+from comlora.methods.teamlora import TeamLoraConfig, TeamLoraLinear, TeamLoraModel, get_teamlora_model
+from comlora.training.config import TrainConfig
 
 from conftest import make_teamlora_config as make_config
 from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B

@@ -1,5 +1,5 @@
 """python -m comlora (also: accelerate launch -m comlora train ...)."""
 
-from .cli import main
+from comlora.cli import main
 
 main()

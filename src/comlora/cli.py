@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 from safetensors import SafetensorError
 
-from .processes import MainProcessFailed
-from .run_dir import RunError, commit_folder, lock_run, new_temp_folder
-from .train_config import TrainConfig, apply_overrides, load_yaml
+from comlora.training.processes import MainProcessFailed
+from comlora.training.run_dir import RunError, commit_folder, lock_run, new_temp_folder
+from comlora.training.config import TrainConfig, apply_overrides, load_yaml
 
 # What reaches the user as one line "error: ..." and exit code 2 (with --debug, after the traceback): bad values,
 # files that are missing, corrupt or cut short, refusals. Anything else is a bug and shows its traceback.
@@ -54,7 +54,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .trainer import train
+    from comlora.training.loop import train
 
     cfg = train_config_from_args(args)
     run = train(cfg, resume=args.resume)
@@ -67,9 +67,9 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 def select_winner_again(args: argparse.Namespace) -> None:
-    from .model import ComLoraModel
-    from .storage import write_json
-    from .trainer import reload_method, run_validation_batches
+    from comlora.methods.comlora.model import ComLoraModel
+    from comlora.storage import write_json
+    from comlora.training.loop import reload_method, run_validation_batches
 
     method, tokenizer, cfg = reload_method(args.run)
     if not isinstance(method, ComLoraModel):
@@ -88,7 +88,7 @@ def select_winner_again(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "gguf":            # one file, written by gguf_export
-        from .gguf_export import export_run_gguf
+        from comlora.export.gguf import export_run_gguf
 
         with lock_run(args.run, "export", optional=True):
             print(export_run_gguf(args.run, args.out, args.component, args.merge, args.outtype))
@@ -113,9 +113,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def export_into(args: argparse.Namespace, out: Path) -> str:
     """Write what ``comlora export`` asks for into ``out``; returns what was exported."""
-    from .model import ComLoraModel
-    from .provenance import base_model_record, write_model_card
-    from .trainer import reload_method
+    from comlora.methods.comlora.model import ComLoraModel
+    from comlora.export.provenance import base_model_record, write_model_card
+    from comlora.training.loop import reload_method
 
     method, tokenizer, cfg = reload_method(args.run)
     if isinstance(method, ComLoraModel):
@@ -148,9 +148,9 @@ def export_into(args: argparse.Namespace, out: Path) -> str:
 
 def evaluation_targets(args: argparse.Namespace):
     """Yield (label, model, tokenizer) for every model the eval command names."""
-    from .model import ComLoraModel
-    from .models import load_model_and_tokenizer
-    from .trainer import reload_method
+    from comlora.methods.comlora.model import ComLoraModel
+    from comlora.base_models import load_model_and_tokenizer
+    from comlora.training.loop import reload_method
 
     if args.backend == "llama.cpp":
         yield from llama_cpp_targets(args)
@@ -167,7 +167,7 @@ def evaluation_targets(args: argparse.Namespace):
         return
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     if args.adapter:
-        from .saved_state import load_peft_adapter
+        from comlora.methods.saved_state import load_peft_adapter
 
         yield Path(args.adapter).name, load_peft_adapter(model, args.adapter).eval(), tokenizer
     else:
@@ -184,9 +184,9 @@ def chosen_components(method, spec: str) -> list[int]:
 def llama_cpp_targets(args: argparse.Namespace):
     """Yield (label, LlamaCppGenerator, None) for ``--backend llama.cpp``: a run's components or LoRA through a
     GGUF adapter on its base GGUF, or ``--model`` (the default or a .gguf file) with an optional GGUF ``--adapter``."""
-    from .llama_cpp_backend import LlamaCppGenerator, gguf_model_path, run_generator
-    from .model import ComLoraModel
-    from .trainer import reload_method
+    from comlora.evaluation.llama_cpp import LlamaCppGenerator, gguf_model_path, run_generator
+    from comlora.methods.comlora.model import ComLoraModel
+    from comlora.training.loop import reload_method
 
     if args.run:
         method, _, cfg = reload_method(args.run, device="cpu")
@@ -213,11 +213,11 @@ def freed_after_use(label: str, generator):
 
 def evaluation_task(args: argparse.Namespace):
     """(evaluate(model, tokenizer) -> result, markdown table function) for ``args.task``."""
-    from .data import build_commonsense_mini, data_root
+    from comlora.data.items import build_commonsense_mini, data_root
 
     root = data_root(args.data_root)
     if args.task == "commonsense":
-        from .evaluation import evaluate_commonsense, markdown_table
+        from comlora.evaluation.commonsense import evaluate_commonsense, markdown_table
 
         if args.limit is not None and args.limit > args.eval_size:
             raise ValueError(f"--limit {args.limit} exceeds --eval-size {args.eval_size} (the reserved subset)")
@@ -230,14 +230,14 @@ def evaluation_task(args: argparse.Namespace):
         return (lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, args.limit, args.batch_size,
                                                         args.max_new_tokens, 1 if args.greedy else args.num_beams)), markdown_table
     if args.task == "mmlu":
-        from .mmlu import evaluate_mmlu, load_mmlu, markdown_table
+        from comlora.evaluation.mmlu import evaluate_mmlu, load_mmlu, markdown_table
 
         subjects = args.subjects.split(",") if args.subjects else None
         items = load_mmlu(root, "test", subjects, args.limit)
         dev = load_mmlu(root, "dev", subjects) if args.shots else None
         return (lambda model, tok: evaluate_mmlu(model, tok, items, args.shots, dev, args.mmlu_mode, args.prompt_style,
                                                  args.batch_size, args.max_new_tokens)), markdown_table
-    from .convai2 import CONVAI2_FILE, convai2_examples, evaluate_convai2, load_convai2, markdown_table, split_dialogues
+    from comlora.evaluation.convai2 import CONVAI2_FILE, convai2_examples, evaluate_convai2, load_convai2, markdown_table, split_dialogues
 
     dialogues = split_dialogues(load_convai2(root / CONVAI2_FILE), seed=args.seed)[args.split]
     examples = convai2_examples(dialogues, args.history_turns)[:args.limit]
@@ -259,10 +259,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def evaluate_and_write(args: argparse.Namespace) -> None:
-    from .cpu_memory import retain_freed_memory
-    from .evaluation import write_results
-    from .models import resolve_device
-    from .trainer import run_config
+    from comlora.cpu_memory import retain_freed_memory
+    from comlora.evaluation.commonsense import write_results
+    from comlora.base_models import resolve_device
+    from comlora.training.loop import run_config
 
     if args.backend == "llama.cpp" and not (args.greedy or args.num_beams == 1):
         raise ValueError("the llama.cpp backend decodes greedily (llama.cpp has no beam search): add --greedy")
@@ -294,14 +294,14 @@ def evaluate_and_write(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from comlora.demo import run_demo
 
     run_demo(Path(args.out), limit=args.limit, config_dir=Path(args.configs))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import comparison_rows, run_summary, to_csv, to_markdown
-    from .storage import write_text
+    from comlora.compare import comparison_rows, run_summary, to_csv, to_markdown
+    from comlora.storage import write_text
 
     rows = comparison_rows([run_summary(r) for r in args.runs], tuple(args.group_by.split(",")))
     table = to_markdown(rows)
@@ -313,13 +313,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from .study import run_study
+    from comlora.study.runner import run_study
 
     run_study(args.experiments, args.work, args.results, args.only.split(",") if args.only else None, args.max_runs)
 
 
 def cmd_study_report(args: argparse.Namespace) -> None:
-    from .study_report import write_report
+    from comlora.study.report import write_report
 
     command = " ".join(["comlora", "study-report", "--experiments", args.experiments, "--results", args.results,
                         "--out", args.out, "--figures", args.figures] + (["--paper", args.paper] if args.paper else []))

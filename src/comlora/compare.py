@@ -8,8 +8,8 @@ import io
 import statistics
 from pathlib import Path
 
-from .storage import read_json_object
-from .train_config import load_yaml
+from comlora.storage import read_json_object
+from comlora.training.config import load_yaml
 
 GROUP_KEYS = ("method", "r", "num_components")
 

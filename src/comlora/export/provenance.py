@@ -14,8 +14,8 @@ from pathlib import Path
 
 import gguf
 
-from .models import DEFAULT_MODEL, smollm2_gguf_path
-from .storage import write_text
+from comlora.base_models import DEFAULT_MODEL, smollm2_gguf_path
+from comlora.storage import write_text
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CARD = "README.md"

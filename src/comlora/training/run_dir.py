@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .storage import fsync_path, write_json, write_text
+from comlora.storage import fsync_path, write_json, write_text
 
 LOCK_FILE = ".lock"
 COMPLETE_FILE = "complete.json"
@@ -189,7 +189,7 @@ def trained_steps(run: Path) -> int:
 
 def require_complete(run: Path) -> None:
     """Refuse a run whose final save did not finish, saying how to finish or restart it."""
-    from .trainer import checkpoint_dirs
+    from comlora.training.loop import checkpoint_dirs
 
     if is_complete(run):
         return
@@ -205,7 +205,7 @@ def require_complete(run: Path) -> None:
 def check_run_dir(cfg, resume: bool) -> None:
     """Refuse an ``--out`` that cannot take this run, writing nothing: a file, a folder holding anything, or
     (``resume``) a folder without a run, with other options, or complete."""
-    from .train_config import load_yaml
+    from comlora.training.config import load_yaml
 
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .models import DEFAULT_MODEL, smollm2_gguf_path
+from comlora.base_models import DEFAULT_MODEL, smollm2_gguf_path
 
 INSTALL_HINT = "pip install 'comlora[gguf]' (builds llama-cpp-python from source; or `make setup-gguf`)"
 
@@ -99,8 +99,8 @@ class LlamaCppGenerator:
 def run_generator(method, model: str, component: int | None = None, **kwargs) -> LlamaCppGenerator:
     """llama.cpp with the base GGUF of a run's base ``model`` and the run's LoRA (ComLoRA: ``component``, default
     the winner) exported to a temporary GGUF adapter (llama.cpp reads it fully when loading)."""
-    from .gguf_export import GgufLayout, adapted_weights, write_lora_gguf
-    from .provenance import base_gguf_file
+    from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf
+    from comlora.export.provenance import base_gguf_file
 
     base = base_gguf_file(model)
     if base is None:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from .storage import write_json, write_text
-from .train_config import TrainConfig, load_yaml
+from comlora.storage import write_json, write_text
+from comlora.training.config import TrainConfig, load_yaml
 
 BASE_FILE = "base.yaml"
 EVAL_FLAGS = ["--greedy", "--max-new-tokens", "16", "--batch-size", "8"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .storage import read_json_object, safetensors_shapes, state_fit_problems, summarize
+from comlora.storage import read_json_object, safetensors_shapes, state_fit_problems, summarize
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .losses import IGNORE_INDEX
+from comlora.methods.losses import IGNORE_INDEX
 
 COMMONSENSE_TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa"]
 

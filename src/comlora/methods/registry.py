@@ -14,16 +14,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpointing import ActivationCheckpointing
-from .config import ComLoraConfig
-from .injection import find_target_modules, resolve_target_modules
-from .loratrf import LoraTrfConfig, LoraTrfModel
-from .losses import mean_lm_loss
-from .model import ComLoraModel
-from .moelora import MoeLoraConfig, MoeLoraModel
-from .teamlora import TeamLoraConfig, TeamLoraModel
-from .saved_state import load_peft_adapter
-from .train_config import TrainConfig
+from comlora.methods.checkpointing import ActivationCheckpointing
+from comlora.methods.comlora.config import ComLoraConfig
+from comlora.methods.injection import find_target_modules, resolve_target_modules
+from comlora.methods.loratrf import LoraTrfConfig, LoraTrfModel
+from comlora.methods.losses import mean_lm_loss
+from comlora.methods.comlora.model import ComLoraModel
+from comlora.methods.moelora import MoeLoraConfig, MoeLoraModel
+from comlora.methods.teamlora import TeamLoraConfig, TeamLoraModel
+from comlora.methods.saved_state import load_peft_adapter
+from comlora.training.config import TrainConfig
 
 
 class PeftLoraModel(ActivationCheckpointing, nn.Module):

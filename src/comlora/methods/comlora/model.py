@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpointing import ActivationCheckpointing
-from .config import ComLoraConfig
-from .injection import inject_linear_layers, with_resolved_targets
-from .layers import ComLoraLinear
-from .losses import add_noise, alignment_loss, anneal_eta, pairwise_loss, sequence_losses
-from .selector import LoraSelector
-from .saved_state import check_weights_fit, config_from_file
-from .storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
+from comlora.methods.checkpointing import ActivationCheckpointing
+from comlora.methods.comlora.config import ComLoraConfig
+from comlora.methods.injection import inject_linear_layers, with_resolved_targets
+from comlora.methods.comlora.layer import ComLoraLinear
+from comlora.methods.losses import add_noise, alignment_loss, anneal_eta, pairwise_loss, sequence_losses
+from comlora.methods.comlora.selector import LoraSelector
+from comlora.methods.saved_state import check_weights_fit, config_from_file
+from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
 
 STATE_CONFIG = "comlora_config.json"
 STATE_WEIGHTS = "comlora_model.safetensors"
@@ -297,14 +297,14 @@ class ComLoraModel(ActivationCheckpointing, nn.Module):
 
     def export_adapter(self, path: str | Path, component: int | None = None) -> Path:
         """Write component ``component`` (default: the winner) as a standard PEFT LoRA adapter."""
-        from .export import write_peft_adapter
+        from comlora.methods.comlora.export import write_peft_adapter
 
         return write_peft_adapter(self, self.resolve_component(component), path)
 
     def merge(self, component: int | None = None, inplace: bool = False) -> nn.Module:
         """A plain transformers model with W = W0 + (alpha/r) (A_k B_k)^T; ``inplace`` reuses (and
         consumes) this model's base to save memory, otherwise a copy is merged and this model stays usable."""
-        from .export import merge_component
+        from comlora.methods.comlora.export import merge_component
 
         return merge_component(self, self.resolve_component(component), inplace)
 

@@ -10,11 +10,11 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from .quantization import merged_base
-from .storage import write_json, write_safetensors
+from comlora.quantization import merged_base
+from comlora.storage import write_json, write_safetensors
 
 if TYPE_CHECKING:
-    from .model import ComLoraModel
+    from comlora.methods.comlora.model import ComLoraModel
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"

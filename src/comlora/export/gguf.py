@@ -26,8 +26,8 @@ import gguf
 import numpy as np
 import torch
 
-from .provenance import base_gguf_file, base_model_record, read_gguf
-from .storage import atomic_write
+from comlora.export.provenance import base_gguf_file, base_model_record, read_gguf
+from comlora.storage import atomic_write
 
 ADAPTER_OUTTYPES = ("f32", "f16")
 MERGED_OUTTYPES = ("f16", "f32", "q8_0")
@@ -115,8 +115,8 @@ def adapted_weights(method, component: int | None = None) -> tuple[list[AdaptedW
     PEFT LoRA; the other methods have no LoRA form."""
     from peft.tuners.lora import LoraLayer
 
-    from .methods import PeftLoraModel
-    from .model import ComLoraModel
+    from comlora.methods.registry import PeftLoraModel
+    from comlora.methods.comlora.model import ComLoraModel
 
     if isinstance(method, ComLoraModel):
         k = method.resolve_component(component)
@@ -282,7 +282,7 @@ def export_run_gguf(run: str | Path, out: str | Path, component: int | None = No
                     outtype: str | None = None) -> str:
     """``comlora export RUN --format gguf``: the winner (or ``component``) of a ComLoRA run, or a plain LoRA run,
     as a GGUF LoRA adapter, or with ``merge`` as a standalone GGUF model. Returns a one-line summary."""
-    from .trainer import reload_method
+    from comlora.training.loop import reload_method
 
     out = Path(out)
     if out.suffix != ".gguf":

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .study import Experiment, load_experiments
-from .storage import write_text
-from .train_config import TrainConfig
+from comlora.study.runner import Experiment, load_experiments
+from comlora.storage import write_text
+from comlora.training.config import TrainConfig
 
 TASKS = [("boolq", "BoolQ"), ("piqa", "PIQA"), ("social_i_qa", "SIQA"), ("ARC-Challenge", "ARC-c"),
          ("ARC-Easy", "ARC-e"), ("openbookqa", "OBQA"), ("hellaswag", "HellaS"), ("winogrande", "WinoG")]
@@ -552,7 +552,7 @@ class StudyReport:
         return lines + ["", *self.table10_claim(), ""]
 
     def figures(self, page: Path, figures: Path) -> list[str]:
-        from .plots import plot_loss_curves, plot_lowest_loss_share
+        from comlora.plots import plot_loss_curves, plot_lowest_loss_share
 
         lines = [f"## Figures 2 and 3 from the {self.label(MAIN)} runs", ""] + self.missing_line([MAIN, LORA_R8])
         runs = self.recorded(MAIN)

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_state import AdapterModel
-from .injection import inject_linear_layers, with_resolved_targets
-from .layers import linear_dims
-from .losses import mean_lm_loss
-from .config import TARGET_MODULES_HELP, ConfigDict
+from comlora.methods.base import AdapterModel
+from comlora.methods.injection import inject_linear_layers, with_resolved_targets
+from comlora.methods.comlora.layer import linear_dims
+from comlora.methods.losses import mean_lm_loss
+from comlora.methods.comlora.config import TARGET_MODULES_HELP, ConfigDict
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .config import DEFAULT_TARGET_MODULES
-from .layers import ADAPTABLE_LAYERS
+from comlora.methods.comlora.config import DEFAULT_TARGET_MODULES
+from comlora.methods.comlora.layer import ADAPTABLE_LAYERS
 
 # The paper's choice (q, k, v, up, down) in each naming where it fits, tried in order: Llama-style
 # names (Llama, Mistral, Qwen2/3, Gemma 1-3, Cohere ...), then Phi-3's fused projections, adapted as

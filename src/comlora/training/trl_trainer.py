@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-from .hf_trainer import CompetitionObjective, ComLoraTrainerMixin
-from .model import ComLoraModel
+from comlora.training.hf_trainer import CompetitionObjective, ComLoraTrainerMixin
+from comlora.methods.comlora.model import ComLoraModel
 
 try:
     from trl import SFTTrainer

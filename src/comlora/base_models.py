@@ -97,7 +97,7 @@ def load_model_and_tokenizer(name: str = DEFAULT_MODEL, device: str | None = Non
                              load_in_4bit: bool = False, load_in_8bit: bool = False):
     """(model, tokenizer) ready for training or evaluation; the tokenizer gets a pad token if it has none.
     ``load_in_4bit`` / ``load_in_8bit`` quantize the linear layers with bitsandbytes (``quantization.py``)."""
-    from .quantization import bnb_quantization_config
+    from comlora.quantization import bnb_quantization_config
 
     path = resolve_model_path(name)
     dev = resolve_device(device)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .data import format_prompt
-from .generation import generate_texts
-from .storage import write_json, write_text
+from comlora.data.items import format_prompt
+from comlora.evaluation.generation import generate_texts
+from comlora.storage import write_json, write_text
 
 ANSWER_PATTERNS = {
     "boolq": r"true|false",

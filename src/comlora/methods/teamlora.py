@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter_state import AdapterModel
-from .injection import inject_linear_layers, with_resolved_targets
-from .layers import linear_dims
-from .losses import mean_lm_loss
-from .config import TARGET_MODULES_HELP, ConfigDict
+from comlora.methods.base import AdapterModel
+from comlora.methods.injection import inject_linear_layers, with_resolved_targets
+from comlora.methods.comlora.layer import linear_dims
+from comlora.methods.losses import mean_lm_loss
+from comlora.methods.comlora.config import TARGET_MODULES_HELP, ConfigDict
 
 ROUTER_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 INTERACTION_MODES = ("learned", "frozen", "off")

@@ -29,22 +29,22 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
-from .cpu_memory import peak_rss_mb, retain_freed_memory
-from .data import build_commonsense_mini, collate, data_root, load_items, tokenize_item
-from .distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options, unsharded_method,
+from comlora.evaluation.convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
+from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
+from comlora.data.items import build_commonsense_mini, collate, data_root, load_items, tokenize_item
+from comlora.training.distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options, unsharded_method,
                           use_fsdp_on_cpu)
-from .mmlu import mmlu_training_items
-from .methods import build_method, load_method
-from .model import ComLoraModel
-from .models import load_model_and_tokenizer, resolve_device
-from .processes import on_main_process
-from .run_dir import RunError, check_run_dir, commit_folder, final_save, new_temp_folder, open_run_dir, \
+from comlora.evaluation.mmlu import mmlu_training_items
+from comlora.methods.registry import build_method, load_method
+from comlora.methods.comlora.model import ComLoraModel
+from comlora.base_models import load_model_and_tokenizer, resolve_device
+from comlora.training.processes import on_main_process
+from comlora.training.run_dir import RunError, check_run_dir, commit_folder, final_save, new_temp_folder, open_run_dir, \
     require_complete, trained_steps
-from .storage import atomic_write, fsync_path, json_line, read_json_object, read_safetensors, write_json, \
+from comlora.storage import atomic_write, fsync_path, json_line, read_json_object, read_safetensors, write_json, \
     write_safetensors, write_text
-from .train_config import TrainConfig, load_yaml
-from .tracking import TRACKER_PROJECT, tracker_config, tracker_logging_dir, tracker_values
+from comlora.training.config import TrainConfig, load_yaml
+from comlora.training.tracking import TRACKER_PROJECT, tracker_config, tracker_logging_dir, tracker_values
 
 CHECKPOINTS = "checkpoints"
 
@@ -449,8 +449,8 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
     """Save the final state, select the winner on the validation set, export the adapter, draw the plots: all
     built in RUN/.final-save, fsynced and moved into the run, then complete.json (run_dir.final_save).
     Until then the last step's checkpoint is what a resume starts from."""
-    from .plots import plot_run
-    from .provenance import base_model_record, write_model_card
+    from comlora.plots import plot_run
+    from comlora.export.provenance import base_model_record, write_model_card
 
     method.eval()
     record = base_model_record(cfg.model)   # the base weights, named in winner.json and the adapter's card

@@ -63,8 +63,8 @@ def full_trainable_state(method: nn.Module, accelerator: Accelerator) -> dict[st
 
 def unsharded_method(cfg, state: dict[str, torch.Tensor]) -> tuple[nn.Module, object]:
     """(the method on a freshly loaded base with ``state`` copied into its trainable tensors, tokenizer)."""
-    from .methods import build_method
-    from .models import load_model_and_tokenizer
+    from comlora.methods.registry import build_method
+    from comlora.base_models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                                 load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigDict
+from comlora.methods.comlora.config import ConfigDict
 
 METHODS = ("comlora", "lora", "dora", "moelora", "teamlora", "loratrf")
 SCHEDULERS = ("linear", "cosine", "constant")

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpointing import ActivationCheckpointing
-from .saved_state import check_weights_fit, config_from_file
-from .storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
+from comlora.methods.checkpointing import ActivationCheckpointing
+from comlora.methods.saved_state import check_weights_fit, config_from_file
+from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
 
 
 class AdapterModel(ActivationCheckpointing, nn.Module):

@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from .losses import IGNORE_INDEX
-from .model import STATE_CONFIG, STATE_WEIGHTS, ComLoraModel, WinnerReport
-from .storage import load_state_tensors, write_json
+from comlora.methods.losses import IGNORE_INDEX
+from comlora.methods.comlora.model import STATE_CONFIG, STATE_WEIGHTS, ComLoraModel, WinnerReport
+from comlora.storage import load_state_tensors, write_json
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 

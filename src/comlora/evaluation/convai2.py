@@ -11,9 +11,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .data import format_prompt
-from .generation import generate_texts
-from .text_metrics import TABLE_METRICS, text_metrics
+from comlora.data.items import format_prompt
+from comlora.evaluation.generation import generate_texts
+from comlora.evaluation.text_metrics import TABLE_METRICS, text_metrics
 
 PERSONA_PREFIX = "your persona: "
 INSTRUCTION = "Continue the conversation as the person described by this persona. Reply with one message."

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_state import AdapterModel
-from .config import ConfigDict
-from .injection import inject_linear_layers, with_resolved_targets
-from .losses import mean_lm_loss
-from .layers import ComLoraLinear
+from comlora.methods.base import AdapterModel
+from comlora.methods.comlora.config import ConfigDict
+from comlora.methods.injection import inject_linear_layers, with_resolved_targets
+from comlora.methods.losses import mean_lm_loss
+from comlora.methods.comlora.layer import ComLoraLinear
 
 LORATRF_TARGET_MODULES = ["o_proj", "gate_proj", "up_proj", "down_proj"]
 # The paper's W_o (attention output), W_f1 and W_f2 (MLP) under each naming, tried in order.

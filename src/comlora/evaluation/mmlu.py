@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import format_prompt as alpaca_prompt
-from .generation import generate_texts
+from comlora.data.items import format_prompt as alpaca_prompt
+from comlora.evaluation.generation import generate_texts
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
