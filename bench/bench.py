@@ -95,7 +95,7 @@ def training_step_fn(variant: str, model, batch: dict):
         if variant.startswith("moelora"):
             wrapper = get_moelora_model(model, MoeLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
         else:
-            wrapper = get_teamlora_model(model, TeamLoraConfig(num_experts=4, r_B=8, target_modules=TARGETS))
+            wrapper = get_teamlora_model(model, TeamLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
         loss_fn = lambda step: wrapper.training_loss(**batch, step=step, total_steps=100)[0]  # noqa: E731
         params = [p for p in wrapper.parameters() if p.requires_grad]
     else:

@@ -61,7 +61,7 @@ def make_moelora_config(**overrides):
 def make_teamlora_config(**overrides):
     from comlora.methods.teamlora import TeamLoraConfig
 
-    values = dict(num_experts=3, r_B=2, lora_alpha=8, target_modules=RELATED_TARGETS, seed=3)
+    values = dict(num_experts=3, r=2, lora_alpha=8, target_modules=RELATED_TARGETS, seed=3)
     values.update(overrides)
     return TeamLoraConfig(**values)
 

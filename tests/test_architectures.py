@@ -20,7 +20,7 @@ from comlora.methods.injection import default_target_modules
 from comlora.methods.comlora.layer import ComLoraLinear
 from comlora.methods.loratrf import LORATRF_DEFAULT_TARGETS, LoraTrfConfig, LoraTrfModel
 from comlora.methods.losses import lm_head_logits, sequence_losses
-from comlora.methods.registry import PeftLoraModel
+from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.moelora import MoeLoraConfig, MoeLoraModel
 from comlora.methods.teamlora import TeamLoraConfig, TeamLoraModel
 
@@ -160,10 +160,10 @@ def test_related_methods_adapt_every_architecture(name):
     base_logits = logits(base, batch)
     builders = {
         "moelora": lambda m: MoeLoraModel(m, MoeLoraConfig(num_experts=2, r=2, seed=1)),
-        "teamlora": lambda m: TeamLoraModel(m, TeamLoraConfig(num_experts=2, r_B=2, seed=1)),
+        "teamlora": lambda m: TeamLoraModel(m, TeamLoraConfig(num_experts=2, r=2, seed=1)),
         "loratrf": lambda m: LoraTrfModel(m, LoraTrfConfig(r=2, filter_rank=2, seed=1)),
-        "lora": lambda m: PeftLoraModel.create(m, 2, 4, 0.0),
-        "dora": lambda m: PeftLoraModel.create(m, 2, 4, 0.0, use_dora=True),
+        "lora": lambda m: PeftLoraModel(m, PeftLoraConfig(r=2, lora_alpha=4)),
+        "dora": lambda m: PeftLoraModel(m, PeftLoraConfig(r=2, lora_alpha=4, use_dora=True)),
     }
     for method, build in builders.items():
         with warnings.catch_warnings():

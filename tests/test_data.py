@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from comlora.data.items import (COMMONSENSE_TASKS, build_commonsense_mini, collate, data_root, format_prompt, load_items,
-                          tokenize_item)
+from comlora.data.commonsense import build_commonsense_mini, COMMONSENSE_TASKS
+from comlora.data.items import collate, data_root, format_prompt, load_items, tokenize_item
 
 from conftest import make_tokenizer
 

@@ -17,7 +17,7 @@ from comlora import ComLoraConfig, get_comlora_model
 from comlora.cli import main
 from comlora.evaluation.generation import generate_texts
 from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf, write_merged_gguf
-from comlora.methods.registry import PeftLoraModel
+from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.moelora import MoeLoraModel
 from comlora.export.provenance import CARD_SECTION, base_model_record, write_model_card
 
@@ -118,7 +118,7 @@ def test_comlora_component_as_llama_cpp_lora_adapter(tmp_path):
 
 def test_peft_lora_as_lora_adapter_with_a_per_layer_scale_folded_into_b(tmp_path):
     model = make_tiny_llama()
-    method = PeftLoraModel.create(model, r=4, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, seed=1)
+    method = PeftLoraModel(model, PeftLoraConfig(r=4, lora_alpha=16, target_modules=TARGETS, seed=1))
     lora_layers = [m for n, m in method.model.named_modules() if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {})]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -139,14 +139,13 @@ def test_peft_lora_as_lora_adapter_with_a_per_layer_scale_folded_into_b(tmp_path
 
 
 def test_methods_without_a_lora_form_are_refused(tmp_path):
-    dora = PeftLoraModel.create(make_tiny_llama(), r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                                use_dora=True)
+    dora = PeftLoraModel(make_tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True))
     with pytest.raises(ValueError, match="DoRA has no llama.cpp LoRA form"):
         adapted_weights(dora)
     with pytest.raises(ValueError, match="no GGUF LoRA form"):
         adapted_weights(MoeLoraModel(make_tiny_llama(), make_moelora_config()))
     with pytest.raises(ValueError, match="no components"):
-        adapted_weights(PeftLoraModel.create(make_tiny_llama(), 4, 8, 0.0, TARGETS), component=1)
+        adapted_weights(PeftLoraModel(make_tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)), component=1)
 
 
 def quantizable(weight: torch.Tensor) -> bool:

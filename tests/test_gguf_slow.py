@@ -18,11 +18,12 @@ import torch
 pytestmark = pytest.mark.slow
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: make setup-gguf (pip install 'comlora[gguf]')")
 
-from comlora.data.items import build_commonsense_mini, data_root, format_prompt  # noqa: E402
+from comlora.data.commonsense import build_commonsense_mini
+from comlora.data.items import data_root, format_prompt  # noqa: E402
 from comlora.evaluation.commonsense import evaluate_commonsense  # noqa: E402
 from comlora.evaluation.llama_cpp import LlamaCppGenerator, run_generator  # noqa: E402
 from comlora.base_models import cache_dir, smollm2_gguf_path  # noqa: E402
-from comlora.training.loop import reload_method  # noqa: E402
+from comlora.training.runs import reload_method  # noqa: E402
 
 BIN = Path(sys.executable).parent
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

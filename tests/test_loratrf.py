@@ -97,8 +97,8 @@ def test_with_the_filter_at_identity_it_is_exactly_peft_lora_on_o_gate_up_down()
                 continue
             assert name.rsplit(".", 1)[-1] in TARGETS
             peft_layer = peft_model.base_model.model.get_submodule(name)
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A[0].T)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B[0].T)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A.T)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B.T)
     assert len(tm.injected) == 2 * len(TARGETS) + 2
     assert (logits(tm, batch) - logits(peft_model, batch)).abs().max() < 1e-5
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from comlora.methods.losses import add_noise, alignment_loss, anneal_eta, pairwise_loss, per_sample_token_loss
+from comlora.methods.comlora.losses import add_noise, alignment_loss, anneal_eta, pairwise_loss
+from comlora.methods.losses import per_sample_token_loss
 
 SIM = [[0.3, -0.2, 0.9], [1.5, 0.1, -0.4]]
 LOSS = [[2.0, 1.0, 3.5], [0.7, 1.9, 1.2]]

@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from comlora.data.items import data_root, format_prompt as alpaca_prompt, load_items
-from comlora.evaluation.mmlu import (CATEGORIES, LETTERS, SUBJECT_CATEGORIES, aggregate, evaluate_mmlu, extract_letter,
-                          format_prompt, letter_logprobs, load_mmlu, markdown_table, mmlu_training_items)
+from comlora.data.mmlu import CATEGORIES, format_prompt, LETTERS, load_mmlu, mmlu_training_items, SUBJECT_CATEGORIES
+from comlora.evaluation.mmlu import aggregate, evaluate_mmlu, extract_letter, letter_logprobs, markdown_table
 
 from conftest import make_tiny_llama
 

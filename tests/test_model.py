@@ -116,7 +116,7 @@ def test_selector_learns_to_prefer_the_lowest_loss_component():
     fixed = torch.tensor([1.3, 0.6, 1.9, 1.0])
     opt = torch.optim.Adam(cm.selector.parameters(), lr=1e-3)
     batch = make_batch(batch_size=6, seed=2)
-    from comlora.methods.losses import add_noise, pairwise_loss
+    from comlora.methods.comlora.losses import add_noise, pairwise_loss
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
         sim = cm.similarity(batch["input_ids"], batch["attention_mask"])

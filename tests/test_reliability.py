@@ -278,7 +278,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tiny, t
     from comlora.cli import build_parser, train_config_from_args
     from comlora.methods.registry import build_method
     from comlora.base_models import load_model_and_tokenizer
-    from comlora.training.loop import resume_from_checkpoint, train, trainable_tensors
+    from comlora.training.checkpoints import resume_from_checkpoint, trainable_tensors
+    from comlora.training.loop import train
 
     model_dir, data, reference = tiny
     argv = train_args(model_dir, data, tmp_path / "killed", "--save-every", "1", "--keep-checkpoints", "3")

@@ -98,16 +98,16 @@ def test_interaction_matrix_starts_uniform_off_diagonal_with_diagonal_one():
 
 
 def test_total_rank_is_filled_in_and_checked():
-    assert make_config(num_experts=4, r_B=2).r_A == 8
-    assert make_config(num_experts=4, r_B=2, r_A=8).r_A == 8
+    assert make_config(num_experts=4, r=2).r_A == 8
+    assert make_config(num_experts=4, r=2, r_A=8).r_A == 8
     assert TeamLoraConfig.from_dict(make_config().to_dict()) == make_config()
 
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_experts=0), "num_experts"),
-    (dict(r_B=0), "r_B must be"),
+    (dict(r=0), "r must be"),
     (dict(num_experts=4, r_A=10), "r_A=10 is not divisible by num_experts K=4"),
-    (dict(num_experts=4, r_B=2, r_A=16), r"r_A=16 is inconsistent with K \* r_B = 4 \* 2 = 8; set r_B=4"),
+    (dict(num_experts=4, r=2, r_A=16), r"r_A=16 is inconsistent with K \* r_B = 4 \* 2 = 8; set r=4"),
     (dict(interaction_init_range=-0.1), "interaction_init_range"),
     (dict(interaction_matrix="fixed"), r"interaction_matrix must be one of \('learned', 'frozen', 'off'\), got 'fixed'"),
     (dict(share_A=1), "share_A must be true or false, got 1"),

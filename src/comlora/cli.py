@@ -1,8 +1,10 @@
-"""The ``comlora`` command line: train, select, export, eval, demo."""
+"""The ``comlora`` command line: train, select, export, eval, compare, demo, study, check-data. Methods and evaluation
+tasks come from their registries (``methods/registry.py``, ``evaluation/registry.py``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import shutil
 import sys
@@ -14,9 +16,11 @@ from pathlib import Path
 import yaml
 from safetensors import SafetensorError
 
+from comlora.evaluation.registry import TASKS
+from comlora.methods.registry import METHODS, get_method
+from comlora.training.config import TrainConfig, apply_overrides, load_yaml
 from comlora.training.processes import MainProcessFailed
 from comlora.training.run_dir import RunError, commit_folder, lock_run, new_temp_folder
-from comlora.training.config import TrainConfig, apply_overrides, load_yaml
 
 # What reaches the user as one line "error: ..." and exit code 2 (with --debug, after the traceback): bad values,
 # files that are missing, corrupt or cut short, refusals. Anything else is a bug and shows its traceback.
@@ -24,22 +28,51 @@ USER_ERRORS = (ValueError, OSError, NotImplementedError, ImportError, RunError, 
                pickle.UnpicklingError, yaml.YAMLError)
 
 
+def field_default(f) -> object:
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--num-components`` for num_components), its help from the field."""
+    """One flag per TrainConfig field (``--num-components`` for num_components): its help, allowed values and default
+    from the field. The parsed default is None, so that a value from --config or --set is not overridden."""
     for f in fields(TrainConfig):
         if f.name == "method_options":
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
+        help_text = f.metadata["help"] + f" (default: {field_default(f)})"
         kind = str(f.type)
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif "list" in kind:
             parser.add_argument(flag, type=lambda v: [x for x in v.split(",") if x], default=None,
-                                help=help_text + " Comma-separated.")
+                                help=f.metadata["help"] + f" Comma-separated. (default: {field_default(f)})")
         else:
             cast = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(flag, type=cast, default=None, help=help_text)
+            parser.add_argument(flag, type=cast, default=None, choices=f.metadata.get("choices"), help=help_text)
+
+
+def method_help(name: str) -> str:
+    """The options of method ``name``: its config's fields with their help and defaults, and which train flag fills
+    each shared one (the rest are set as method_options)."""
+    method = get_method(name)
+    from_flags = {f.name for f in fields(TrainConfig)} | ({method.components_field} - {None})
+    lines = [f"{name}: {method.description} ({method.config_class.__name__}; "
+             f"{'mergeable into the base weights' if method.mergeable else 'not mergeable'})", ""]
+    for f in fields(method.config_class):
+        if f.name in method.fixed:
+            continue
+        if f.name in from_flags:
+            flag = "--num-components" if f.name == method.components_field else "--" + f.name.replace("_", "-")
+            how = f"train flag {flag}"
+        else:
+            how = f"--set method_options.{f.name}=VALUE"
+        lines.append(f"  {f.name} (default: {field_default(f)}; {how})")
+        lines.append(f"      {f.metadata.get('help', '')}")
+    own = [f for f in fields(method.config_class) if f.name not in from_flags and f.name not in method.fixed]
+    if own:
+        example = ", ".join(f"{f.name}: {json.dumps(field_default(f))}" for f in own[:2])
+        lines += ["", f"In a YAML config the method's own options go under method_options, e.g. method_options: {{{example}}}"]
+    return "\n".join(lines)
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -56,6 +89,9 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     from comlora.training.loop import train
 
+    if args.help_method:
+        print(method_help(args.method or train_config_from_args(args).method))
+        return
     cfg = train_config_from_args(args)
     run = train(cfg, resume=args.resume)
     print(f"run finished: {run}")
@@ -69,7 +105,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 def select_winner_again(args: argparse.Namespace) -> None:
     from comlora.methods.comlora.model import ComLoraModel
     from comlora.storage import write_json
-    from comlora.training.loop import reload_method, run_validation_batches
+    from comlora.training.runs import reload_method, run_validation_batches
 
     method, tokenizer, cfg = reload_method(args.run)
     if not isinstance(method, ComLoraModel):
@@ -93,6 +129,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         with lock_run(args.run, "export", optional=True):
             print(export_run_gguf(args.run, args.out, args.component, args.merge, args.outtype))
         return
+    from comlora.export.run import export_run
+
     if args.outtype is not None:
         raise ValueError("--outtype applies to --format gguf")
     out = Path(args.out)
@@ -103,7 +141,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     with lock_run(args.run, "export", optional=True):
         tmp = new_temp_folder(out)          # written whole, then renamed to --out
         try:
-            done = export_into(args, tmp)
+            done = export_run(args.run, tmp, args.component, args.merge)
             commit_folder(tmp, out, replace=False)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -111,46 +149,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"{done} -> {out}")
 
 
-def export_into(args: argparse.Namespace, out: Path) -> str:
-    """Write what ``comlora export`` asks for into ``out``; returns what was exported."""
-    from comlora.methods.comlora.model import ComLoraModel
-    from comlora.export.provenance import base_model_record, write_model_card
-    from comlora.training.loop import reload_method
-
-    method, tokenizer, cfg = reload_method(args.run)
-    if isinstance(method, ComLoraModel):
-        component = method.resolve_component(args.component)
-        if args.merge:
-            merged = method.merge(component, inplace=True)
-            merged.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-        else:
-            method.export_adapter(out, component)
-        write_model_card(out, base_model_record(cfg.model), "transformers" if args.merge else "peft")
-        return f"exported component {component}{' merged' if args.merge else ''}"
-    if args.component not in (None, 0):
-        raise ValueError(f"a {cfg.method} run has no components to choose from")
-    if args.merge:
-        if not getattr(method, "mergeable", False):
-            raise ValueError(f"{cfg.method} cannot be merged into the base weights")
-        if cfg.load_in_4bit or cfg.load_in_8bit:
-            raise ValueError(f"merging a {cfg.method} run trained on a quantized base is not supported (PEFT "
-                             "would re-quantize the merged weights); export the adapter and merge it with PEFT onto "
-                             "the full-precision base")
-        merged = method.peft_model.merge_and_unload()
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    else:
-        method.save(out)
-    write_model_card(out, base_model_record(cfg.model), "transformers" if args.merge else "peft")
-    return f"exported {cfg.method}{' merged' if args.merge else ''}"
-
-
 def evaluation_targets(args: argparse.Namespace):
     """Yield (label, model, tokenizer) for every model the eval command names."""
     from comlora.methods.comlora.model import ComLoraModel
     from comlora.base_models import load_model_and_tokenizer
-    from comlora.training.loop import reload_method
+    from comlora.training.runs import reload_method
 
     if args.backend == "llama.cpp":
         yield from llama_cpp_targets(args)
@@ -186,7 +189,7 @@ def llama_cpp_targets(args: argparse.Namespace):
     GGUF adapter on its base GGUF, or ``--model`` (the default or a .gguf file) with an optional GGUF ``--adapter``."""
     from comlora.evaluation.llama_cpp import LlamaCppGenerator, gguf_model_path, run_generator
     from comlora.methods.comlora.model import ComLoraModel
-    from comlora.training.loop import reload_method
+    from comlora.training.runs import reload_method
 
     if args.run:
         method, _, cfg = reload_method(args.run, device="cpu")
@@ -211,41 +214,6 @@ def freed_after_use(label: str, generator):
     generator.close()
 
 
-def evaluation_task(args: argparse.Namespace):
-    """(evaluate(model, tokenizer) -> result, markdown table function) for ``args.task``."""
-    from comlora.data.items import build_commonsense_mini, data_root
-
-    root = data_root(args.data_root)
-    if args.task == "commonsense":
-        from comlora.evaluation.commonsense import evaluate_commonsense, markdown_table
-
-        if args.limit is not None and args.limit > args.eval_size:
-            raise ValueError(f"--limit {args.limit} exceeds --eval-size {args.eval_size} (the reserved subset)")
-        tasks = args.tasks.split(",") if args.tasks else None
-        suite = build_commonsense_mini(root, tasks, eval_size=args.eval_size, train_per_task=0, val_size=0, seed=args.seed)
-        run = args.run_config
-        if run is not None and run.data == "commonsense-mini" and (args.seed != run.split_seed or args.eval_size > run.eval_size):
-            raise ValueError(f"--seed {args.seed} / --eval-size {args.eval_size} differ from the run's (data seed {run.split_seed}, "
-                             f"eval_size {run.eval_size}): the evaluation items could overlap its training items")
-        return (lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, args.limit, args.batch_size,
-                                                        args.max_new_tokens, 1 if args.greedy else args.num_beams)), markdown_table
-    if args.task == "mmlu":
-        from comlora.evaluation.mmlu import evaluate_mmlu, load_mmlu, markdown_table
-
-        subjects = args.subjects.split(",") if args.subjects else None
-        items = load_mmlu(root, "test", subjects, args.limit)
-        dev = load_mmlu(root, "dev", subjects) if args.shots else None
-        return (lambda model, tok: evaluate_mmlu(model, tok, items, args.shots, dev, args.mmlu_mode, args.prompt_style,
-                                                 args.batch_size, args.max_new_tokens)), markdown_table
-    from comlora.evaluation.convai2 import CONVAI2_FILE, convai2_examples, evaluate_convai2, load_convai2, markdown_table, split_dialogues
-
-    dialogues = split_dialogues(load_convai2(root / CONVAI2_FILE), seed=args.seed)[args.split]
-    examples = convai2_examples(dialogues, args.history_turns)[:args.limit]
-    return (lambda model, tok: evaluate_convai2(model, tok, examples, 1 if args.greedy else args.num_beams,
-                                                args.length_penalty, args.no_repeat_ngram_size, args.max_new_tokens,
-                                                args.batch_size, bertscore=not args.no_bertscore)), markdown_table
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.adapter and args.run:
         raise ValueError("give --adapter or --run, not both")
@@ -260,14 +228,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def evaluate_and_write(args: argparse.Namespace) -> None:
     from comlora.cpu_memory import retain_freed_memory
-    from comlora.evaluation.commonsense import write_results
+    from comlora.data.items import data_root
+    from comlora.evaluation.results import write_results
     from comlora.base_models import resolve_device
-    from comlora.training.loop import run_config
+    from comlora.training.runs import run_config
 
     if args.backend == "llama.cpp" and not (args.greedy or args.num_beams == 1):
         raise ValueError("the llama.cpp backend decodes greedily (llama.cpp has no beam search): add --greedy")
-    if args.backend == "llama.cpp" and args.task == "mmlu" and args.mmlu_mode != "generate":
-        raise ValueError("the llama.cpp backend scores MMLU by generation: add --mmlu-mode generate")
     if args.run:                      # the commonsense subset must be the run's own held-out items
         args.run_config = run_config(Path(args.run))
         args.model = args.run_config.model
@@ -277,7 +244,8 @@ def evaluate_and_write(args: argparse.Namespace) -> None:
     args.eval_size = 100 if args.eval_size is None else args.eval_size
     if args.retain_cpu_memory and resolve_device(args.device).type == "cpu":
         retain_freed_memory()
-    evaluate, table = evaluation_task(args)
+    task = TASKS[args.task]
+    evaluate, table = task.prepare(args, data_root(args.data_root)), task.markdown_table
     out = Path(args.out) if args.out else (Path(args.run) / "eval" if args.run else Path("eval-results"))
     results = {}
     for label, model, tokenizer in evaluation_targets(args):
@@ -337,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override one option (repeatable); "
                    "method_options.NAME=VALUE sets a field of the method's config.")
     p.add_argument("--resume", action="store_true", help="Continue the run in --out from its last checkpoint.")
+    p.add_argument("--help-method", action="store_true", help="List the options of --method (" + ", ".join(METHODS)
+                   + ") with their help and defaults, and exit.")
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -364,29 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="A PEFT adapter folder to evaluate on --model.")
     p.add_argument("--run", help="A run directory to evaluate.")
     p.add_argument("--components", default="winner", help="With --run (comlora): all, winner, or an index.")
-    p.add_argument("--task", default="commonsense", choices=["commonsense", "mmlu", "convai2"], help="Evaluation suite.")
+    p.add_argument("--task", default="commonsense", choices=list(TASKS), help="Evaluation suite (default: commonsense).")
     p.add_argument("--limit", type=int, help="commonsense: items per task (first N of the reserved subset); "
                    "mmlu: rows per subject; convai2: examples.")
     p.add_argument("--seed", type=int, help="Seed of the commonsense subset / the ConvAI2 split (default: the run's data seed, else 0).")
     p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of beam search.")
     p.add_argument("--num-beams", type=int, default=4, help="Beam width (LLM-Adapters: 4).")
     p.add_argument("--max-new-tokens", type=int, default=32, help="New tokens per answer (LLM-Adapters: 32).")
-    g = p.add_argument_group("commonsense")
-    g.add_argument("--tasks", help="Comma-separated commonsense tasks (default: all 8).")
-    g.add_argument("--eval-size", type=int, help="Reserved evaluation items per task (default: the run's, else 100).")
-    g = p.add_argument_group("mmlu")
-    g.add_argument("--subjects", help="Comma-separated MMLU subjects (default: all 57).")
-    g.add_argument("--shots", type=int, default=0, help="Dev-split examples per subject in the prompt (0 = zero-shot).")
-    g.add_argument("--mmlu-mode", default="logits", choices=["logits", "generate"],
-                   help="logits: compare the log-probabilities of ' A'..' D'; generate: generate and take the first letter.")
-    g.add_argument("--prompt-style", default="harness", choices=["harness", "alpaca"],
-                   help="harness: lm-evaluation-harness prompt; alpaca: the form of MMLU training items.")
-    g = p.add_argument_group("convai2")
-    g.add_argument("--split", default="test", choices=["train", "validation", "test"], help="Dialogue split to evaluate.")
-    g.add_argument("--history-turns", type=int, help="Earlier turn pairs in the prompt (default: all).")
-    g.add_argument("--length-penalty", type=float, default=1.0, help="Beam-search length penalty.")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="Forbid repeating n-grams of this size (0 = off).")
-    g.add_argument("--no-bertscore", action="store_true", help="Skip BERTScore (the slowest metric).")
+    for name, task in TASKS.items():            # each task's own options
+        task.add_arguments(p.add_argument_group(name))
     p.add_argument("--backend", default="transformers", choices=["transformers", "llama.cpp"],
                    help="llama.cpp: generate with llama-cpp-python on the GGUF base (--model smollm2-135m or a .gguf "
                    "file) with a GGUF --adapter, or a run's LoRA exported to GGUF; greedy only, MMLU in generate mode.")

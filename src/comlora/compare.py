@@ -8,6 +8,7 @@ import io
 import statistics
 from pathlib import Path
 
+from comlora.methods.registry import get_method
 from comlora.storage import read_json_object
 from comlora.training.config import load_yaml
 
@@ -48,8 +49,8 @@ def comparison_rows(summaries: list[dict], group_by: tuple[str, ...] = GROUP_KEY
         raise ValueError(f"--group-by {unknown}: not options of a run's config.yaml ({sorted(summaries[0]['config'])})")
     groups: dict[tuple, list[dict]] = {}
     for s in summaries:
-        key = tuple(s["config"].get(k) if not (k == "num_components" and s["config"]["method"] in ("lora", "dora", "loratrf"))
-                    else None for k in group_by)
+        has_k = get_method(s["config"]["method"]).components_field is not None     # K means nothing to the others
+        key = tuple(s["config"].get(k) if k != "num_components" or has_k else None for k in group_by)
         groups.setdefault(key, []).append(s)
     tasks = list(summaries[0]["accuracy"])
     rows = []

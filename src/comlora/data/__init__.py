@@ -1,1 +1,2 @@
-"""data."""
+"""Data: ``items`` (LLM-Adapters items, the data root, prompts, tokenisation, batches), ``commonsense``
+(commonsense-mini), ``mmlu``, ``convai2``."""

@@ -1,19 +1,15 @@
-"""Data: LLM-Adapters JSON items, the Alpaca prompt, tokenisation with label masking, and the
-deterministic "commonsense-mini" suite built from ``../shared/data`` (spec section 9)."""
+"""LLM-Adapters JSON items, the data root, the Alpaca prompt, tokenisation with label masking, and padding into
+batches."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from comlora.methods.losses import IGNORE_INDEX
-
-COMMONSENSE_TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa"]
+IGNORE_INDEX = -100      # the label of a token that is not a target (prompt, padding)
 
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -102,54 +98,3 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         batch["attention_mask"].append([1] * len(e["input_ids"]) + [0] * pad)
         batch["labels"].append(e["labels"] + [IGNORE_INDEX] * pad)
     return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-
-
-@dataclass
-class CommonsenseMini:
-    """Training items, validation items and per-task evaluation subsets, all disjoint (see ``build``)."""
-
-    train: list[dict]
-    validation: list[dict]
-    evaluation: dict[str, list[dict]]
-
-
-def _task_files(root: Path, task: str) -> tuple[Path | None, Path]:
-    folder = root / "commonsense" / task
-    if task not in COMMONSENSE_TASKS:
-        raise ValueError(f"unknown commonsense task {task!r}; known tasks: {', '.join(COMMONSENSE_TASKS)}")
-    train = folder / "train.json"
-    return (train if train.is_file() else None), folder / "test.json"
-
-
-def build_commonsense_mini(root: str | Path, tasks: list[str] | None = None, eval_size: int = 100,
-                           train_per_task: int = 25, val_size: int = 120, seed: int = 0) -> CommonsenseMini:
-    """The "commonsense-mini" suite, deterministic given its arguments.
-
-    Per task: the evaluation subset is ``eval_size`` items of test.json drawn with a seeded RNG (it
-    depends only on ``seed`` and the task, so runs with other training sizes evaluate on the same
-    items). Training candidates are train.json where it exists, otherwise the test.json items outside
-    the evaluation subset. ``train_per_task`` candidates per task are drawn for training, and
-    ``val_size`` validation items are drawn from the pooled remaining candidates (the paper holds
-    out 120 entries of the pooled training set). Evaluation, training and validation never overlap.
-    """
-    root = Path(root)
-    tasks = tasks or list(COMMONSENSE_TASKS)
-    train, spare, evaluation = [], [], {}
-    for task in tasks:
-        train_file, test_file = _task_files(root, task)
-        test = load_items(test_file, require_answer=True)
-        order = list(range(len(test)))
-        random.Random(f"{seed}:{task}:eval").shuffle(order)
-        evaluation[task] = [dict(test[i], task=task, index=i) for i in order[:eval_size]]
-        if train_file is not None:
-            candidates = [dict(item, task=task, index=i, source="train") for i, item in enumerate(load_items(train_file))]
-        else:
-            candidates = [dict(test[i], task=task, index=i, source="test") for i in order[eval_size:]]
-        random.Random(f"{seed}:{task}:train").shuffle(candidates)
-        train.extend(candidates[:train_per_task])
-        spare.extend(candidates[train_per_task:])
-    random.Random(f"{seed}:validation").shuffle(spare)
-    if val_size > len(spare):
-        raise ValueError(f"val_size={val_size} exceeds the {len(spare)} items left for validation")
-    random.Random(f"{seed}:train-order").shuffle(train)
-    return CommonsenseMini(train=train, validation=spare[:val_size], evaluation=evaluation)

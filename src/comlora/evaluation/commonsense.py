@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.items import format_prompt
 from comlora.evaluation.generation import generate_texts
-from comlora.storage import write_json, write_text
 
 ANSWER_PATTERNS = {
     "boolq": r"true|false",
@@ -71,9 +71,22 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: str | Path, name: str, result: dict, table=markdown_table) -> Path:
-    """``<out>/<name>.json`` (settings, per-item predictions, metrics) and ``<out>/<name>.md`` (``table``)."""
-    out = Path(out)
-    write_json(out / f"{name}.json", result)
-    write_text(out / f"{name}.md", table({name: result}))
-    return out / f"{name}.json"
+def add_arguments(group) -> None:
+    """``comlora eval --task commonsense`` options."""
+    group.add_argument("--tasks", help="Comma-separated commonsense tasks (default: all 8).")
+    group.add_argument("--eval-size", type=int, help="Reserved evaluation items per task (default: the run's, else 100).")
+
+
+def prepare(args, root: Path):
+    """evaluate(model, tokenizer) on the reserved evaluation items of commonsense-mini (a run's own held-out items:
+    the same data seed and no larger eval_size, else its training items could be among them)."""
+    if args.limit is not None and args.limit > args.eval_size:
+        raise ValueError(f"--limit {args.limit} exceeds --eval-size {args.eval_size} (the reserved subset)")
+    tasks = args.tasks.split(",") if args.tasks else None
+    suite = build_commonsense_mini(root, tasks, eval_size=args.eval_size, train_per_task=0, val_size=0, seed=args.seed)
+    run = args.run_config
+    if run is not None and run.data == "commonsense-mini" and (args.seed != run.split_seed or args.eval_size > run.eval_size):
+        raise ValueError(f"--seed {args.seed} / --eval-size {args.eval_size} differ from the run's (data seed {run.split_seed}, "
+                         f"eval_size {run.eval_size}): the evaluation items could overlap its training items")
+    return lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, args.limit, args.batch_size,
+                                                   args.max_new_tokens, 1 if args.greedy else args.num_beams)

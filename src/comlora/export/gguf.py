@@ -115,7 +115,7 @@ def adapted_weights(method, component: int | None = None) -> tuple[list[AdaptedW
     PEFT LoRA; the other methods have no LoRA form."""
     from peft.tuners.lora import LoraLayer
 
-    from comlora.methods.registry import PeftLoraModel
+    from comlora.methods.lora import PeftLoraModel
     from comlora.methods.comlora.model import ComLoraModel
 
     if isinstance(method, ComLoraModel):
@@ -282,7 +282,7 @@ def export_run_gguf(run: str | Path, out: str | Path, component: int | None = No
                     outtype: str | None = None) -> str:
     """``comlora export RUN --format gguf``: the winner (or ``component``) of a ComLoRA run, or a plain LoRA run,
     as a GGUF LoRA adapter, or with ``merge`` as a standalone GGUF model. Returns a one-line summary."""
-    from comlora.training.loop import reload_method
+    from comlora.training.runs import reload_method
 
     out = Path(out)
     if out.suffix != ".gguf":

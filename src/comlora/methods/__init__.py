@@ -1,1 +1,2 @@
-"""methods."""
+"""Training methods: one module each (``lora``, ``moelora``, ``teamlora``, ``loratrf``; ComLoRA in ``comlora/``), all
+built on ``base`` (AdapterConfig, AdapterModel), registered by name in ``registry``."""

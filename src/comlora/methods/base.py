@@ -1,28 +1,77 @@
-"""AdapterModel: what the related methods' wrappers (MoELoRA, TeamLoRA, LoRATRF; spec section 10) share:
-pass-through inference, parameter counts, and save / load of the trainable tensors (config JSON + safetensors)."""
+"""What every method builds on: AdapterConfig (the LoRA fields and their checks) and AdapterModel (injection
+under a seed, parameter counts, save / load of the trainable tensors, the LM-only training loss)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
+from comlora.config_base import ConfigDict
 from comlora.methods.checkpointing import ActivationCheckpointing
+from comlora.methods.injection import inject_linear_layers
+from comlora.methods.losses import mean_lm_loss
 from comlora.methods.saved_state import check_weights_fit, config_from_file
 from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
 
+TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against "
+                       "the full module name; None = the architecture's default (the paper's q,k,v,up,down where the "
+                       "model's names fit, e.g. Llama, Qwen, Mistral, Gemma, Phi-3; otherwise PEFT's default for the "
+                       "model type, e.g. c_attn on GPT-2). Resolved against the model when the adapter is built.")
+
+
+@dataclass
+class AdapterConfig(ConfigDict):
+    """The fields every method's config shares; a method's config adds its own after them."""
+
+    r: int = field(default=8, metadata={"help": "Rank of every LoRA pair A (d_in x r), B (r x d_out)."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: each update is scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input x (0 = off)."})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
+    seed: int = field(default=0, metadata={"help": "Seed of the adapter's initialisation."})
+
+    def adapter_checks(self, *positive_ints: str) -> list[tuple[bool, str]]:
+        """The shared checks: r and the named integer fields >= 1, lora_alpha > 0, lora_dropout in [0, 1),
+        target_modules None (the architecture's default) or at least one module (a tuple becomes a list)."""
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        return self.integer_checks(positive_ints + ("r",), 1) + self.integer_checks(["seed"], 0) + [
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
+            (self.target_modules is None or bool(self.target_modules),
+             "target_modules must name at least one module, or be None for the architecture's default"),
+        ]
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+
+@contextmanager
+def seeded(seed: int):
+    """Draw from the global generator seeded with ``seed``, leaving the caller's random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
 
 class AdapterModel(ActivationCheckpointing, nn.Module):
-    """Base of the related methods' wrappers: ``.model`` is the causal LM with the method's modules injected.
+    """Base of every method model: ``.model`` is the causal LM with the method's modules injected.
 
-    A subclass sets ``config_class``, ``state_name`` and ``mergeable``, injects its modules in ``__init__`` and records
-    each in ``self.injected`` (name inside ``.model`` -> module). Tensors named ``lora_*`` count as the
-    adapter, every other tensor the method adds (router, interaction matrix, filter) as the router.
+    A subclass sets ``config_class``, ``state_name`` and ``mergeable``, injects its modules in ``__init__``
+    (``inject``) and records each extra one in ``self.injected`` (name inside ``.model`` -> module). Tensors named
+    ``lora_*`` count as the adapter, every other tensor the method adds (router, selector, interaction matrix,
+    filter) as the router. The saved state is ``<state_name>_config.json`` + ``<state_name>_model.safetensors``.
     """
 
     config_class: type
     state_name: str
+    mergeable: bool
+    labels = ("adapter", "router")       # what print_trainable_parameters calls the two groups
 
     def __init__(self, model: nn.Module, config) -> None:
         super().__init__()
@@ -30,11 +79,23 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
         self.config = config
         self.injected: dict[str, nn.Module] = {}
 
+    def inject(self, make_layer: Callable[[nn.Module], nn.Module]) -> dict[str, nn.Module]:
+        """Freeze ``.model`` and replace every target module by ``make_layer(layer)``; returns {name: new layer}."""
+        layers = inject_linear_layers(self.model, self.config.target_modules, make_layer)
+        self.injected.update(layers)
+        return layers
+
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
+
+    def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
+        """L = L_LM, the mean token cross-entropy over the target tokens (methods with auxiliary losses override)."""
+        lm, target_tokens = mean_lm_loss(self.model, input_ids, attention_mask, labels)
+        return lm, {"lm": float(lm.detach()), "loss": float(lm.detach()), "target_tokens": target_tokens}
 
     # ---- parameters ----------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
@@ -51,9 +112,9 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
         return {**groups["adapter"], **groups["router"]}
 
     def parameter_counts(self) -> dict[str, int]:
-        """{"adapter": trainable LoRA / expert weights, "router": trainable router, interaction matrix or filter,
-        "base": the frozen base model (without the adapter's tensors)}. A tensor the method adds but keeps frozen
-        (TeamLoRA's M with ``interaction_matrix="frozen"``) is saved with the state and counted in none of them."""
+        """{"adapter": trainable LoRA / expert weights, "router": the method's other trainable tensors, "base": the
+        frozen base model (without the adapter's tensors)}. A tensor the method adds but keeps frozen (TeamLoRA's M
+        with ``interaction_matrix="frozen"``) is saved with the state and counted in none of them."""
         groups = self.parameter_groups()
         added = {id(p) for group in groups.values() for p in group.values()}
         counts = {key: sum(p.numel() for p in group.values() if p.requires_grad) for key, group in groups.items()}
@@ -61,37 +122,49 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
         return counts
 
     def print_trainable_parameters(self) -> None:
-        """Adapter and router parameters as counts and % of the base model."""
+        """Adapter and router parameters as counts and % of the base model (the paper's Params % L/S column)."""
         c = self.parameter_counts()
         adapter, router = 100 * c["adapter"] / c["base"], 100 * c["router"] / c["base"]
-        print(f"trainable params ({self.state_name}): adapter {c['adapter']:,} ({adapter:.4f}%) | "
-              f"router {c['router']:,} ({router:.4f}%) | base (frozen) {c['base']:,}")
+        print(f"trainable params ({self.state_name}): {self.labels[0]} {c['adapter']:,} ({adapter:.4f}%) | "
+              f"{self.labels[1]} {c['router']:,} ({router:.4f}%) | base (frozen) {c['base']:,} | "
+              f"L/S = {adapter:.2f}/{router:.2f}")
 
     # ---- save / load ---------------------------------------------------------------------
+    def training_state(self) -> dict:
+        """What a saved state or checkpoint carries besides tensors and the config (ComLoRA: winner, decision)."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore what ``training_state`` returned (read from a saved state or a checkpoint's trainer_state.json)."""
+
     @classmethod
-    def _files(cls, path: Path) -> tuple[Path, Path]:
+    def state_files(cls, path: str | Path) -> tuple[Path, Path]:
+        path = Path(path)
         return path / f"{cls.state_name}_config.json", path / f"{cls.state_name}_model.safetensors"
 
     def save(self, path: str | Path) -> Path:
-        """``<state_name>_config.json`` (the config) + ``<state_name>_model.safetensors`` (every added tensor)."""
-        path = Path(path)
-        config_file, weights_file = self._files(path)
+        """``<state_name>_config.json`` (the config, the base's name, ``training_state``) + ``<state_name>_model.safetensors``
+        (every added tensor)."""
+        config_file, weights_file = self.state_files(path)
         write_safetensors(weights_file, self.state_tensors())
-        write_json(config_file, {"method": self.state_name, "config": self.config.to_dict(),
-                                 "base_model_name_or_path": getattr(self.model, "name_or_path", None)})
-        return path
+        write_json(config_file, {"method": self.state_name, f"{self.state_name}_config": self.config.to_dict(),
+                                 "base_model_name_or_path": getattr(self.model, "name_or_path", None),
+                                 **self.training_state()})
+        return Path(path)
 
     @classmethod
     def load(cls, model: nn.Module, path: str | Path):
-        """Rebuild a saved wrapper on ``model`` (the same base it was trained on)."""
-        path = Path(path)
-        config_file, weights_file = cls._files(path)
+        """Rebuild a saved method model on ``model`` (the same base it was trained on); the tensors' shapes are checked
+        against the config on the meta device before anything is allocated."""
+        config_file, weights_file = cls.state_files(path)
         for f in (config_file, weights_file):
             if not f.is_file():
                 raise FileNotFoundError(f"{path} is not a saved {cls.__name__}: {f.name} is missing")
-        meta = read_json_object(config_file, "config")
-        config = config_from_file(cls.config_class, meta["config"], config_file)
+        key = f"{cls.state_name}_config"
+        meta = read_json_object(config_file, key)
+        config = config_from_file(cls.config_class, meta[key], config_file)
         check_weights_fit(lambda m: cls(m, config), model, weights_file, config_file)
-        wrapper = cls(model, config)
-        load_state_tensors(wrapper.state_tensors(), read_safetensors(weights_file), source=str(path))
-        return wrapper
+        method = cls(model, config)
+        load_state_tensors(method.state_tensors(), read_safetensors(weights_file), source=str(path))
+        method.load_training_state(meta)
+        return method

@@ -10,8 +10,9 @@ from typing import Callable, Sequence
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from comlora.methods.comlora.config import DEFAULT_TARGET_MODULES
-from comlora.methods.comlora.layer import ADAPTABLE_LAYERS
+from comlora.methods.lora_layer import ADAPTABLE_LAYERS
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]   # the paper's choice, Llama names
 
 # The paper's choice (q, k, v, up, down) in each naming where it fits, tried in order: Llama-style
 # names (Llama, Mistral, Qwen2/3, Gemma 1-3, Cohere ...), then Phi-3's fused projections, adapted as

@@ -21,18 +21,15 @@ Not mergeable: the filter's clamp(cos(h, t), 0, 1) weighting makes it a non-line
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comlora.methods.base import AdapterModel
-from comlora.methods.comlora.config import ConfigDict
-from comlora.methods.injection import inject_linear_layers, with_resolved_targets
-from comlora.methods.losses import mean_lm_loss
-from comlora.methods.comlora.layer import ComLoraLinear
+from comlora.methods.base import AdapterConfig, AdapterModel, seeded
+from comlora.methods.injection import with_resolved_targets
+from comlora.methods.lora_layer import LoraLinear, uniform_fan_in_
 
 LORATRF_TARGET_MODULES = ["o_proj", "gate_proj", "up_proj", "down_proj"]
 # The paper's W_o (attention output), W_f1 and W_f2 (MLP) under each naming, tried in order.
@@ -46,21 +43,17 @@ LORATRF_DEFAULT_TARGETS = (
 
 
 @dataclass
-class LoraTrfConfig(ConfigDict):
+class LoraTrfConfig(AdapterConfig):
     """Configuration of LoRATRF: rank-r LoRA on the target modules and a task-aware filter per decoder layer."""
 
-    r: int = field(default=8, metadata={"help": "Rank of the LoRA on every target module."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is (lora_alpha / r) * B^T A^T x."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input x (0 = off)."})
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the "
                 "full module name; None = the attention output and MLP layers (o_proj, gate_proj, up_proj, down_proj on "
                 "Llama; the same roles on Phi-3, GPT-2, GPT-NeoX, OPT, Falcon), an error on other architectures."})
     filter_rank: int = field(default=8, metadata={"help": "Rank of the filter's transform T = T1 T2 (d x filter_rank x d)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the LoRA and filter initialisation."})
 
     def __post_init__(self) -> None:
-        self.validate(self.adapter_checks("r", "filter_rank"))
+        self.validate(self.adapter_checks("filter_rank"))
 
 
 class TaskFilter(nn.Module):
@@ -77,8 +70,7 @@ class TaskFilter(nn.Module):
     def reset_parameters(self) -> None:
         """t ~ N(0, I); T1 ~ U(-1/sqrt(d), 1/sqrt(d)); T2 = 0. Drawn on the CPU (same weights on every device)."""
         self.task_vector.copy_(torch.randn(self.task_vector.shape, dtype=torch.float32))
-        bound = 1.0 / math.sqrt(self.T1.shape[0])
-        self.T1.copy_((torch.rand(self.T1.shape, dtype=torch.float32) * 2 - 1) * bound)
+        uniform_fan_in_(self.T1, self.T1.shape[0])
         self.T2.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -111,7 +103,7 @@ def decoder_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 class LoraTrfModel(AdapterModel):
-    """A frozen causal LM with a rank-r LoRA on every target module (``ComLoraLinear`` with one component)
+    """A frozen causal LM with a rank-r LoRA on every target module (``LoraLinear``)
     and a ``TaskFilter`` on the output of every decoder layer (``layers[l].task_filter``, applied by a
     forward hook). ``mergeable = False``: the filter is not a linear map of the hidden state."""
 
@@ -124,23 +116,13 @@ class LoraTrfModel(AdapterModel):
         super().__init__(model, config)
         layers_prefix, decoder_layers = decoder_layer_list(model)
         hidden_size = model.config.get_text_config().hidden_size      # not the embedding width (OPT may project)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.injected = inject_linear_layers(model, config.target_modules, lambda linear: ComLoraLinear(
-                linear, 1, config.r, config.lora_alpha, config.lora_dropout))
-            for layer in self.injected.values():
-                layer.active_component = 0
+        with seeded(config.seed):
+            self.inject(lambda linear: LoraLinear(linear, config.r, config.lora_alpha, config.lora_dropout))
             for i, decoder_layer in enumerate(decoder_layers):
                 decoder_layer.task_filter = TaskFilter(hidden_size, config.filter_rank,
                                                        next(decoder_layer.parameters()).device)
                 decoder_layer.register_forward_hook(filter_decoder_output)
                 self.injected[f"{layers_prefix}.{i}.task_filter"] = decoder_layer.task_filter
-
-    def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
-        """L = L_LM: LoRATRF adds no auxiliary loss."""
-        lm, target_tokens = mean_lm_loss(self.model, input_ids, attention_mask, labels)
-        return lm, {"lm": float(lm.detach()), "loss": float(lm.detach()), "target_tokens": target_tokens}
 
 
 def get_loratrf_model(model: nn.Module, config: LoraTrfConfig) -> LoraTrfModel:

@@ -10,29 +10,23 @@ read the paper's own equation and settings; docs/spec-notes.md says what is our 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comlora.methods.base import AdapterModel
-from comlora.methods.injection import inject_linear_layers, with_resolved_targets
-from comlora.methods.comlora.layer import linear_dims
+from comlora.methods.base import AdapterConfig, AdapterModel, seeded
+from comlora.methods.injection import with_resolved_targets
+from comlora.methods.lora_layer import AdaptedLinear, uniform_fan_in_
 from comlora.methods.losses import mean_lm_loss
-from comlora.methods.comlora.config import TARGET_MODULES_HELP, ConfigDict
 
 
 @dataclass
-class MoeLoraConfig(ConfigDict):
+class MoeLoraConfig(AdapterConfig):
     """Configuration of a mixture of K LoRA experts of rank r per target module."""
 
     num_experts: int = field(default=4, metadata={"help": "K: LoRA experts per adapted layer."})
-    r: int = field(default=8, metadata={"help": "Rank of every expert."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is (lora_alpha / r) * sum_k g_k B_k^T A_k^T x."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input x (0 = off; the router sees x without it)."})
-    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
     top_k: int | None = field(default=None, metadata={"help": "None = dense routing (every expert, softmax weights); k = keep the k largest weights per token, renormalised to sum to 1."})
     load_balance_weight: float = field(default=0.0, metadata={"help": "Weight of the Switch-Transformer load-balancing loss in the total loss (0 = off; it is still logged)."})
     contrastive_loss: bool = field(default=False, metadata={
@@ -48,11 +42,10 @@ class MoeLoraConfig(ConfigDict):
     contrastive_tokens: int = field(default=128, metadata={
         "help": "Real (unpadded) tokens of the batch sampled per step for the contrastive loss, the same in every "
                 "adapted layer (all of them if fewer): its cost grows with the square of (tokens x routed experts)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the expert and router initialisation."})
 
     def __post_init__(self) -> None:
         k = self.num_experts
-        checks = self.adapter_checks("num_experts", "r") + [
+        checks = self.adapter_checks("num_experts") + [
             (self.top_k is None or (isinstance(self.top_k, int) and 1 <= self.top_k <= max(k, 1)),
              f"top_k must be None (dense) or an integer in 1..K={k}, got {self.top_k!r}"),
             (self.load_balance_weight >= 0, f"load_balance_weight must be >= 0, got {self.load_balance_weight!r}"),
@@ -64,12 +57,9 @@ class MoeLoraConfig(ConfigDict):
         ] + self.integer_checks(["contrastive_tokens"], 2)
         self.validate(checks)
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
 
 
-class MoeLoraLinear(nn.Module):
+class MoeLoraLinear(AdaptedLinear):
     """y = W0 x + (alpha / r) * sum_k g_k(x) B_k^T A_k^T x, with g(x) = softmax(W_g x) per token.
 
     ``lora_A`` is ``[K, d_in, r]``, ``lora_B`` is ``[K, r, d_out]``, the router ``W_g`` is a bias-free
@@ -81,17 +71,12 @@ class MoeLoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, num_experts: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, top_k: int | None = None) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.num_experts, self.r, self.top_k = num_experts, r, top_k
-        self.scaling = lora_alpha / r
-        d_in, d_out, _ = linear_dims(base_layer, "MoeLoraLinear")
-        device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(num_experts, d_in, r, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, r, d_out, device=device, dtype=torch.float32))
-        self.router = torch.nn.utils.skip_init(nn.Linear, d_in, num_experts, bias=False, device=device,
+        super().__init__(base_layer, r, lora_alpha, lora_dropout)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.lora_A = nn.Parameter(torch.empty(num_experts, self.d_in, r, device=self.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, r, self.d_out, device=self.device, dtype=torch.float32))
+        self.router = torch.nn.utils.skip_init(nn.Linear, self.d_in, num_experts, bias=False, device=self.device,
                                                dtype=torch.float32)
-        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.record_router = False
         self.router_probs: torch.Tensor | None = None
         self.contrastive_rows: torch.Tensor | None = None
@@ -101,13 +86,9 @@ class MoeLoraLinear(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """A_k and the router ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's / nn.Linear's
-        kaiming_uniform_(a=sqrt(5))); B_k = 0.
-
-        Drawn on the CPU from the global generator, so a seed gives the same weights on every device.
-        """
-        bound = 1.0 / math.sqrt(self.lora_A.shape[1])
+        kaiming_uniform_(a=sqrt(5))); B_k = 0."""
         for p in (self.lora_A, self.router.weight):
-            p.copy_((torch.rand(p.shape, dtype=torch.float32) * 2 - 1) * bound)
+            uniform_fan_in_(p, self.d_in)
         self.lora_B.zero_()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,10 +168,9 @@ class MoeLoraModel(AdapterModel):
     def __init__(self, model: nn.Module, config: MoeLoraConfig) -> None:
         config = with_resolved_targets(model, config)
         super().__init__(model, config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.injected = inject_linear_layers(model, config.target_modules, lambda linear: MoeLoraLinear(
-                linear, config.num_experts, config.r, config.lora_alpha, config.lora_dropout, config.top_k))
+        with seeded(config.seed):
+            self.inject(lambda linear: MoeLoraLinear(linear, config.num_experts, config.r, config.lora_alpha,
+                                                     config.lora_dropout, config.top_k))
 
     def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                       step: int, total_steps: int) -> tuple[torch.Tensor, dict]:

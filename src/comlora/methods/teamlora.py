@@ -31,32 +31,26 @@ matmuls, not the function nor its gradients (a test checks it).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from comlora.methods.base import AdapterModel
-from comlora.methods.injection import inject_linear_layers, with_resolved_targets
-from comlora.methods.comlora.layer import linear_dims
-from comlora.methods.losses import mean_lm_loss
-from comlora.methods.comlora.config import TARGET_MODULES_HELP, ConfigDict
+from comlora.methods.base import AdapterConfig, AdapterModel, seeded
+from comlora.methods.injection import with_resolved_targets
+from comlora.methods.lora_layer import AdaptedLinear, uniform_fan_in_
 
 ROUTER_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 INTERACTION_MODES = ("learned", "frozen", "off")
 
 
 @dataclass
-class TeamLoraConfig(ConfigDict):
+class TeamLoraConfig(AdapterConfig):
     """Configuration of TeamLoRA: K experts of rank r_B sharing one A of rank r_A = K * r_B per target module."""
 
     num_experts: int = field(default=4, metadata={"help": "K: expert matrices B_i per adapted layer."})
-    r_B: int = field(default=8, metadata={"help": "Rank of every expert B_i (the paper's 'Rank' column)."})
+    r: int = field(default=8, metadata={"help": "r_B: rank of every expert B_i (the paper's 'Rank' column); the scaling is lora_alpha / r_B."})
     r_A: int | None = field(default=None, metadata={"help": "Rank of the shared A; None = K * r_B. If given it must equal K * r_B (a check, not a second knob)."})
-    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: the update is (lora_alpha / r_B) * sum_i omega_i h_i."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input x (0 = off; the router sees x without it)."})
-    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
     interaction_init_range: float = field(default=0.1, metadata={"help": "a: off-diagonal entries of M start ~ U(-a, a); the diagonal starts at 1 (a = 0: M = I)."})
     interaction_matrix: str = field(default="learned", metadata={
         "help": "M of Eq. 12: 'learned' (trained), 'frozen' (kept at its initialisation: no gradient, still saved) or "
@@ -71,11 +65,10 @@ class TeamLoraConfig(ConfigDict):
                 "Linear(d_in -> h) with bias, router_activation, bias-free Linear(h -> K)."})
     router_activation: str = field(default="gelu", metadata={
         "help": f"Activation of the router's hidden layer (used when router_hidden_size > 0): one of {tuple(ROUTER_ACTIVATIONS)}."})
-    seed: int = field(default=0, metadata={"help": "Seed of the A, router and interaction-matrix initialisation."})
 
     def __post_init__(self) -> None:
         k = self.num_experts
-        checks = self.adapter_checks("num_experts", "r_B") + [
+        checks = self.adapter_checks("num_experts") + [
             (self.r_A is None or (isinstance(self.r_A, int) and self.r_A >= 1),
              f"r_A must be None or an integer >= 1, got {self.r_A!r}"),
             (self.interaction_init_range >= 0,
@@ -88,17 +81,14 @@ class TeamLoraConfig(ConfigDict):
         ] + self.integer_checks(["router_hidden_size"], 0)
         self.validate(checks)
         if self.r_A is None:
-            self.r_A = k * self.r_B
+            self.r_A = k * self.r
         elif self.r_A % k:
             raise ValueError(f"TeamLoraConfig: r_A={self.r_A} is not divisible by num_experts K={k}: "
                              "z = x A is split into K slices of equal width r_B = r_A / K")
-        elif self.r_A != k * self.r_B:
-            raise ValueError(f"TeamLoraConfig: r_A={self.r_A} is inconsistent with K * r_B = {k} * {self.r_B} = "
-                             f"{k * self.r_B}; set r_B={self.r_A // k} or leave r_A unset")
+        elif self.r_A != k * self.r:
+            raise ValueError(f"TeamLoraConfig: r_A={self.r_A} is inconsistent with K * r_B = {k} * {self.r} = "
+                             f"{k * self.r}; set r={self.r_A // k} or leave r_A unset")
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r_B
 
 
 def build_router(d_in: int, num_experts: int, hidden_size: int, activation: str, device) -> nn.Module:
@@ -113,7 +103,7 @@ def build_router(d_in: int, num_experts: int, hidden_size: int, activation: str,
                          linear(hidden_size, num_experts, False))
 
 
-class TeamLoraLinear(nn.Module):
+class TeamLoraLinear(AdaptedLinear):
     """y = W0 x + (alpha / r_B) * sum_i omega_i(x) h_i,  h_i = split(x A)_i B_i,  omega = M softmax(S x).
 
     ``lora_A`` is ``[d_in, K*r_B]`` (shared) or ``[K, d_in, r_B]`` (``share_A=False``: ``h_i = x A_i B_i``),
@@ -124,23 +114,19 @@ class TeamLoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, num_experts: int, r_B: int, lora_alpha: float,
                  lora_dropout: float = 0.0, interaction_init_range: float = 0.1, interaction_matrix: str = "learned",
                  share_A: bool = True, router_hidden_size: int = 0, router_activation: str = "gelu") -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.num_experts, self.r_B, self.share_A = num_experts, r_B, share_A
-        self.scaling = lora_alpha / r_B
+        super().__init__(base_layer, r_B, lora_alpha, lora_dropout)
+        self.num_experts, self.share_A = num_experts, share_A
         self.interaction_init_range, self.interaction_matrix = interaction_init_range, interaction_matrix
-        d_in, d_out, _ = linear_dims(base_layer, "TeamLoraLinear")
-        device = base_layer.weight.device
-        a_shape = (d_in, num_experts * r_B) if share_A else (num_experts, d_in, r_B)
+        device = self.device
+        a_shape = (self.d_in, num_experts * r_B) if share_A else (num_experts, self.d_in, r_B)
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, r_B, d_out, device=device, dtype=torch.float32))
-        self.router = build_router(d_in, num_experts, router_hidden_size, router_activation, device)
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, r_B, self.d_out, device=device, dtype=torch.float32))
+        self.router = build_router(self.d_in, num_experts, router_hidden_size, router_activation, device)
         if interaction_matrix == "off":
             self.register_parameter("interaction", None)
         else:
             self.interaction = nn.Parameter(torch.empty(num_experts, num_experts, device=device, dtype=torch.float32),
                                             requires_grad=interaction_matrix == "learned")
-        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -148,14 +134,11 @@ class TeamLoraLinear(nn.Module):
         """A and every router weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's / nn.Linear's
         kaiming_uniform_(a=sqrt(5)); fan_in = d_in for A and each A_i); B_i = 0; M: off-diagonal ~ U(-a, a),
         diagonal 1. Drawn on the CPU: a seed gives the same weights on every device."""
-        def uniform_(p: torch.Tensor, fan_in: int) -> None:
-            p.copy_((torch.rand(p.shape, dtype=torch.float32) * 2 - 1) * (1.0 / math.sqrt(fan_in)))
-
-        uniform_(self.lora_A, self.lora_A.shape[-2])                 # d_in, shared A or one A_i per expert
+        uniform_fan_in_(self.lora_A, self.d_in)                       # shared A or one A_i per expert
         for linear in (m for m in self.router.modules() if isinstance(m, nn.Linear)):
-            uniform_(linear.weight, linear.in_features)
+            uniform_fan_in_(linear.weight, linear.in_features)
             if linear.bias is not None:
-                uniform_(linear.bias, linear.in_features)
+                uniform_fan_in_(linear.bias, linear.in_features)
         self.lora_B.zero_()
         if self.interaction is not None:
             a = self.interaction_init_range
@@ -172,14 +155,14 @@ class TeamLoraLinear(nn.Module):
         x = x.to(self.lora_A.dtype)
         omega = self.expert_weights(x)
         if self.share_A:
-            z = (self.dropout(x) @ self.lora_A).unflatten(-1, (self.num_experts, self.r_B))  # z_i = split(x A)_i
+            z = (self.dropout(x) @ self.lora_A).unflatten(-1, (self.num_experts, self.r))  # z_i = split(x A)_i
         else:
             z = torch.einsum("...d,kdr->...kr", self.dropout(x), self.lora_A)                # z_i = x A_i
         delta = torch.einsum("...kr,kro->...o", z * omega.unsqueeze(-1), self.lora_B)    # sum_i omega_i z_i B_i
         return result + (self.scaling * delta).to(result.dtype)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, r_B={self.r_B}, scaling={self.scaling:g}, share_A={self.share_A}, "
+        return (f"num_experts={self.num_experts}, r_B={self.r}, scaling={self.scaling:g}, share_A={self.share_A}, "
                 f"interaction_matrix={self.interaction_matrix}")
 
 
@@ -194,18 +177,11 @@ class TeamLoraModel(AdapterModel):
     def __init__(self, model: nn.Module, config: TeamLoraConfig) -> None:
         config = with_resolved_targets(model, config)
         super().__init__(model, config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.injected = inject_linear_layers(model, config.target_modules, lambda linear: TeamLoraLinear(
-                linear, config.num_experts, config.r_B, config.lora_alpha, config.lora_dropout,
+        with seeded(config.seed):
+            self.inject(lambda linear: TeamLoraLinear(
+                linear, config.num_experts, config.r, config.lora_alpha, config.lora_dropout,
                 config.interaction_init_range, config.interaction_matrix, config.share_A,
                 config.router_hidden_size, config.router_activation))
-
-    def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
-        """L = L_LM: the paper adds no auxiliary loss to TeamLoRA."""
-        lm, target_tokens = mean_lm_loss(self.model, input_ids, attention_mask, labels)
-        return lm, {"lm": float(lm.detach()), "loss": float(lm.detach()), "target_tokens": target_tokens}
 
 
 def get_teamlora_model(model: nn.Module, config: TeamLoraConfig) -> TeamLoraModel:

@@ -1,1 +1,2 @@
-"""study."""
+"""The reproduction study: ``runner`` (``comlora study``: every experiment not yet recorded) and ``report``
+(``comlora study-report``: docs/reproduction.md and its figures)."""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from comlora.methods.comlora.config import ConfigDict
+from comlora.config_base import ConfigDict
+from comlora.methods.comlora.config import ANNEAL_SCHEDULES
+from comlora.methods.registry import METHODS
 
-METHODS = ("comlora", "lora", "dora", "moelora", "teamlora", "loratrf")
 SCHEDULERS = ("linear", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -19,7 +23,8 @@ class TrainConfig(ConfigDict):
 
     out: str = field(default="runs/latest", metadata={"help": "Run directory (metrics, checkpoints, state, adapter, plots)."})
     model: str = field(default="smollm2-135m", metadata={"help": "Base model: 'smollm2-135m' (embedded default), a Hub id or a local path."})
-    method: str = field(default="comlora", metadata={"help": f"Training method: one of {METHODS}."})
+    method: str = field(default="comlora", metadata={"help": "Training method (its own options: --help-method).",
+                                                     "choices": tuple(METHODS)})
     num_components: int = field(default=2, metadata={"help": "K: competing components (comlora) or experts (moelora, teamlora)."})
     r: int = field(default=8, metadata={"help": "LoRA rank (per component / expert)."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by lora_alpha / r."})
@@ -29,9 +34,13 @@ class TrainConfig(ConfigDict):
                 "Llama-style models, else PEFT's default for the model type; LoRATRF: o,gate,up,down)."})
     top_n: int | None = field(default=None, metadata={"help": "ComLoRA top-N of the alignment loss; None = K."})
     noise_alpha: float = field(default=0.1, metadata={"help": "ComLoRA noise std on the per-sample losses (Eq. 6)."})
-    anneal: str = field(default="exponential", metadata={"help": "ComLoRA annealing of the alignment loss: constant, cosine, exponential, linear."})
+    anneal: str = field(default="exponential", metadata={"help": "ComLoRA annealing schedule eta(t) of the alignment loss.",
+                                                         "choices": ANNEAL_SCHEDULES})
     method_options: dict = field(default_factory=dict, metadata={"help": "Further fields of the method's config dataclass (e.g. pairwise_detach_lm, align_sign)."})
-    data: str = field(default="commonsense-mini", metadata={"help": "'commonsense-mini' or a LLM-Adapters JSON file / folder of them."})
+    data: str = field(default="commonsense-mini", metadata={
+        "help": "Training data: 'commonsense-mini' (the 8 commonsense tasks, items split per task), 'mmlu' (MMLU's dev "
+                "split as instruction items; 'mmlu:test' or 'mmlu:FOLDER' for others), 'convai2' (ConvAI2 dialogue "
+                "turns), or a LLM-Adapters JSON file / folder of them."})
     data_root: str | None = field(default=None, metadata={"help": "Data root (default: $COMLORA_DATA or ../shared/data)."})
     tasks: list[str] | None = field(default=None, metadata={"help": "commonsense-mini tasks (default: all 8)."})
     train_per_task: int = field(default=25, metadata={"help": "commonsense-mini training items per task."})
@@ -42,7 +51,7 @@ class TrainConfig(ConfigDict):
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens (else they are masked with -100)."})
     lr: float = field(default=3e-4, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    lr_scheduler: str = field(default="linear", metadata={"help": f"Decay after warm-up: one of {SCHEDULERS}."})
+    lr_scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warm-up.", "choices": SCHEDULERS})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
     max_nonfinite_steps: int = field(default=1, metadata={
@@ -60,13 +69,15 @@ class TrainConfig(ConfigDict):
                 "held-out items); None = seed. Fix it to train several seeds on the same items."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0 = none; the final state/ is always saved)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints kept."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps (several processes: each gets its own GPU from the launcher)."})
-    dtype: str = field(default="auto", metadata={"help": "Base model dtype: auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16."})
+    device: str = field(default="auto", metadata={"help": "Device (several processes: each gets its own GPU from the launcher).",
+                                                  "choices": DEVICES})
+    dtype: str = field(default="auto", metadata={"help": "Base model dtype: auto = bf16 on capable GPUs, else fp32; float16 "
+                                                 "needs --mixed-precision fp16 (CUDA).", "choices": DTYPES})
     retain_cpu_memory: bool = field(default=True, metadata={"help": "CPU runs on Linux: keep freed memory in the process "
                                     "heap for the next step instead of returning it to the OS (glibc mallopt), which saves "
                                     "re-faulting every step's activations; the resident size stays at its peak."})
-    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no, bf16, or fp16 (CUDA only; "
-                                 "loss scaling by Accelerate, trainable tensors stay float32)."})
+    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision; fp16 is CUDA only (loss "
+                                 "scaling by Accelerate, trainable tensors stay float32).", "choices": MIXED_PRECISION})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in the backward pass "
                                          "instead of keeping its activations (non-reentrant): less memory, one more forward."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the frozen base in 4 bits (bitsandbytes nf4, "
@@ -87,23 +98,18 @@ class TrainConfig(ConfigDict):
                                              "seed"], 0)
                       + [(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}"),
                          (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")])
-        if self.method not in METHODS:
-            raise ValueError(f"TrainConfig: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.lr_scheduler not in SCHEDULERS:
-            raise ValueError(f"TrainConfig: lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        for f in fields(self):         # every field with a fixed set of values
+            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"TrainConfig: {f.name} must be one of {', '.join(f.metadata['choices'])}, "
+                                 f"got {getattr(self, f.name)!r}")
         if self.data_seed is not None and (not isinstance(self.data_seed, int) or isinstance(self.data_seed, bool)
                                            or self.data_seed < 0):
             raise ValueError(f"TrainConfig: data_seed must be None (= seed) or an integer >= 0, got {self.data_seed!r}")
         if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
             raise ValueError(f"TrainConfig: top_n must be None (= K) or an integer >= 1, got {self.top_n!r}")
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise ValueError(f"TrainConfig: device must be auto, cpu, cuda or mps, got {self.device!r} "
-                             "(choose GPUs with CUDA_VISIBLE_DEVICES)")
         if self.dtype in ("float16", "fp16") and self.mixed_precision != "fp16":
             raise ValueError("TrainConfig: float16 training needs loss scaling: add --mixed-precision fp16 (CUDA), "
                              "or use bfloat16 or float32")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"TrainConfig: mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("TrainConfig: choose one of load_in_4bit and load_in_8bit")
         if self.report_to is not None:

@@ -16,19 +16,17 @@ whatever the Trainer wraps it in (DDP, mixed precision, ...) sees one module and
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from comlora.methods.losses import IGNORE_INDEX
-from comlora.methods.comlora.model import STATE_CONFIG, STATE_WEIGHTS, ComLoraModel, WinnerReport
-from comlora.storage import load_state_tensors, write_json
+from comlora.data.items import IGNORE_INDEX
+from comlora.methods.comlora.model import ComLoraModel, WinnerReport
+from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
@@ -228,14 +226,15 @@ class ComLoraTrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = Path(resume_from_checkpoint)
-        if not (path / STATE_WEIGHTS).is_file() or not (path / STATE_CONFIG).is_file():
-            raise ValueError(f"{path} is not a ComLoRA trainer checkpoint: {STATE_WEIGHTS} / {STATE_CONFIG} missing")
-        saved = json.loads((path / STATE_CONFIG).read_text())["comlora_config"]
+        config_file, weights_file = self.comlora_model.state_files(path)
+        if not weights_file.is_file() or not config_file.is_file():
+            raise ValueError(f"{path} is not a ComLoRA trainer checkpoint: {weights_file.name} / {config_file.name} missing")
+        saved = read_json_object(config_file, "comlora_config")["comlora_config"]
         ours = self.comlora_model.config.to_dict()
         differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
         if differ:
             raise ValueError(f"checkpoint {path} was written with another ComLoraConfig (differs in {differ})")
-        load_state_tensors(self.comlora_model.state_tensors(), load_file(str(path / STATE_WEIGHTS)), source=str(path))
+        load_state_tensors(self.comlora_model.state_tensors(), read_safetensors(weights_file), source=str(path))
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

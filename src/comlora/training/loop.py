@@ -13,7 +13,6 @@ Run directory (``cfg.out``):
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
@@ -29,24 +28,22 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from comlora.evaluation.convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
-from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
-from comlora.data.items import build_commonsense_mini, collate, data_root, load_items, tokenize_item
-from comlora.training.distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options, unsharded_method,
-                          use_fsdp_on_cpu)
-from comlora.evaluation.mmlu import mmlu_training_items
-from comlora.methods.registry import build_method, load_method
-from comlora.methods.comlora.model import ComLoraModel
 from comlora.base_models import load_model_and_tokenizer, resolve_device
+from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
+from comlora.data.items import collate
+from comlora.export.provenance import base_model_record, write_model_card
+from comlora.methods.comlora.model import ComLoraModel
+from comlora.methods.registry import build_method
+from comlora.storage import json_line, write_json, write_text
+from comlora.training.batches import micro_batches, validation_batches
+from comlora.training.checkpoints import resume_from_checkpoint, rng_state, save_checkpoint
+from comlora.training.config import TrainConfig
+from comlora.training.data import load_training_data
+from comlora.training.distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options,
+                                          unsharded_method, use_fsdp_on_cpu)
 from comlora.training.processes import on_main_process
-from comlora.training.run_dir import RunError, check_run_dir, commit_folder, final_save, new_temp_folder, open_run_dir, \
-    require_complete, trained_steps
-from comlora.storage import atomic_write, fsync_path, json_line, read_json_object, read_safetensors, write_json, \
-    write_safetensors, write_text
-from comlora.training.config import TrainConfig, load_yaml
+from comlora.training.run_dir import CHECKPOINTS, RunError, check_run_dir, checkpoint_dirs, final_save, open_run_dir
 from comlora.training.tracking import TRACKER_PROJECT, tracker_config, tracker_logging_dir, tracker_values
-
-CHECKPOINTS = "checkpoints"
 
 
 class TrainingDiverged(RunError):
@@ -62,176 +59,6 @@ class TrainingObjective(nn.Module):
 
     def forward(self, batch: dict, step: int, total_steps: int):
         return self.method.training_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], step, total_steps)
-
-
-def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """(training items, validation items) of ``cfg.data``:
-
-    - ``commonsense-mini``: the suite of ``data.build_commonsense_mini``;
-    - ``mmlu`` / ``mmlu:dev`` / ``mmlu:test`` / ``mmlu:FOLDER``: MMLU CSVs as LLM-Adapters items (default: the
-      dev split), ``val_size`` of them held out at random;
-    - ``convai2``: turns of the dialogues of the train split, validation turns from the validation split
-      (``convai2.split_dialogues``, by dialogue);
-    - a LLM-Adapters JSON file or folder, ``val_size`` items held out at random.
-    """
-    root = lambda: data_root(cfg.data_root)  # noqa: E731
-    if cfg.data == "commonsense-mini":
-        suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size, cfg.split_seed)
-        return suite.train, suite.validation
-    if cfg.data == "convai2":
-        splits = split_dialogues(load_convai2(root() / CONVAI2_FILE), seed=cfg.split_seed)
-        return (convai2_training_items(splits["train"], cfg.history_turns),
-                convai2_training_items(splits["validation"], cfg.history_turns)[:cfg.val_size])
-    if cfg.data == "mmlu" or cfg.data.startswith("mmlu:"):
-        source = cfg.data.partition(":")[2] or "dev"
-        items = mmlu_training_items(root(), source) if source in ("dev", "test") else mmlu_training_items(source)
-    else:
-        items = load_items(cfg.data)
-    if cfg.val_size >= len(items):
-        raise ValueError(f"{cfg.data}: {len(items)} items cannot hold out val_size={cfg.val_size} for validation")
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
-    return [items[i] for i in order[cfg.val_size:]], [items[i] for i in order[:cfg.val_size]]
-
-
-def load_training_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
-    """Tokenised (training, validation) examples of ``cfg.data``."""
-    train_items, val_items = training_items(cfg)
-    return tokenize_with_targets(train_items, "training", cfg, tokenizer), \
-        tokenize_with_targets(val_items, "validation", cfg, tokenizer)
-
-
-def tokenize_with_targets(items: list[dict], split: str, cfg: TrainConfig, tokenizer) -> list[dict]:
-    """Tokenised items, leaving out (and reporting) those whose prompt fills cutoff_len: no target token left."""
-    examples = [tokenize_item(tokenizer, item, cfg.cutoff_len, cfg.train_on_inputs) for item in items]
-    kept = [e for e in examples if any(label != -100 for label in e["labels"][1:])]
-    if len(kept) < len(examples):
-        print(f"note: {len(examples) - len(kept)} of {len(examples)} {split} items have no response token within "
-              f"cutoff_len={cfg.cutoff_len} and are left out", file=sys.stderr)
-    if not kept:
-        raise ValueError(f"no {split} item has a response token within cutoff_len={cfg.cutoff_len}")
-    return kept
-
-
-def checkpoint_dirs(run: Path) -> list[Path]:
-    return sorted((run / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def trainable_tensors(method: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in method.named_parameters() if p.requires_grad}
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    """This process's random number generator states (CPU, and its current GPU)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: int, keep: int,
-                    rng_states: list[dict[str, torch.Tensor]]) -> Path:
-    """Everything a resume needs, written into a temp folder that is renamed into place when complete.
-    ``rng_states[i]`` is process i's ``rng_state()``."""
-    final = run / CHECKPOINTS / f"step-{step:08d}"
-    if (run / "metrics.jsonl").exists():        # the steps it has seen are on the disk before it counts
-        fsync_path(run / "metrics.jsonl")
-    tmp = new_temp_folder(final)
-    try:
-        write_safetensors(tmp / "trainable.safetensors", trainable_tensors(method))
-        states = io.BytesIO()           # serialised in memory: torch.save reports a full disk as a RuntimeError
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, states)
-        atomic_write(tmp / "optimizer.pt", lambda path: Path(path).write_bytes(states.getbuffer()))
-        write_safetensors(tmp / "rng.safetensors",
-                          {f"process{i}.{name}": t for i, state in enumerate(rng_states) for name, t in state.items()})
-        write_json(tmp / "trainer_state.json",
-                   {"step": step, **(method.training_state() if hasattr(method, "training_state") else {})})
-        commit_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)       # a full disk: free what the failed write took
-        raise
-    for old in checkpoint_dirs(run)[:-keep]:
-        shutil.rmtree(old)
-    return final
-
-
-def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process_index: int = 0) -> int:
-    """Restore a checkpoint in place; returns its optimizer step. Only tensors are unpickled (weights_only).
-    The random state is this process's own (process 0's if the checkpoint was written by fewer processes)."""
-    saved = read_safetensors(path / "trainable.safetensors")
-    params = trainable_tensors(method)
-    if set(saved) != set(params):
-        raise ValueError(f"checkpoint {path} does not match this run's method: "
-                         f"missing {sorted(set(params) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(params))[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    try:
-        states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    except Exception as err:    # noqa: BLE001  (a damaged pickle fails in many ways: EOFError, UnpicklingError, ...)
-        raise ValueError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(err).__name__}: "
-                         f"{(str(err).splitlines() or [''])[0]}); the file is corrupt or was cut short") from err
-    optimizer.load_state_dict(states["optimizer"])
-    scheduler.load_state_dict(states["scheduler"])
-    rng = read_safetensors(path / "rng.safetensors")
-    prefix = f"process{process_index}." if f"process{process_index}.torch" in rng else "process0."
-    torch.set_rng_state(rng[prefix + "torch"])
-    if torch.cuda.is_available() and prefix + "cuda" in rng:
-        torch.cuda.set_rng_state(rng[prefix + "cuda"])
-    state = read_json_object(path / "trainer_state.json", "step")
-    if hasattr(method, "load_training_state"):
-        method.load_training_state(state)
-    return state["step"]
-
-
-def resume_from_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, process_index: int = 0) -> int:
-    """Restore the newest checkpoint that loads; returns its step. A corrupt one is skipped with a warning naming
-    its problem; with none (or none readable) the run starts again from step 0, saying what was lost."""
-    problems = []
-    for path in reversed(checkpoint_dirs(run)):
-        try:
-            step = load_checkpoint(path, method, optimizer, scheduler, process_index)
-        except Exception as err:         # noqa: BLE001  (any reading failure: try the previous checkpoint)
-            problems.append(path.name)
-            if process_index == 0:
-                print(f"warning: checkpoint {path} cannot be loaded ({type(err).__name__}: "
-                      f"{(str(err).splitlines() or [''])[0]}); falling back to the previous one", file=sys.stderr)
-            continue
-        if problems and process_index == 0:
-            print(f"warning: resuming from {path.name}, the newest checkpoint that loads", file=sys.stderr)
-        return step
-    if process_index == 0:
-        found = f"none of its {len(problems)} checkpoints loads" if problems else "it has no checkpoint"
-        print(f"note: {run}: {found}, so the {trained_steps(run)} optimizer steps it recorded are lost; training "
-              f"starts again from step 0 (--save-every N writes checkpoints to resume from)", file=sys.stderr)
-    return 0
-
-
-def micro_batches(lengths: list[int], per_process: int, num_processes: int, rank: int, seed: int, epoch: int,
-                  group_by_length: bool = True):
-    """One epoch of micro-batches for process ``rank``.
-
-    A seeded permutation is cut into global micro-batches of ``per_process * num_processes`` items and
-    process ``rank`` takes its slice of each, so N processes see what one process with the global batch
-    sees. With ``group_by_length`` the permutation is sorted by length inside chunks of 16 global
-    batches and the batches are then shuffled, which cuts padding while keeping the order random.
-    """
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    global_batch = per_process * num_processes
-    if group_by_length:
-        chunk = 16 * global_batch
-        order = [i for s in range(0, len(order), chunk)
-                 for i in sorted(order[s:s + chunk], key=lambda i: -lengths[i])]
-    batches = [order[s:s + global_batch] for s in range(0, len(order) - global_batch + 1, global_batch)]
-    if group_by_length:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-    for batch in batches:
-        yield batch[rank * per_process: (rank + 1) * per_process]
-
-
-def validation_batches(examples: list[dict], batch_size: int, pad_token_id: int, device):
-    for start in range(0, len(examples), batch_size):
-        yield {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
 
 
 def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | None = None,
@@ -449,9 +276,6 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
     """Save the final state, select the winner on the validation set, export the adapter, draw the plots: all
     built in RUN/.final-save, fsynced and moved into the run, then complete.json (run_dir.final_save).
     Until then the last step's checkpoint is what a resume starts from."""
-    from comlora.plots import plot_run
-    from comlora.export.provenance import base_model_record, write_model_card
-
     method.eval()
     record = base_model_record(cfg.model)   # the base weights, named in winner.json and the adapter's card
     batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
@@ -474,38 +298,16 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
             if getattr(method, "mergeable", False):
                 method.save(final / "adapter")
                 write_model_card(final / "adapter", record)
-        plot_run(run, cfg.window, into=final)
+        draw_plots(run, cfg.window, final)
     if checkpoint_dirs(run):
         shutil.rmtree(run / CHECKPOINTS)         # the run is complete: its state/ supersedes them
 
 
-def reload_method(run: str | Path, device: str | None = None):
-    """(method model, tokenizer, TrainConfig) of a finished run, on a freshly loaded base model."""
-    run = Path(run)
-    cfg = run_config(run)
-    require_complete(run)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device or cfg.device, dtype=cfg.dtype,
-                                                load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
-    return load_method(cfg, model, run / "state").eval(), tokenizer, cfg
-
-
-def run_config(run: Path) -> TrainConfig:
-    """The TrainConfig of a run directory; a missing, corrupt or invalid config.yaml is an error naming it."""
-    config_file = Path(run) / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (config.yaml is missing)")
+def draw_plots(run: Path, window: int, into: Path) -> None:
+    """Figures 2 and 3 of the run into ``into``; without matplotlib (the ``plots`` extra) a note says how to get them."""
     try:
-        return TrainConfig.from_dict(load_yaml(config_file))
-    except TypeError as err:
-        raise ValueError(f"{config_file}: {err}") from err
-    except ValueError as err:
-        raise ValueError(str(err) if str(config_file) in str(err) else f"{config_file}: {err}") from err
-
-
-def run_validation_batches(run: Path, cfg: TrainConfig, tokenizer, device, data: str | None = None):
-    """Validation batches of a run (or of another LLM-Adapters file/folder given as ``data``)."""
-    if data is None:
-        _, val_examples = load_training_data(cfg, tokenizer)
-    else:
-        val_examples = tokenize_with_targets(load_items(data), "validation", cfg, tokenizer)
-    return list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, device))
+        from comlora.plots import plot_run
+    except ImportError as err:
+        print(f"note: {run} has no plots ({err}); pip install 'comlora[plots]' to draw them", file=sys.stderr)
+        return
+    plot_run(run, window, into=into)

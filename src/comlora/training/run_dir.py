@@ -23,11 +23,17 @@ from pathlib import Path
 import yaml
 
 from comlora.storage import fsync_path, write_json, write_text
+from comlora.training.config import load_yaml
 
 LOCK_FILE = ".lock"
 COMPLETE_FILE = "complete.json"
 FINAL_SAVE = ".final-save"
 CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    """The run's checkpoints/step-N folders, oldest first."""
+    return sorted((run / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 class RunError(RuntimeError):
@@ -189,8 +195,6 @@ def trained_steps(run: Path) -> int:
 
 def require_complete(run: Path) -> None:
     """Refuse a run whose final save did not finish, saying how to finish or restart it."""
-    from comlora.training.loop import checkpoint_dirs
-
     if is_complete(run):
         return
     resume = f"comlora train --resume --config {run / 'config.yaml'} --out {run}"
@@ -205,8 +209,6 @@ def require_complete(run: Path) -> None:
 def check_run_dir(cfg, resume: bool) -> None:
     """Refuse an ``--out`` that cannot take this run, writing nothing: a file, a folder holding anything, or
     (``resume``) a folder without a run, with other options, or complete."""
-    from comlora.training.config import load_yaml
-
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
         raise NotADirectoryError(f"--out {run} is a file, not a folder: choose a new folder for the run")

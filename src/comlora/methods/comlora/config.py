@@ -1,98 +1,20 @@
-"""ComLoraConfig: every switch of the method (docs: ../shared/docs/comlora-spec.md, sections 1-6)."""
+"""ComLoraConfig: every switch of the method (docs/method.md; our readings of the paper: docs/spec-notes.md)."""
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
+
+from comlora.methods.base import AdapterConfig
 
 ANNEAL_SCHEDULES = ("constant", "cosine", "exponential", "linear")
 LOSS_REDUCTIONS = ("mean", "sum")
 PAIRWISE_DIRECTIONS = ("intended", "literal")
 COMPETITION_MODES = ("batched", "low_memory")
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]   # the paper's choice, Llama names
-TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against "
-                       "the full module name; None = the architecture's default (the paper's q,k,v,up,down where the "
-                       "model's names fit, e.g. Llama, Qwen, Mistral, Gemma, Phi-3; otherwise PEFT's default for the "
-                       "model type, e.g. c_attn on GPT-2). Resolved against the model when the adapter is built.")
-
-
-class ConfigDict:
-    """``to_dict`` / ``from_dict`` / ``from_json`` for a config dataclass; an unknown field is an error naming it."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def integer_checks(self, names, minimum: int) -> list[tuple[bool, str]]:
-        """Each named field is an integer (not a bool) >= ``minimum``."""
-        return [(isinstance(getattr(self, n), int) and not isinstance(getattr(self, n), bool) and getattr(self, n) >= minimum,
-                 f"{n} must be an integer >= {minimum}, got {getattr(self, n)!r}") for n in names]
-
-    def adapter_checks(self, *positive_ints: str) -> list[tuple[bool, str]]:
-        """The checks every LoRA-style config shares: the named integer fields >= 1, lora_alpha > 0,
-        lora_dropout in [0, 1), target_modules None (the architecture's default) or at least one module
-        (a tuple of targets becomes a list)."""
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        return self.integer_checks(positive_ints, 1) + [
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
-            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
-            (self.target_modules is None or bool(self.target_modules),
-             "target_modules must name at least one module, or be None for the architecture's default"),
-        ]
-
-    def finite_checks(self) -> list[tuple[bool, str]]:
-        """Every float field holds a finite number (None where the field allows it): no NaN, no inf."""
-        checks = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if str(f.type).startswith("float") and not (value is None and "None" in str(f.type)):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                checks.append((ok, f"{f.name} must be a finite number, got {value!r}"))
-        return checks
-
-    def validate(self, checks: list[tuple[bool, str]]) -> None:
-        """Raise ``ValueError("<Config>: <message>")`` for the first ``(ok, message)`` that is not ok, after
-        ``finite_checks`` (which every config gets)."""
-        for ok, message in self.finite_checks() + checks:
-            if not ok:
-                raise ValueError(f"{type(self).__name__}: {message}")
-
-    @classmethod
-    def from_dict(cls, values: dict):
-        """Build from a mapping (YAML, JSON, --set); numbers written as strings ('3e-4') are converted."""
-        types = {f.name: str(f.type) for f in fields(cls)}
-        unknown = sorted(set(values) - set(types))
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(types)}")
-        values = dict(values)
-        for name, value in values.items():
-            if isinstance(value, bool) and not types[name].startswith("bool"):
-                raise ValueError(f"{cls.__name__}: {name} must be a number, got {value!r}")
-            if types[name] == "bool" and not isinstance(value, bool):
-                raise ValueError(f"{cls.__name__}: {name} must be true or false, got {value!r}")
-            if isinstance(value, str) and types[name].split(" ")[0] in ("float", "int"):
-                try:
-                    values[name] = float(value) if types[name].startswith("float") else int(value)
-                except ValueError:
-                    raise ValueError(f"{cls.__name__}: {name} must be a number, got {value!r}") from None
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, path: str | Path):
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
 @dataclass
-class ComLoraConfig(ConfigDict):
+class ComLoraConfig(AdapterConfig):
     """Configuration of competitive LoRA: K components of rank r per adapted layer, a selector, three losses."""
 
     num_components: int = field(default=2, metadata={"help": "K: LoRA components per adapted layer that compete."})
-    r: int = field(default=8, metadata={"help": "Rank of every LoRA component."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is (lora_alpha / r) * B^T A^T x."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input x (0 = off)."})
-    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
     top_n: int | None = field(default=None, metadata={"help": "N of the alignment loss: the N components with the highest "
                                                       "selector similarity (1..K); None = K (the paper's best, Table 7)."})
     noise_alpha: float = field(default=0.1, metadata={"help": "Std of the Gaussian noise added to per-sample losses in the pairwise loss (Eq. 6)."})
@@ -125,12 +47,11 @@ class ComLoraConfig(ConfigDict):
     decide_at: float | None = field(default=None, metadata={
         "help": "Early decision: at this fraction of the training steps (0 < decide_at < 1) the winner is selected on the "
                 "validation set and the rest of training runs the winner alone, on L_LM (None = compete to the end)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the component and selector initialisation."})
 
     def __post_init__(self) -> None:
         if self.top_n is None and isinstance(self.num_components, int):
             self.top_n = self.num_components
-        checks = self.adapter_checks("num_components", "r") + [
+        checks = self.adapter_checks("num_components") + [
             (isinstance(self.top_n, int) and 1 <= self.top_n <= max(self.num_components, 1),
              f"top_n must be in 1..K={self.num_components}, got {self.top_n!r}"),
             (0.0 <= self.selector_dropout < 1.0, f"selector_dropout must be in [0, 1), got {self.selector_dropout!r}"),
@@ -158,9 +79,6 @@ class ComLoraConfig(ConfigDict):
         if self.selector_dim is not None and self.selector_dim % self.selector_heads:
             raise ValueError(f"ComLoraConfig: selector_dim={self.selector_dim} is not divisible by selector_heads={self.selector_heads}")
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
 
     # A loss term is in the objective when its switch is on AND its weight is > 0: a zero weight is the switch off.
     @property

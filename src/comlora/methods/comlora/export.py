@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from peft import LoraConfig
 from torch import nn
@@ -13,14 +11,11 @@ from torch import nn
 from comlora.quantization import merged_base
 from comlora.storage import write_json, write_safetensors
 
-if TYPE_CHECKING:
-    from comlora.methods.comlora.model import ComLoraModel
-
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 
 
-def peft_lora_config(cm: "ComLoraModel") -> LoraConfig:
+def peft_lora_config(cm) -> LoraConfig:
     """The PEFT LoraConfig that places an r-rank adapter on exactly the modules ComLoRA adapted (named in
     full: a suffix or regex could also match modules that are not nn.Linear, which PEFT would adapt too);
     ``fan_in_fan_out`` when they are GPT-2 ``Conv1D`` layers (weight ``[d_in, d_out]``), as PEFT sets it."""
@@ -31,7 +26,7 @@ def peft_lora_config(cm: "ComLoraModel") -> LoraConfig:
                       base_model_name_or_path=getattr(cm.model, "name_or_path", None) or None)
 
 
-def peft_adapter_state(cm: "ComLoraModel", component: int) -> dict[str, torch.Tensor]:
+def peft_adapter_state(cm, component: int) -> dict[str, torch.Tensor]:
     """PEFT's key names: base_model.model.<module>.lora_A.weight = A_k^T [r, d_in], lora_B.weight = B_k^T [d_out, r]."""
     state = {}
     for name, layer in cm.adapted.items():
@@ -40,7 +35,7 @@ def peft_adapter_state(cm: "ComLoraModel", component: int) -> dict[str, torch.Te
     return state
 
 
-def write_peft_adapter(cm: "ComLoraModel", component: int, path: str | Path) -> Path:
+def write_peft_adapter(cm, component: int, path: str | Path) -> Path:
     """``adapter_model.safetensors`` + ``adapter_config.json``, loadable by ``peft.PeftModel.from_pretrained``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -53,7 +48,7 @@ def write_peft_adapter(cm: "ComLoraModel", component: int, path: str | Path) -> 
 
 
 @torch.no_grad()
-def merge_component(cm: "ComLoraModel", component: int, inplace: bool) -> nn.Module:
+def merge_component(cm, component: int, inplace: bool) -> nn.Module:
     """Replace every ComLoraLinear by its base layer with W <- W0 + (alpha/r) (A_k B_k)^T (nn.Linear) or
     W <- W0 + (alpha/r) A_k B_k (Conv1D, weight [d_in, d_out])."""
     model = cm.model
@@ -70,6 +65,6 @@ def merge_component(cm: "ComLoraModel", component: int, inplace: bool) -> nn.Mod
         base.weight += layer.delta_weight(component).to(base.weight.dtype)
         setattr(parent, child, base)
     if inplace:
-        cm.adapted.clear()
+        cm.injected.clear()
         cm.selector = None
     return model

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-ADAPTABLE_LAYERS = (nn.Linear, Conv1D)
-
-
-def linear_dims(layer: nn.Module, adapter: str) -> tuple[int, int, bool]:
-    """``(d_in, d_out, fan_in_fan_out)`` of an ``nn.Linear`` (weight ``[d_out, d_in]``) or a transformers
-    ``Conv1D`` (GPT-2 family: weight ``[d_in, d_out]``, PEFT's ``fan_in_fan_out``); any other layer is a TypeError."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features, False
-    if isinstance(layer, Conv1D):
-        d_in, d_out = layer.weight.shape
-        return d_in, d_out, True
-    raise TypeError(f"{adapter} adapts torch.nn.Linear and transformers' Conv1D layers only, got {type(layer).__name__}")
+from comlora.methods.lora_layer import AdaptedLinear, uniform_fan_in_
 
 
-class ComLoraLinear(nn.Module):
+class ComLoraLinear(AdaptedLinear):
     """y = W0 x + (alpha / r) * B_k^T A_k^T x, for one component k or for all K at once.
 
     The base is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (``fan_in_fan_out``: its weight is ``[d_in, d_out]``).
@@ -36,15 +22,10 @@ class ComLoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, num_components: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0) -> None:
-        super().__init__()
-        d_in, d_out, self.fan_in_fan_out = linear_dims(base_layer, "ComLoraLinear")
-        self.base_layer = base_layer
-        self.num_components, self.r = num_components, r
-        self.scaling = lora_alpha / r
-        device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(num_components, d_in, r, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(num_components, r, d_out, device=device, dtype=torch.float32))
-        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        super().__init__(base_layer, r, lora_alpha, lora_dropout)
+        self.num_components = num_components
+        self.lora_A = nn.Parameter(torch.empty(num_components, self.d_in, r, device=self.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(num_components, r, self.d_out, device=self.device, dtype=torch.float32))
         self.competition = False
         self.active_component: int | None = None
         self.reset_parameters()
@@ -53,9 +34,7 @@ class ComLoraLinear(nn.Module):
     def reset_parameters(self) -> None:
         """A_k ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) independently per component, which is PEFT's
         kaiming_uniform_(a=sqrt(5)) on its [r, d_in] lora_A; B_k = 0."""
-        bound = 1.0 / math.sqrt(self.lora_A.shape[1])
-        values = torch.rand(self.lora_A.shape, dtype=torch.float32)
-        self.lora_A.copy_((values * 2 - 1) * bound)
+        uniform_fan_in_(self.lora_A, self.d_in)
         self.lora_B.zero_()
 
     def delta_weight(self, component: int) -> torch.Tensor:

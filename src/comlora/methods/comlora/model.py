@@ -1,5 +1,6 @@
 """ComLoraModel: injection of the K components and the selector, the competition step, winner
-selection, save and load (spec sections 2-6). Export and merge of one component: ``export.py``."""
+selection (docs/method.md). Counting, save and load: ``methods/base.py``; export and merge of one component:
+``export.py``."""
 
 from __future__ import annotations
 
@@ -10,17 +11,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from comlora.methods.checkpointing import ActivationCheckpointing
+from comlora.methods.base import AdapterModel, seeded
 from comlora.methods.comlora.config import ComLoraConfig
-from comlora.methods.injection import inject_linear_layers, with_resolved_targets
+from comlora.methods.comlora.export import merge_component, write_peft_adapter
 from comlora.methods.comlora.layer import ComLoraLinear
-from comlora.methods.losses import add_noise, alignment_loss, anneal_eta, pairwise_loss, sequence_losses
+from comlora.methods.comlora.losses import add_noise, alignment_loss, anneal_eta, pairwise_loss
 from comlora.methods.comlora.selector import LoraSelector
-from comlora.methods.saved_state import check_weights_fit, config_from_file
-from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
-
-STATE_CONFIG = "comlora_config.json"
-STATE_WEIGHTS = "comlora_model.safetensors"
+from comlora.methods.injection import with_resolved_targets
+from comlora.methods.losses import sequence_losses
 
 
 @dataclass
@@ -52,24 +50,23 @@ class WinnerReport:
         return asdict(self)
 
 
-class ComLoraModel(ActivationCheckpointing, nn.Module):
+class ComLoraModel(AdapterModel):
     """A frozen causal LM with K competing LoRA components per target module and a LoRA selector."""
 
+    config_class = ComLoraConfig
+    state_name = "comlora"
     mergeable = True        # the winner merges into the base weights: zero inference overhead
+    labels = ("LoRA", "selector")
 
     def __init__(self, model: nn.Module, config: ComLoraConfig) -> None:
-        super().__init__()
         config = with_resolved_targets(model, config)
-        self.model = model
-        self.config = config
+        super().__init__(model, config)
         self.winner: int | None = None
         self.decided: int | None = None          # early decision: the one component still trained
         self.decided_at_step: int | None = None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.adapted: dict[str, ComLoraLinear] = inject_linear_layers(
-                model, config.target_modules,
-                lambda linear: ComLoraLinear(linear, config.num_components, config.r, config.lora_alpha, config.lora_dropout))
+        with seeded(config.seed):
+            self.inject(lambda linear: ComLoraLinear(linear, config.num_components, config.r, config.lora_alpha,
+                                                     config.lora_dropout))
             embed = model.get_input_embeddings()
             self.selector = None
             if config.has_selector:
@@ -77,6 +74,11 @@ class ComLoraModel(ActivationCheckpointing, nn.Module):
                                              config.selector_heads, config.selector_ffn_dim,
                                              config.selector_dropout, config.selector_init_std)
                 self.selector.to(embed.weight.device)
+
+    @property
+    def adapted(self) -> dict[str, ComLoraLinear]:
+        """{module name inside ``.model``: its ComLoraLinear}."""
+        return self.injected
 
     # ---- modes -------------------------------------------------------------------------
     def _set_mode(self, competition: bool, component: int | None) -> tuple[bool, int | None]:
@@ -229,18 +231,20 @@ class ComLoraModel(ActivationCheckpointing, nn.Module):
         return out.loss, parts
 
     def training_state(self) -> dict:
-        """What a checkpoint must carry besides tensors: the early decision, if one was made."""
-        return {"decided": self.decided, "decided_at_step": self.decided_at_step}
+        """What a saved state or checkpoint carries besides tensors: the winner and the early decision, if made."""
+        return {"winner": self.winner, "decided": self.decided, "decided_at_step": self.decided_at_step}
 
     def load_training_state(self, state: dict) -> None:
-        decided, at_step = state.get("decided"), state.get("decided_at_step")
+        winner, decided, at_step = state.get("winner"), state.get("decided"), state.get("decided_at_step")
         k = self.config.num_components
+        if winner is not None and (not isinstance(winner, int) or isinstance(winner, bool) or not 0 <= winner < k):
+            raise ValueError(f"saved state: winner must be null or a component 0..{k - 1}, got {winner!r}")
         if decided is not None and (not isinstance(decided, int) or isinstance(decided, bool) or not 0 <= decided < k):
             raise ValueError(f"saved training state: decided must be null or a component 0..{k - 1}, got {decided!r}")
         if (decided is None) != (at_step is None) or (at_step is not None and (not isinstance(at_step, int) or at_step < 1)):
             raise ValueError(f"saved training state: decided_at_step must be a step >= 1 exactly when decided is set, "
                              f"got decided={decided!r}, decided_at_step={at_step!r}")
-        self.decided, self.decided_at_step = decided, at_step
+        self.winner, self.decided, self.decided_at_step = winner, decided, at_step
 
     # ---- winner ------------------------------------------------------------------------
     @torch.no_grad()
@@ -297,73 +301,21 @@ class ComLoraModel(ActivationCheckpointing, nn.Module):
 
     def export_adapter(self, path: str | Path, component: int | None = None) -> Path:
         """Write component ``component`` (default: the winner) as a standard PEFT LoRA adapter."""
-        from comlora.methods.comlora.export import write_peft_adapter
-
         return write_peft_adapter(self, self.resolve_component(component), path)
 
     def merge(self, component: int | None = None, inplace: bool = False) -> nn.Module:
         """A plain transformers model with W = W0 + (alpha/r) (A_k B_k)^T; ``inplace`` reuses (and
         consumes) this model's base to save memory, otherwise a copy is merged and this model stays usable."""
-        from comlora.methods.comlora.export import merge_component
-
         return merge_component(self, self.resolve_component(component), inplace)
 
     # ---- parameters ----------------------------------------------------------------------
-    def parameter_counts(self) -> dict[str, int]:
-        """{"adapter": LoRA components, "router": the selector, "base": the frozen base model}."""
-        lora = sum(l.lora_A.numel() + l.lora_B.numel() for l in self.adapted.values())
-        selector = sum(p.numel() for p in self.selector.parameters()) if self.selector is not None else 0
-        base = sum(p.numel() for n, p in self.model.named_parameters() if ".lora_" not in n)
-        return {"adapter": lora, "router": selector, "base": base}
-
-    def print_trainable_parameters(self) -> None:
-        """LoRA and selector parameters as counts and % of the base model (the paper's L/S column)."""
-        c = self.parameter_counts()
-        lora, selector = 100 * c["adapter"] / c["base"], 100 * c["router"] / c["base"]
-        print(f"trainable params: LoRA {c['adapter']:,} ({lora:.4f}%) | selector {c['router']:,} ({selector:.4f}%) | "
-              f"base (frozen) {c['base']:,} | L/S = {lora:.2f}/{selector:.2f}")
-
-    # ---- save / load ---------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for name, layer in self.adapted.items():
-            tensors[f"{name}.lora_A"] = layer.lora_A
-            tensors[f"{name}.lora_B"] = layer.lora_B
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """{"adapter": every component's lora_A / lora_B, "router": the selector}; the paper's L/S shares."""
+        groups = super().parameter_groups()
         if self.selector is not None:
-            tensors.update({f"selector.{k}": v for k, v in self.selector.state_dict().items()})
-        return tensors
+            groups["router"].update({f"selector.{n}": p for n, p in self.selector.named_parameters()})
+        return groups
 
-    def save(self, path: str | Path) -> Path:
-        """Every component, the selector and the config: ``comlora_config.json`` + ``comlora_model.safetensors``."""
-        path = Path(path)
-        write_safetensors(path / STATE_WEIGHTS, self.state_tensors())
-        write_json(path / STATE_CONFIG, {
-            "comlora_config": self.config.to_dict(),
-            "base_model_name_or_path": getattr(self.model, "name_or_path", None),
-            "winner": self.winner,
-            **self.training_state(),
-        })
-        return path
-
-    @classmethod
-    def load(cls, model: nn.Module, path: str | Path) -> "ComLoraModel":
-        """Rebuild a saved ComLoraModel on ``model`` (the same base it was trained on)."""
-        path = Path(path)
-        for f in (STATE_CONFIG, STATE_WEIGHTS):
-            if not (path / f).is_file():
-                raise FileNotFoundError(f"{path} is not a saved ComLoraModel: {f} is missing")
-        meta = read_json_object(path / STATE_CONFIG, "comlora_config")
-        config = config_from_file(ComLoraConfig, meta["comlora_config"], path / STATE_CONFIG)
-        winner = meta.get("winner")
-        if winner is not None and (not isinstance(winner, int) or not 0 <= winner < config.num_components):
-            raise ValueError(f"{path / STATE_CONFIG}: winner must be null or a component 0..{config.num_components - 1}, "
-                             f"got {winner!r}")
-        check_weights_fit(lambda m: cls(m, config), model, path / STATE_WEIGHTS, path / STATE_CONFIG)
-        cm = cls(model, config)
-        load_state_tensors(cm.state_tensors(), read_safetensors(path / STATE_WEIGHTS), source=str(path))
-        cm.winner = winner
-        cm.load_training_state(meta)
-        return cm
 
 class LowMemoryComponentLosses(torch.autograd.Function):
     """``l [B, K]`` with only one component's activations alive at a time (``competition="low_memory"``).

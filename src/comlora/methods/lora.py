@@ -1,0 +1,72 @@
+"""Plain LoRA and DoRA, trained through PEFT; the saved state is a standard PEFT adapter folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from comlora.methods.base import AdapterConfig, AdapterModel, seeded
+from comlora.methods.injection import find_target_modules, resolve_target_modules
+from comlora.methods.saved_state import load_peft_adapter
+
+
+@dataclass
+class PeftLoraConfig(AdapterConfig):
+    """PEFT's LoRA (or DoRA) on the target modules: W0 x + (lora_alpha / r) B A x."""
+
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: a learned magnitude per output row on top of the "
+                                                            "LoRA direction update (PEFT's use_dora)."})
+
+    def __post_init__(self) -> None:
+        self.validate(self.adapter_checks())
+
+
+class PeftLoraModel(AdapterModel):
+    """PEFT's LoRA / DoRA on ``target_modules`` (None: the architecture's default, as for every method here;
+    ``fan_in_fan_out`` set for GPT-2's Conv1D layers). ``peft_model`` is the PeftModel."""
+
+    config_class = PeftLoraConfig
+    state_name = "lora"
+    mergeable = True
+
+    def __init__(self, model: nn.Module, config: PeftLoraConfig, peft_model: PeftModel | None = None) -> None:
+        super().__init__(model, config)
+        if peft_model is None:
+            targets = resolve_target_modules(model, config.target_modules)
+            conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in find_target_modules(model, targets))
+            lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                              target_modules=targets, bias="none", task_type="CAUSAL_LM", use_dora=config.use_dora,
+                              fan_in_fan_out=conv1d)
+            with seeded(config.seed):
+                peft_model = get_peft_model(model, lora)
+        self.peft_model = peft_model
+        self.model = peft_model.base_model.model
+
+    def forward(self, *args, **kwargs):
+        return self.peft_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.peft_model.generate(*args, **kwargs)
+
+    def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """{"adapter": PEFT's trainable tensors (lora_A, lora_B, DoRA's magnitude), "router": none}."""
+        return {"adapter": {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}, "router": {}}
+
+    def save(self, path: str | Path) -> Path:
+        """A PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+        # no embedding-layer check: it would look the base model up on the Hub
+        self.peft_model.save_pretrained(path, save_embedding_layers=False)
+        return Path(path)
+
+    @classmethod
+    def load(cls, model: nn.Module, path: str | Path) -> "PeftLoraModel":
+        peft_model = load_peft_adapter(model, path, is_trainable=True)
+        saved = peft_model.peft_config["default"]
+        targets = saved.target_modules if isinstance(saved.target_modules, str) else sorted(saved.target_modules)
+        config = PeftLoraConfig(r=saved.r, lora_alpha=saved.lora_alpha, lora_dropout=saved.lora_dropout,
+                                target_modules=targets, use_dora=bool(saved.use_dora))
+        return cls(model, config, peft_model)

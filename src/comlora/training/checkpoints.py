@@ -1,0 +1,105 @@
+"""Checkpoints of the training loop: trainable tensors, optimizer and scheduler, every process's random state and
+the method's training state, written atomically and fsynced; resume falls back past a corrupt one."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from comlora.storage import atomic_write, fsync_path, read_json_object, read_safetensors, write_json, write_safetensors
+from comlora.training.run_dir import CHECKPOINTS, checkpoint_dirs, commit_folder, new_temp_folder, trained_steps
+
+
+def trainable_tensors(method: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in method.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random number generator states (CPU, and its current GPU)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: int, keep: int,
+                    rng_states: list[dict[str, torch.Tensor]]) -> Path:
+    """Everything a resume needs, written into a temp folder that is renamed into place when complete.
+    ``rng_states[i]`` is process i's ``rng_state()``."""
+    final = run / CHECKPOINTS / f"step-{step:08d}"
+    if (run / "metrics.jsonl").exists():        # the steps it has seen are on the disk before it counts
+        fsync_path(run / "metrics.jsonl")
+    tmp = new_temp_folder(final)
+    try:
+        write_safetensors(tmp / "trainable.safetensors", trainable_tensors(method))
+        states = io.BytesIO()           # serialised in memory: torch.save reports a full disk as a RuntimeError
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, states)
+        atomic_write(tmp / "optimizer.pt", lambda path: Path(path).write_bytes(states.getbuffer()))
+        write_safetensors(tmp / "rng.safetensors",
+                          {f"process{i}.{name}": t for i, state in enumerate(rng_states) for name, t in state.items()})
+        write_json(tmp / "trainer_state.json",
+                   {"step": step, **(method.training_state() if hasattr(method, "training_state") else {})})
+        commit_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)       # a full disk: free what the failed write took
+        raise
+    for old in checkpoint_dirs(run)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process_index: int = 0) -> int:
+    """Restore a checkpoint in place; returns its optimizer step. Only tensors are unpickled (weights_only).
+    The random state is this process's own (process 0's if the checkpoint was written by fewer processes)."""
+    saved = read_safetensors(path / "trainable.safetensors")
+    params = trainable_tensors(method)
+    if set(saved) != set(params):
+        raise ValueError(f"checkpoint {path} does not match this run's method: "
+                         f"missing {sorted(set(params) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(params))[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    try:
+        states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    except Exception as err:    # noqa: BLE001  (a damaged pickle fails in many ways: EOFError, UnpicklingError, ...)
+        raise ValueError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0]}); the file is corrupt or was cut short") from err
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    rng = read_safetensors(path / "rng.safetensors")
+    prefix = f"process{process_index}." if f"process{process_index}.torch" in rng else "process0."
+    torch.set_rng_state(rng[prefix + "torch"])
+    if torch.cuda.is_available() and prefix + "cuda" in rng:
+        torch.cuda.set_rng_state(rng[prefix + "cuda"])
+    state = read_json_object(path / "trainer_state.json", "step")
+    if hasattr(method, "load_training_state"):
+        method.load_training_state(state)
+    return state["step"]
+
+
+def resume_from_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, process_index: int = 0) -> int:
+    """Restore the newest checkpoint that loads; returns its step. A corrupt one is skipped with a warning naming
+    its problem; with none (or none readable) the run starts again from step 0, saying what was lost."""
+    problems = []
+    for path in reversed(checkpoint_dirs(run)):
+        try:
+            step = load_checkpoint(path, method, optimizer, scheduler, process_index)
+        except Exception as err:         # noqa: BLE001  (any reading failure: try the previous checkpoint)
+            problems.append(path.name)
+            if process_index == 0:
+                print(f"warning: checkpoint {path} cannot be loaded ({type(err).__name__}: "
+                      f"{(str(err).splitlines() or [''])[0]}); falling back to the previous one", file=sys.stderr)
+            continue
+        if problems and process_index == 0:
+            print(f"warning: resuming from {path.name}, the newest checkpoint that loads", file=sys.stderr)
+        return step
+    if process_index == 0:
+        found = f"none of its {len(problems)} checkpoints loads" if problems else "it has no checkpoint"
+        print(f"note: {run}: {found}, so the {trained_steps(run)} optimizer steps it recorded are lost; training "
+              f"starts again from step 0 (--save-every N writes checkpoints to resume from)", file=sys.stderr)
+    return 0

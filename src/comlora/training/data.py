@@ -1,0 +1,61 @@
+"""The training and validation items of a run's ``data`` option, tokenised with their targets."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from comlora.data.commonsense import build_commonsense_mini
+from comlora.data.convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
+from comlora.data.items import IGNORE_INDEX, data_root, load_items, tokenize_item
+from comlora.data.mmlu import mmlu_training_items
+from comlora.training.config import TrainConfig
+
+
+def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(training items, validation items) of ``cfg.data``:
+
+    - ``commonsense-mini``: the suite of ``data.build_commonsense_mini``;
+    - ``mmlu`` / ``mmlu:dev`` / ``mmlu:test`` / ``mmlu:FOLDER``: MMLU CSVs as LLM-Adapters items (default: the
+      dev split), ``val_size`` of them held out at random;
+    - ``convai2``: turns of the dialogues of the train split, validation turns from the validation split
+      (``convai2.split_dialogues``, by dialogue);
+    - a LLM-Adapters JSON file or folder, ``val_size`` items held out at random.
+    """
+    root = lambda: data_root(cfg.data_root)  # noqa: E731
+    if cfg.data == "commonsense-mini":
+        suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size, cfg.split_seed)
+        return suite.train, suite.validation
+    if cfg.data == "convai2":
+        splits = split_dialogues(load_convai2(root() / CONVAI2_FILE), seed=cfg.split_seed)
+        return (convai2_training_items(splits["train"], cfg.history_turns),
+                convai2_training_items(splits["validation"], cfg.history_turns)[:cfg.val_size])
+    if cfg.data == "mmlu" or cfg.data.startswith("mmlu:"):
+        source = cfg.data.partition(":")[2] or "dev"
+        items = mmlu_training_items(root(), source) if source in ("dev", "test") else mmlu_training_items(source)
+    else:
+        items = load_items(cfg.data)
+    if cfg.val_size >= len(items):
+        raise ValueError(f"{cfg.data}: {len(items)} items cannot hold out val_size={cfg.val_size} for validation")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
+    return [items[i] for i in order[cfg.val_size:]], [items[i] for i in order[:cfg.val_size]]
+
+
+def load_training_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Tokenised (training, validation) examples of ``cfg.data``."""
+    train_items, val_items = training_items(cfg)
+    return tokenize_with_targets(train_items, "training", cfg, tokenizer), \
+        tokenize_with_targets(val_items, "validation", cfg, tokenizer)
+
+
+def tokenize_with_targets(items: list[dict], split: str, cfg: TrainConfig, tokenizer) -> list[dict]:
+    """Tokenised items, leaving out (and reporting) those whose prompt fills cutoff_len: no target token left."""
+    examples = [tokenize_item(tokenizer, item, cfg.cutoff_len, cfg.train_on_inputs) for item in items]
+    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"][1:])]
+    if len(kept) < len(examples):
+        print(f"note: {len(examples) - len(kept)} of {len(examples)} {split} items have no response token within "
+              f"cutoff_len={cfg.cutoff_len} and are left out", file=sys.stderr)
+    if not kept:
+        raise ValueError(f"no {split} item has a response token within cutoff_len={cfg.cutoff_len}")
+    return kept

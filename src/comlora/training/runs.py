@@ -1,0 +1,45 @@
+"""A finished run reloaded: its TrainConfig, its method model on a fresh base, its validation batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from comlora.base_models import load_model_and_tokenizer
+from comlora.data.items import load_items
+from comlora.methods.registry import load_method
+from comlora.training.batches import validation_batches
+from comlora.training.config import TrainConfig, load_yaml
+from comlora.training.data import load_training_data, tokenize_with_targets
+from comlora.training.run_dir import require_complete
+
+
+def reload_method(run: str | Path, device: str | None = None):
+    """(method model, tokenizer, TrainConfig) of a finished run, on a freshly loaded base model."""
+    run = Path(run)
+    cfg = run_config(run)
+    require_complete(run)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device or cfg.device, dtype=cfg.dtype,
+                                                load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
+    return load_method(cfg, model, run / "state").eval(), tokenizer, cfg
+
+
+def run_config(run: Path) -> TrainConfig:
+    """The TrainConfig of a run directory; a missing, corrupt or invalid config.yaml is an error naming it."""
+    config_file = Path(run) / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (config.yaml is missing)")
+    try:
+        return TrainConfig.from_dict(load_yaml(config_file))
+    except TypeError as err:
+        raise ValueError(f"{config_file}: {err}") from err
+    except ValueError as err:
+        raise ValueError(str(err) if str(config_file) in str(err) else f"{config_file}: {err}") from err
+
+
+def run_validation_batches(run: Path, cfg: TrainConfig, tokenizer, device, data: str | None = None):
+    """Validation batches of a run (or of another LLM-Adapters file/folder given as ``data``)."""
+    if data is None:
+        _, val_examples = load_training_data(cfg, tokenizer)
+    else:
+        val_examples = tokenize_with_targets(load_items(data), "validation", cfg, tokenizer)
+    return list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, device))
