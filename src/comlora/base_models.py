@@ -96,7 +96,7 @@ def resolve_model_path(name: str) -> str:
 def load_model_and_tokenizer(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
                              load_in_4bit: bool = False, load_in_8bit: bool = False):
     """(model, tokenizer) ready for training or evaluation; the tokenizer gets a pad token if it has none.
-    ``load_in_4bit`` / ``load_in_8bit`` quantize the linear layers with bitsandbytes (``quantization.py``)."""
+    ``load_in_4bit`` / ``load_in_8bit`` quantize the linear layers with bitsandbytes (``comlora.quantization``)."""
     from comlora.quantization import bnb_quantization_config
 
     path = resolve_model_path(name)

@@ -1,4 +1,4 @@
-"""Commonsense evaluation exactly as LLM-Adapters does it (spec section 9): generate after the Alpaca
+"""Commonsense evaluation exactly as LLM-Adapters does it (docs/evaluation.md): generate after the Alpaca
 prompt, take the text after the last '### Response:', and the first match of the task's keywords."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LoRATRF (loratrf.txt; spec section 10): plain LoRA plus a task-aware filter on every decoder layer's output.
+"""LoRATRF (loratrf.txt; docs/method.md): plain LoRA plus a task-aware filter on every decoder layer's output.
 
 Reading of the paper ("Task-Aware Filters", Eq. 4-5 and footnote 1):
 

@@ -1,4 +1,4 @@
-"""MoELoRA: K LoRA experts per adapted linear layer, mixed per token by a softmax router (spec section 10).
+"""MoELoRA: K LoRA experts per adapted linear layer, mixed per token by a softmax router (docs/method.md, related methods).
 
 Not mergeable: the router weights depend on the input token, so no fixed weight update reproduces a layer.
 

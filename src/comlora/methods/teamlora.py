@@ -1,4 +1,4 @@
-"""TeamLoRA (teamlora.txt Sec. 3.3; spec section 10): one shared A, K expert matrices B_i, and a
+"""TeamLoRA (teamlora.txt Sec. 3.3; docs/method.md): one shared A, K expert matrices B_i, and a
 competition module that mixes the experts per token through a learnable interaction matrix M.
 
 Not mergeable: the expert weights omega depend on the input token, so no fixed weight update reproduces a layer.

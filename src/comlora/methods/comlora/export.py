@@ -1,4 +1,4 @@
-"""One component out of a ComLoraModel: as a standard PEFT LoRA adapter, or merged into the base (spec section 7)."""
+"""One component out of a ComLoraModel: as a standard PEFT LoRA adapter, or merged into the base (docs/method.md)."""
 
 from __future__ import annotations
 

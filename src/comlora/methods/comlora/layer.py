@@ -1,4 +1,4 @@
-"""ComLoraLinear: one frozen linear layer with K stacked LoRA components (spec sections 1-2)."""
+"""ComLoraLinear: one frozen linear layer with K stacked LoRA components (docs/method.md)."""
 
 from __future__ import annotations
 

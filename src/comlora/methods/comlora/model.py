@@ -289,7 +289,7 @@ class ComLoraModel(AdapterModel):
         self.winner = report.winner
         return report
 
-    # ---- export / merge (export.py) ------------------------------------------------------
+    # ---- export / merge (comlora/export.py) ------------------------------------------------------
     def resolve_component(self, component: int | None) -> int:
         if component is None:
             if self.winner is None:

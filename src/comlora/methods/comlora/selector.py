@@ -1,4 +1,4 @@
-"""LoraSelector: scores how well each of the K components suits a sequence (spec section 3, Eq. 1-3)."""
+"""LoraSelector: scores how well each of the K components suits a sequence (docs/method.md, Eq. 1-3)."""
 
 from __future__ import annotations
 
