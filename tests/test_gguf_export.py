@@ -19,7 +19,7 @@ from comlora.evaluation.generation import generate_texts
 from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf, write_merged_gguf
 from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.moelora import MoeLoraModel
-from comlora.export.provenance import CARD_SECTION, base_model_record, write_model_card
+from comlora.provenance import CARD_SECTION, base_model_record, write_model_card
 
 from conftest import make_moelora_config, make_tiny_llama, randomise_lora_B
 
@@ -308,7 +308,7 @@ def test_generation_hands_prompts_to_a_backend_that_generates_by_itself():
 
 def test_default_base_provenance_names_its_gguf_file(tmp_path, monkeypatch):
     base = write_tiny_base_gguf(make_tiny_llama(vocab=40), tmp_path / "tiny.Q8_0.gguf")
-    monkeypatch.setattr("comlora.export.provenance.smollm2_gguf_path", lambda: base)    # the real file: test_gguf_slow.py
+    monkeypatch.setattr("comlora.provenance.smollm2_gguf_path", lambda: base)    # the real file: test_gguf_slow.py
     record = base_model_record("smollm2-135m")["base_model"]
     assert record["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and record["comlora_model"] == "smollm2-135m"
     assert record["gguf_file"] == "tiny.Q8_0.gguf" and record["gguf_quantization"] == "Q8_0"

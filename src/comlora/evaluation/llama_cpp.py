@@ -100,7 +100,7 @@ def run_generator(method, model: str, component: int | None = None, **kwargs) ->
     """llama.cpp with the base GGUF of a run's base ``model`` and the run's LoRA (ComLoRA: ``component``, default
     the winner) exported to a temporary GGUF adapter (llama.cpp reads it fully when loading)."""
     from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf
-    from comlora.export.provenance import base_gguf_file
+    from comlora.provenance import base_gguf_file
 
     base = base_gguf_file(model)
     if base is None:

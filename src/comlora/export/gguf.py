@@ -26,7 +26,7 @@ import gguf
 import numpy as np
 import torch
 
-from comlora.export.provenance import base_gguf_file, base_model_record, read_gguf
+from comlora.provenance import base_gguf_file, base_model_record, read_gguf
 from comlora.storage import atomic_write
 
 ADAPTER_OUTTYPES = ("f32", "f16")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from comlora.export.provenance import base_model_record, write_model_card
+from comlora.provenance import base_model_record, write_model_card
 from comlora.methods.comlora.model import ComLoraModel
 from comlora.training.runs import reload_method
 

@@ -31,7 +31,7 @@ from transformers import get_scheduler
 from comlora.base_models import load_model_and_tokenizer, resolve_device
 from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
 from comlora.data.items import collate
-from comlora.export.provenance import base_model_record, write_model_card
+from comlora.provenance import base_model_record, write_model_card
 from comlora.methods.comlora.model import ComLoraModel
 from comlora.methods.registry import build_method
 from comlora.storage import json_line, write_json, write_text
