@@ -18,10 +18,11 @@ import torch
 pytestmark = pytest.mark.slow
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: make setup-gguf (pip install 'comlora[gguf]')")
 
-from comlora.data.commonsense import build_commonsense_mini
+from comlora.data.commonsense import build_commonsense_mini  # noqa: E402
 from comlora.data.items import data_root, format_prompt  # noqa: E402
 from comlora.evaluation.commonsense import evaluate_commonsense  # noqa: E402
 from comlora.evaluation.llama_cpp import LlamaCppGenerator, run_generator  # noqa: E402
+from comlora.export.gguf import AdaptedWeight, GgufLayout, adapted_weights, write_lora_gguf, write_merged_gguf  # noqa: E402
 from comlora.base_models import cache_dir, smollm2_gguf_path  # noqa: E402
 from comlora.training.runs import reload_method  # noqa: E402
 
@@ -177,7 +178,41 @@ def test_merged_gguf_answers_as_base_plus_adapter(comlora_run, evaluation, commo
            {"accuracy_merged": result["average"], "accuracy_adapter": with_adapter["average"],
             "same_prediction": float(same), "same_response_text": float(same_text),
             "file_mb": round(merged.stat().st_size / 2**20, 1)})
-    assert same >= 0.97 and abs(result["average"] - with_adapter["average"]) <= 1.0
+    # not the same kernels: base + adapter multiplies by the Q4_1 tensors (llama.cpp quantizes the activations to
+    # 8 bits for that), the merged file by f16 / q8_0 ones; the merge itself is exact (the f32 test below), so
+    # this is held to (b)'s tolerance for a change of numeric path
+    assert same >= 0.95 and abs(result["average"] - with_adapter["average"]) <= 2.0
+
+
+def test_merged_gguf_equals_base_plus_adapter_at_the_same_precision(comlora_run, evaluation, tmp_path):
+    """The merge itself: with the adapted tensors in f32 on both sides (the base's dequantized W0 + the adapter at
+    run time, against W0 + scale * B A merged), llama.cpp's logits agree (the other tensors stay Q4_1 in both)."""
+    method, tokenizer, _ = reload_method(comlora_run, device="cpu")
+    weights, alpha, _ = adapted_weights(method)
+    layout = GgufLayout.from_config(method.model.config)
+    unchanged = [AdaptedWeight(w.module, w.base, w.A, torch.zeros_like(w.B), w.scale) for w in weights]
+    write_merged_gguf(smollm2_gguf_path(), tmp_path / "base-f32.gguf", unchanged, layout, outtype="f32")
+    write_merged_gguf(smollm2_gguf_path(), tmp_path / "merged-f32.gguf", weights, layout, outtype="f32")
+    write_lora_gguf(tmp_path / "adapter.gguf", weights, alpha, layout)
+    with_adapter = LlamaCppGenerator(tmp_path / "base-f32.gguf", tmp_path / "adapter.gguf", n_threads=THREADS,
+                                     n_ctx=LOGITS_CTX, logits_all=True)
+    merged = LlamaCppGenerator(tmp_path / "merged-f32.gguf", n_threads=THREADS, n_ctx=LOGITS_CTX, logits_all=True)
+    without = LlamaCppGenerator(tmp_path / "base-f32.gguf", n_threads=THREADS, n_ctx=LOGITS_CTX, logits_all=True)
+    same, same_without, positions, gaps, gaps_without = 0, 0, 0, [], []
+    for text in held_out_texts(evaluation):
+        ids = tokenizer(text)["input_ids"]
+        a, m, b = (g.next_token_logits(ids).astype(np.float64) for g in (with_adapter, merged, without))
+        same += int((a.argmax(-1) == m.argmax(-1)).sum())
+        same_without += int((b.argmax(-1) == m.argmax(-1)).sum())
+        positions += len(ids)
+        gaps.append(np.abs(a - m).mean(-1))
+        gaps_without.append(np.abs(b - m).mean(-1))
+    figures = {"positions": positions, "same_argmax": same / positions, "mean_abs_logit_diff": float(np.concatenate(gaps).mean()),
+               "same_argmax_without_adapter": same_without / positions,
+               "mean_abs_logit_diff_without_adapter": float(np.concatenate(gaps_without).mean())}
+    record("logits, merged GGUF (f32) vs the same base in f32 + adapter, both llama.cpp", figures)
+    assert figures["same_argmax"] >= 0.99
+    assert figures["mean_abs_logit_diff"] < 0.02 * figures["mean_abs_logit_diff_without_adapter"]
 
 
 def test_eval_backend_llama_cpp_runs_every_generation_task(comlora_run, tmp_path):
