@@ -63,5 +63,9 @@ class ActivationCheckpointing:
     gradient_checkpointing_disable = activation_checkpointing_disable
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.model, "is_gradient_checkpointing", False))
+    def is_activation_checkpointing(self) -> bool:
+        """Whether the base model recomputes its layers (transformers 5's name; older ones call it is_gradient_checkpointing)."""
+        name = "is_activation_checkpointing" if hasattr(type(self.model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        return bool(getattr(self.model, name, False))
+
+    is_gradient_checkpointing = is_activation_checkpointing
