@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from comlora.data.check import MMLU_SUBJECTS, check_data_root, format_report
-from comlora.data.items import COMMONSENSE_TASKS, data_root
-from comlora.evaluation.convai2 import CONVAI2_FILE
-from comlora.evaluation.mmlu import HEADER
+from comlora.data.commonsense import COMMONSENSE_TASKS
+from comlora.data.items import data_root
+from comlora.data.convai2 import CONVAI2_FILE
+from comlora.data.mmlu import HEADER
 
 from conftest import WITH_TRAIN, write_commonsense_root
 
@@ -140,3 +141,16 @@ def test_the_real_data_root():
     assert report.complete, format_report(report)
     found = by_name(report)["commonsense"].found
     assert {f"commonsense/{t}/test.json" for t in COMMONSENSE_TASKS} <= set(found)
+
+
+def test_check_data_command_exits_1_naming_what_is_missing(complete_root, capsys):
+    from comlora.cli import main
+
+    main(["check-data", "--data-root", str(complete_root)])
+    assert "every dataset is complete" in capsys.readouterr().out
+    (complete_root / "convai2" / "valid_self_original_no_cands.txt").unlink()
+    with pytest.raises(SystemExit) as stop:
+        main(["check-data", "--data-root", str(complete_root)])
+    out = capsys.readouterr().out
+    assert stop.value.code == 1
+    assert "missing: convai2/valid_self_original_no_cands.txt" in out and "comlora eval --task convai2" in out

@@ -54,10 +54,8 @@ def test_the_core_library_imports_without_any_optional_package():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, raises=ImportError,
-                   reason="training.loop.finish_run imports comlora.plots (matplotlib) to draw Figures 2-3: a run "
-                          "without the `plots` extra fails at its final save; it should skip the plots with a note")
-def test_a_training_run_completes_without_matplotlib(tmp_path, tiny_model_dir, commonsense_root, monkeypatch):
+def test_a_training_run_completes_without_matplotlib(tmp_path, tiny_model_dir, commonsense_root, monkeypatch, capsys):
+    """Without the `plots` extra a run completes, leaves the plots out and says so."""
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["comlora.plots"]:
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -66,7 +64,7 @@ def test_a_training_run_completes_without_matplotlib(tmp_path, tiny_model_dir, c
                       train_per_task=2, val_size=6, eval_size=4, batch_size=4, max_steps=2,
                       method_options={"selector_heads": 4, "selector_ffn_dim": 32}))
     assert (run / "complete.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert not (run / "loss_curves.png").exists()
+    assert not list(run.glob("*.png")) and "has no plots" in capsys.readouterr().err
 
 
 def test_every_optional_extra_is_listed_here_and_the_core_needs_none():

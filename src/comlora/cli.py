@@ -280,6 +280,16 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"written: {Path(args.out).with_suffix('.md')} and .csv")
 
 
+def cmd_check_data(args: argparse.Namespace) -> None:
+    from comlora.data.check import check_data_root, format_report
+    from comlora.data.items import data_root
+
+    report = check_data_root(data_root(args.data_root))
+    print(format_report(report))
+    if not report.complete:
+        raise SystemExit(1)
+
+
 def cmd_study(args: argparse.Namespace) -> None:
     from comlora.study.runner import run_study
 
@@ -366,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=25, help="Evaluation items per task.")
     p.add_argument("--configs", default="experiments", help="Folder holding demo-comlora.yaml and demo-lora.yaml.")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("check-data", help="Check a data root: which files each dataset (commonsense, MMLU, ConvAI2) "
+                       "needs, which are missing or unreadable, and which commands that affects (exit 1 if any).")
+    p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("study", help="The reproduction study: run every experiment of experiments/study not yet recorded.")
     p.add_argument("--experiments", default="experiments/study", help="Folder of experiment YAML files (and base.yaml).")
