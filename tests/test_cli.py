@@ -122,7 +122,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, common
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--method", "nope"], "unknown method 'nope'"),
+    (["train", "--method", "nope"], "invalid choice: 'nope' (choose from 'comlora', 'lora', 'dora'"),
     (["train", "--set", "bogus=1"], "TrainConfig: unknown field(s) ['bogus']"),
     (["train", "--config", "/nonexistent.yaml"], "does not exist"),
     (["train", "--resume", "--out", "/nonexistent-run"], "config.yaml is missing"),

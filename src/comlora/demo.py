@@ -54,7 +54,7 @@ def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments"))
     seconds["total"] = time.perf_counter() - started
 
     for label, result in results.items():
-        write_results(out / "eval", label.split(" ")[0].lower(), result)
+        write_results(out / "eval", label.split(" ")[0].lower(), result, markdown_table)
     figure2 = plot_loss_curves({"ComLoRA": out / "comlora", f"LoRA r={configs['lora'].r}": out / "lora"},
                                out / "loss_curves_vs_lora.png")
     table = markdown_table(results)

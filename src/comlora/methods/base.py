@@ -166,5 +166,8 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
         check_weights_fit(lambda m: cls(m, config), model, weights_file, config_file)
         method = cls(model, config)
         load_state_tensors(method.state_tensors(), read_safetensors(weights_file), source=str(path))
-        method.load_training_state(meta)
+        try:
+            method.load_training_state(meta)
+        except ValueError as err:
+            raise ValueError(f"{config_file}: {err}") from err
         return method

@@ -238,7 +238,7 @@ class ComLoraModel(AdapterModel):
         winner, decided, at_step = state.get("winner"), state.get("decided"), state.get("decided_at_step")
         k = self.config.num_components
         if winner is not None and (not isinstance(winner, int) or isinstance(winner, bool) or not 0 <= winner < k):
-            raise ValueError(f"saved state: winner must be null or a component 0..{k - 1}, got {winner!r}")
+            raise ValueError(f"saved training state: winner must be null or a component 0..{k - 1}, got {winner!r}")
         if decided is not None and (not isinstance(decided, int) or isinstance(decided, bool) or not 0 <= decided < k):
             raise ValueError(f"saved training state: decided must be null or a component 0..{k - 1}, got {decided!r}")
         if (decided is None) != (at_step is None) or (at_step is not None and (not isinstance(at_step, int) or at_step < 1)):
