@@ -19,6 +19,17 @@ def trainable_tensors(method: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in method.named_parameters() if p.requires_grad}
 
 
+def copy_trainable_tensors(method: nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``saved`` into the method's trainable tensors, whose names must be exactly its keys."""
+    params = trainable_tensors(method)
+    if set(saved) != set(params):
+        raise ValueError(f"{source} does not match this run's method: "
+                         f"missing {sorted(set(params) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(params))[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's random number generator states (CPU, and its current GPU)."""
     state = {"torch": torch.get_rng_state()}
@@ -56,14 +67,7 @@ def save_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, step: in
 def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process_index: int = 0) -> int:
     """Restore a checkpoint in place; returns its optimizer step. Only tensors are unpickled (weights_only).
     The random state is this process's own (process 0's if the checkpoint was written by fewer processes)."""
-    saved = read_safetensors(path / "trainable.safetensors")
-    params = trainable_tensors(method)
-    if set(saved) != set(params):
-        raise ValueError(f"checkpoint {path} does not match this run's method: "
-                         f"missing {sorted(set(params) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(params))[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
+    copy_trainable_tensors(method, read_safetensors(path / "trainable.safetensors"), f"checkpoint {path}")
     try:
         states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     except Exception as err:    # noqa: BLE001  (a damaged pickle fails in many ways: EOFError, UnpicklingError, ...)

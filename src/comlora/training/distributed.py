@@ -63,17 +63,12 @@ def full_trainable_state(method: nn.Module, accelerator: Accelerator) -> dict[st
 
 def unsharded_method(cfg, state: dict[str, torch.Tensor]) -> tuple[nn.Module, object]:
     """(the method on a freshly loaded base with ``state`` copied into its trainable tensors, tokenizer)."""
-    from comlora.methods.registry import build_method
     from comlora.base_models import load_model_and_tokenizer
+    from comlora.methods.registry import build_method
+    from comlora.training.checkpoints import copy_trainable_tensors
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                                 load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
     method = build_method(cfg, model).to(model.device)
-    params = {name: p for name, p in method.named_parameters() if p.requires_grad}
-    if set(params) != set(state):
-        raise RuntimeError(f"the gathered state does not match a fresh {cfg.method} model: "
-                           f"{sorted(set(params) ^ set(state))[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name])
+    copy_trainable_tensors(method, state, "the gathered state")
     return method, tokenizer
