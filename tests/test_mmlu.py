@@ -261,3 +261,24 @@ def test_evaluate_argument_errors():
         evaluate_mmlu(None, None, items, mode="loglik")
     with pytest.raises(ValueError, match="prompt_style 'alpaca'"):
         evaluate_mmlu(None, None, items, shots_per_subject=1, prompt_style="alpaca")
+
+
+def test_hendrycks_release_format_without_header_and_with_letter_answers(tmp_path):
+    """The files as Hendrycks et al. ship them (no header, answers A-D) load as the headed 0-3 form does."""
+    import csv
+
+    for split in ("test", "dev"):
+        source = FIXTURES / "mmlu" / split
+        target = tmp_path / "mmlu" / split
+        target.mkdir(parents=True)
+        for path in source.glob("*.csv"):
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))[1:]
+            with open(target / path.name, "w", newline="") as f:
+                csv.writer(f).writerows([*row[:5], "ABCD"[int(row[5])]] for row in rows)
+    for split in ("test", "dev"):
+        assert load_mmlu(tmp_path, split) == load_mmlu(FIXTURES, split)
+    bad = tmp_path / "mmlu" / "test" / "anatomy_test.csv"
+    bad.write_text("Where is the patella?,Knee,Elbow,Skull,Hip,A\nWhat is the femur?,A bone,A muscle,A nerve,An organ,E\n")
+    with pytest.raises(ValueError, match=f"{bad}:2: field 'answer' must be A, B, C or D, got 'E'"):
+        load_mmlu(tmp_path, "test")

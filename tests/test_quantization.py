@@ -92,7 +92,7 @@ def test_cli_trains_on_a_4bit_base_and_merges_with_a_note(tmp_path, tiny_model_d
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path, tiny_model_dir, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install 'comlora\[quantization\]'"):
+    with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install 'comlora\[qlora\]'"):
         load_model_and_tokenizer(str(tiny_model_dir), device="cpu", load_in_4bit=True)
     with pytest.raises(SystemExit):
         main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--load-in-8bit", "--out", str(tmp_path / "r")])

@@ -16,7 +16,7 @@ from torch import nn
 
 def require_bitsandbytes() -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("a 4-bit or 8-bit base needs bitsandbytes: pip install 'comlora[quantization]' "
+        raise ImportError("a 4-bit or 8-bit base needs bitsandbytes: pip install 'comlora[qlora]' "
                           "(bitsandbytes==0.50.2; it runs 4-bit layers on CPUs too)")
 
 

@@ -49,20 +49,27 @@ def _split_folder(root: str | Path, split: str) -> Path:
 
 
 def _read_csv(path: Path, subject: str, limit: int | None) -> list[dict]:
-    """Rows of one MMLU CSV; every problem names the file and the line where the row starts."""
+    """Rows of one MMLU CSV: with the header ``question,choice0..choice3,answer`` and answers 0-3, or as Hendrycks et
+    al.'s release ships them (no header, answers A-D). Every problem names the file and the line where the row starts."""
     items = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, strict=True)
+        answers = ("0", "1", "2", "3")
+        pending = None                                   # a first row that is already data (no header)
         try:
-            header = next(reader, None)
+            first = next(reader, None)
         except csv.Error as err:
             raise ValueError(f"{path}:1: malformed CSV ({err})") from err
-        if header != HEADER:
-            raise ValueError(f"{path}:1: expected the header {','.join(HEADER)}, got {header}")
+        if first is not None and first != HEADER:
+            if len(first) != len(HEADER) or first[5].strip() not in LETTERS:
+                raise ValueError(f"{path}:1: expected the header {','.join(HEADER)} (answers 0-3), or Hendrycks et al.'s "
+                                 f"rows without a header (question, 4 choices, answer A-D), got {first}")
+            answers, pending = LETTERS, (1, first)
         while limit is None or len(items) < limit:
             line = reader.line_num + 1
             try:
-                row = next(reader)
+                line, row = pending if pending else (line, next(reader))
+                pending = None
             except StopIteration:
                 break
             except csv.Error as err:
@@ -70,10 +77,11 @@ def _read_csv(path: Path, subject: str, limit: int | None) -> list[dict]:
             if len(row) != len(HEADER):
                 raise ValueError(f"{path}:{line}: expected {len(HEADER)} fields "
                                  f"(question, 4 choices, answer), got {len(row)}")
-            if row[5].strip() not in ("0", "1", "2", "3"):
-                raise ValueError(f"{path}:{line}: field 'answer' must be 0, 1, 2 or 3, got {row[5]!r}")
+            if row[5].strip() not in answers:
+                raise ValueError(f"{path}:{line}: field 'answer' must be {', '.join(answers[:3])} or {answers[3]}, "
+                                 f"got {row[5]!r}")
             items.append({"subject": subject, "index": len(items), "question": row[0], "choices": row[1:5],
-                          "answer": int(row[5])})
+                          "answer": answers.index(row[5].strip())})
     return items
 
 
