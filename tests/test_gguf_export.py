@@ -223,6 +223,26 @@ def test_merged_gguf_rewrites_the_base_file(tmp_path, outtype, tolerance):
         assert np.abs(values - reference).max() <= tolerance * np.abs(reference).max(), t.name
 
 
+def test_whole_model_merge_leaves_no_quantized_tensor(tmp_path):
+    """whole_model: the adapted tensors merged as before, every other quantized tensor dequantized to outtype."""
+    model = make_tiny_llama(vocab=40)
+    base_path = write_tiny_base_gguf(model, tmp_path / "base.gguf")
+    cm = comlora(model)
+    weights, _, _ = adapted_weights(cm, 0)
+    layout = GgufLayout.from_config(model.config)
+    write_merged_gguf(base_path, tmp_path / "part.gguf", weights, layout, outtype="f32")
+    write_merged_gguf(base_path, tmp_path / "whole.gguf", weights, layout, outtype="f32", whole_model=True)
+    base = {t.name: t for t in gguf.GGUFReader(base_path).tensors}
+    part = {t.name: t for t in gguf.GGUFReader(tmp_path / "part.gguf").tensors}
+    whole = gguf.GGUFReader(tmp_path / "whole.gguf").tensors
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in part.values())
+    for t in whole:
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
+        expected = gguf.quants.dequantize(part[t.name].data, part[t.name].tensor_type)
+        assert np.array_equal(np.asarray(t.data).reshape(expected.shape), expected.astype(np.float32)), t.name
+    assert len(whole) == len(base)
+
+
 def test_merge_refuses_a_base_file_the_run_was_not_trained_on(tmp_path):
     model = make_tiny_llama(vocab=40)
     other = write_tiny_base_gguf(make_tiny_llama(seed=7, vocab=40), tmp_path / "other.gguf")

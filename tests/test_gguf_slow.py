@@ -185,14 +185,16 @@ def test_merged_gguf_answers_as_base_plus_adapter(comlora_run, evaluation, commo
 
 
 def test_merged_gguf_equals_base_plus_adapter_at_the_same_precision(comlora_run, evaluation, tmp_path):
-    """The merge itself: with the adapted tensors in f32 on both sides (the base's dequantized W0 + the adapter at
-    run time, against W0 + scale * B A merged), llama.cpp's logits agree (the other tensors stay Q4_1 in both)."""
+    """The merge itself: with every tensor in f32 on both sides (the base dequantized + the adapter at run time,
+    against the same with W0 + scale * B A merged), llama.cpp's logits agree. (With the other tensors left in
+    Q4_1, llama.cpp's 8-bit quantization of their inputs turns float32 rounding differences into steps of a
+    quantization level: 98.5% same argmax, mean |diff| 0.084 measured.)"""
     method, tokenizer, _ = reload_method(comlora_run, device="cpu")
     weights, alpha, _ = adapted_weights(method)
     layout = GgufLayout.from_config(method.model.config)
     unchanged = [AdaptedWeight(w.module, w.base, w.A, torch.zeros_like(w.B), w.scale) for w in weights]
-    write_merged_gguf(smollm2_gguf_path(), tmp_path / "base-f32.gguf", unchanged, layout, outtype="f32")
-    write_merged_gguf(smollm2_gguf_path(), tmp_path / "merged-f32.gguf", weights, layout, outtype="f32")
+    write_merged_gguf(smollm2_gguf_path(), tmp_path / "base-f32.gguf", unchanged, layout, outtype="f32", whole_model=True)
+    write_merged_gguf(smollm2_gguf_path(), tmp_path / "merged-f32.gguf", weights, layout, outtype="f32", whole_model=True)
     write_lora_gguf(tmp_path / "adapter.gguf", weights, alpha, layout)
     with_adapter = LlamaCppGenerator(tmp_path / "base-f32.gguf", tmp_path / "adapter.gguf", n_threads=THREADS,
                                      n_ctx=LOGITS_CTX, logits_all=True)
@@ -210,7 +212,7 @@ def test_merged_gguf_equals_base_plus_adapter_at_the_same_precision(comlora_run,
     figures = {"positions": positions, "same_argmax": same / positions, "mean_abs_logit_diff": float(np.concatenate(gaps).mean()),
                "same_argmax_without_adapter": same_without / positions,
                "mean_abs_logit_diff_without_adapter": float(np.concatenate(gaps_without).mean())}
-    record("logits, merged GGUF (f32) vs the same base in f32 + adapter, both llama.cpp", figures)
+    record("logits, merged GGUF (all f32) vs the same base in f32 + adapter, both llama.cpp", figures)
     assert figures["same_argmax"] >= 0.99
     assert figures["mean_abs_logit_diff"] < 0.02 * figures["mean_abs_logit_diff_without_adapter"]
 

@@ -211,10 +211,11 @@ def _encode(values: np.ndarray, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuan
 
 
 def write_merged_gguf(base_path: str | Path, path: str | Path, weights: list[AdaptedWeight], layout: GgufLayout,
-                      metadata: dict | None = None, outtype: str = "f16") -> dict[str, str]:
+                      metadata: dict | None = None, outtype: str = "f16", whole_model: bool = False) -> dict[str, str]:
     """The base GGUF with W = dequantize(W0) + scale * B @ A (rows in llama.cpp's order) in each adapted tensor,
     written as ``outtype``; every other tensor and every metadata key copied unchanged (``metadata`` added,
-    general.name extended). Returns the type written for each adapted tensor.
+    general.name extended), or with ``whole_model`` every other quantized tensor dequantized and written as
+    ``outtype`` too (no quantized tensor left). Returns the type written for each adapted tensor.
 
     Each adapted tensor of the file must equal the weights training saw (within BASE_TOLERANCE): otherwise the
     run was not trained on this file.
@@ -241,6 +242,10 @@ def write_merged_gguf(base_path: str | Path, path: str | Path, weights: list[Ada
                              f"{gap:.3g}): the run was not trained on this file")
         merged[name] = _encode(w0 + layout.to_gguf_rows(w.module, w.delta().cpu()).numpy(), outtype)
         written[name] = merged[name][1].name
+    if whole_model:
+        for t in reader.tensors:
+            if t.name not in merged and t.tensor_type not in (QUANT_TYPES["f32"], QUANT_TYPES["f16"]):
+                merged[t.name] = _encode(gguf.quants.dequantize(t.data, t.tensor_type), outtype)
     name_key = gguf.Keys.General.NAME
     new_name = f"{_field_value(reader, name_key) or base_path.stem} + {(metadata or {}).get('general.name', 'adapter')}"
 
