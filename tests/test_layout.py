@@ -97,3 +97,11 @@ def test_train_help_shows_each_default(capsys):
         build_parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.0003)" in text and "(default: commonsense-mini)" in text and "{auto,cpu,cuda,mps}" in text
+
+
+def test_every_command_help_shows_its_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Beam width (LLM-Adapters: 4). (default: 4)" in text and "(default: transformers)" in text
+    assert "{commonsense,mmlu,convai2}" in text

@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -26,6 +27,16 @@ from comlora.training.run_dir import RunError, commit_folder, lock_run, new_temp
 # files that are missing, corrupt or cut short, refusals. Anything else is a bug and shows its traceback.
 USER_ERRORS = (ValueError, OSError, NotImplementedError, ImportError, RunError, MainProcessFailed, SafetensorError, EOFError,
                pickle.UnpicklingError, yaml.YAMLError)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds '(default: X)' to an option's help where X is a value (not None or False) its help does not state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def field_default(f) -> object:
@@ -309,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comlora", description="Competitive LoRA fine-tuning (ComLoRA) and baselines.")
     parser.add_argument("--debug", action="store_true", help="On an error, show its full traceback too.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = partial(sub.add_parser, formatter_class=DefaultsHelpFormatter)
 
     p = sub.add_parser("train", help="Train comlora (or a baseline method) and select, export and plot at the end.")
     p.add_argument("--config", help="YAML file of TrainConfig options (experiments/*.yaml).")
