@@ -145,3 +145,10 @@ def write_commonsense_root(root, test_items: int = 12, train_items: int = 10):
 @pytest.fixture
 def commonsense_root(tmp_path):
     return write_commonsense_root(tmp_path / "data")
+
+
+def train_args(model_dir, data_root, out, *extra, max_steps: int = 4):
+    """``comlora train`` arguments for a few steps of a tiny model on the small commonsense fixture."""
+    return ["train", "--model", str(model_dir), "--data-root", str(data_root), "--out", str(out), "--device", "cpu",
+            "--train-per-task", "2", "--val-size", "6", "--eval-size", "4", "--batch-size", "4", "--max-steps",
+            str(max_steps), "--cutoff-len", "256", "--lr", "0.01", "--window", "2", *extra]

@@ -13,12 +13,7 @@ from transformers import AutoModelForCausalLM
 from comlora.cli import main
 from comlora.training.config import TrainConfig
 from comlora.training.loop import train
-
-
-def train_args(model_dir, data_root, out, *extra):
-    return ["train", "--model", str(model_dir), "--data-root", str(data_root), "--out", str(out), "--device", "cpu",
-            "--train-per-task", "2", "--val-size", "6", "--eval-size", "4", "--batch-size", "4", "--max-steps", "4",
-            "--cutoff-len", "256", "--lr", "0.01", "--window", "2", *extra]
+from conftest import train_args
 
 
 def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, capsys):

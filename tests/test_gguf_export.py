@@ -21,7 +21,7 @@ from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.moelora import MoeLoraModel
 from comlora.provenance import CARD_SECTION, base_model_record, write_model_card
 
-from conftest import make_moelora_config, make_tiny_llama, randomise_lora_B
+from conftest import make_moelora_config, make_tiny_llama, randomise_lora_B, train_args
 
 # llama.cpp's names for the transformers modules of a Llama block (llama-arch.cpp / gguf-py constants)
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -263,16 +263,11 @@ def test_unsupported_architecture_is_named():
         GgufLayout.from_config(config)
 
 
-def train_args(model_dir, data_root, out, *extra):
-    return ["train", "--model", str(model_dir), "--data-root", str(data_root), "--out", str(out), "--device", "cpu",
-            "--train-per-task", "2", "--val-size", "6", "--eval-size", "4", "--batch-size", "4", "--max-steps", "2",
-            "--cutoff-len", "256", "--lr", "0.01", "--window", "2", *extra]
-
-
 def test_cli_gguf_export_of_comlora_and_lora_runs(tmp_path, tiny_model_dir, commonsense_root, capsys):
     run = tmp_path / "run"
     main(train_args(tiny_model_dir, commonsense_root, run, "--num-components", "2",
-                    "--set", "method_options.selector_heads=4", "--set", "method_options.selector_ffn_dim=32"))
+                    "--set", "method_options.selector_heads=4", "--set", "method_options.selector_ffn_dim=32",
+                    max_steps=2))
     winner = json.loads((run / "winner.json").read_text())
     assert winner["base_model"] == {"name": str(tiny_model_dir)}
     assert CARD_SECTION in (run / "adapter" / "README.md").read_text()
@@ -297,7 +292,7 @@ def test_cli_gguf_export_of_comlora_and_lora_runs(tmp_path, tiny_model_dir, comm
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "q.gguf").exists()
 
     lora = tmp_path / "lora"
-    main(train_args(tiny_model_dir, commonsense_root, lora, "--method", "lora"))
+    main(train_args(tiny_model_dir, commonsense_root, lora, "--method", "lora", max_steps=2))
     assert json.loads((lora / "validation.json").read_text())["base_model"] == {"name": str(tiny_model_dir)}
     assert CARD_SECTION in (lora / "adapter" / "README.md").read_text()     # appended to PEFT's own card
     main(["export", str(lora), "--format", "gguf", "--out", str(tmp_path / "lora.gguf")])
