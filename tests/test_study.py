@@ -54,6 +54,13 @@ def test_study_records_skips_and_resumes(tmp_path, tiny_model_dir, commonsense_r
     assert run_study(study, work, results) == []                                    # everything is recorded
     assert isinstance(TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())), TrainConfig)
 
+    # a record names no local path: the work folder is written as <study-work>
+    recorded = [p for p in results.rglob("*") if p.is_file()]
+    assert recorded and not [p for p in recorded if str(work) in p.read_text()]
+    assert record["commands"][0].startswith("comlora train --config <study-work>/comlora/seed-0/train.yaml")
+    assert yaml.safe_load((run / "config.yaml").read_text())["out"] == "<study-work>/comlora/seed-0/run"
+    assert json.loads(next((run / "eval").iterdir()).read_text())["settings"]["run"] == "<study-work>/comlora/seed-0/run"
+
 
 def test_a_bad_experiment_file_fails_before_anything_runs(tmp_path, tiny_model_dir, commonsense_root):
     study = write_study(tmp_path / "study", tiny_model_dir, commonsense_root)

@@ -12,7 +12,8 @@ kill interrupted. One experiment file:
 Per run, ``RESULTS/<experiment>/seed-<s>/`` receives (atomically, when the run is complete): the resolved
 config.yaml, metrics.jsonl, winner.json / validation.json / decision.json, parameters.json, every
 ``comlora eval`` result file (each item's response, prediction and answer), and run.json (seed, commit,
-commands, wall times, tokens/s, load average).
+commands, wall times, tokens/s, load average). The machine's work folder is written there as ``<study-work>``,
+so a record names no local path.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from comlora.training.config import TrainConfig, load_yaml
 BASE_FILE = "base.yaml"
 EVAL_FLAGS = ["--greedy", "--max-new-tokens", "16", "--batch-size", "8"]
 RUN_FILES = ("config.yaml", "metrics.jsonl", "winner.json", "validation.json", "decision.json", "parameters.json")
+WORK_PLACEHOLDER = "<study-work>"
 
 
 @dataclass
@@ -91,6 +93,18 @@ def code_commit() -> str:
         return "unknown"
 
 
+def portable(text: str, work_root: Path) -> str:
+    """``text`` with every mention of the study's work folder ``work_root`` written as ``<study-work>``."""
+    for root in sorted({str(work_root), str(work_root.resolve())}, key=len, reverse=True):
+        text = text.replace(root, WORK_PLACEHOLDER)
+    return text
+
+
+def record_file(source: Path, target: Path, work_root: Path) -> None:
+    """Copy the text file ``source`` to ``target`` with the work folder written as ``<study-work>``."""
+    write_text(target, portable(source.read_text(), work_root))
+
+
 def run_command(argv: list[str], log: Path) -> float:
     """Run ``python -m comlora ARGV`` (its output appended to ``log``); returns its wall time in seconds."""
     started = time.perf_counter()
@@ -103,8 +117,10 @@ def run_command(argv: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_one(base: dict, exp: Experiment, seed: int, work: Path, results: Path) -> Path:
-    """Train (or resume) and evaluate one experiment at one seed; record it in ``results``."""
+def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Path) -> Path:
+    """Train (or resume) and evaluate one experiment at one seed in ``work_root/<experiment>/seed-<s>``; record it
+    in ``results``."""
+    work = work_root / exp.name / f"seed-{seed}"
     work.mkdir(parents=True, exist_ok=True)
     log = work / "study.log"
     record = {"experiment": exp.name, "label": exp.label, "seed": seed, "commit": code_commit(),
@@ -151,9 +167,10 @@ def run_one(base: dict, exp: Experiment, seed: int, work: Path, results: Path) -
     if exp.train is not None:
         for name in RUN_FILES:
             if (work / "run" / name).is_file():
-                shutil.copy2(work / "run" / name, tmp / name)
+                record_file(work / "run" / name, tmp / name, work_root)
     for f in sorted(eval_dir.glob("commonsense-*.json")):
-        shutil.copy2(f, tmp / "eval" / f.name)
+        record_file(f, tmp / "eval" / f.name, work_root)
+    record["commands"] = [portable(command, work_root) for command in record["commands"]]
     write_json(tmp / "run.json", record)
     if final.exists():
         shutil.rmtree(final)
@@ -178,6 +195,6 @@ def run_study(folder: str | Path, work: str | Path, results: str | Path, only: l
     done = []
     for exp, seed in todo[:max_runs]:
         print(f"study: {exp.name} seed {seed} ({exp.label}) started {time.strftime('%H:%M:%S')}", flush=True)
-        done.append(run_one(base, exp, seed, work / exp.name / f"seed-{seed}", results))
+        done.append(run_one(base, exp, seed, work, results))
         print(f"study: {exp.name} seed {seed} recorded in {done[-1]}", flush=True)
     return done
