@@ -261,6 +261,13 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     assert decide["decide_at 0.5"][3] == f"{decision['decided_at_step']} of {run['steps']}"
     assert decide["decide_at 0.5"][4] == f"{run['train_seconds']:.0f}"
     assert decide["decide_at 0.5"][5] == f"{run['tokens_per_s']:.0f}"
+    # by hand: both components run the base model on the decided_at_step steps before the decision, one after it
+    steps = [json.loads(line) for line in (results / "decide-0.5" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    tokens = [s["target_tokens"] for s in steps]
+    before = sum(n for s, n in zip(steps, tokens) if s["step"] <= decision["decided_at_step"])
+    assert 0 < before < sum(tokens)
+    assert decide["decide_at 0.5"][6] == f"{(2 * before + sum(tokens) - before) / sum(tokens):.2f}"
+    assert decide["LoRA r=8"][6] == "1.00" and decide["ComLoRA (2, 8)"][6] == "2.00 ± 0.00"
 
 
 def test_report_on_an_empty_results_folder_lists_every_run_as_missing(tmp_path):

@@ -177,6 +177,19 @@ class RecordedRun:
     def source(self) -> str:
         return f"{self.experiment}/seed-{self.seed}"
 
+    def base_passes_per_token(self) -> float | None:
+        """Training compute independent of the machine's load: sum_t P_t * n_t / sum_t n_t over the optimizer steps
+        of metrics.jsonl, where n_t is the step's target tokens and P_t the number of components that ran the base
+        model on them (len(component_loss) while ComLoRA competes, else 1). LoRA and a decided run: 1 per step."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not steps or any("target_tokens" not in s for s in steps):        # metrics of older code
+            return None
+        tokens = sum(s["target_tokens"] for s in steps)
+        return sum(len(s.get("component_loss", [None])) * s["target_tokens"] for s in steps) / tokens if tokens else None
+
     def components(self) -> dict[int, dict]:
         """ComLoRA component index -> its evaluation (``components: all`` runs have one per component)."""
         out = {}
@@ -599,14 +612,18 @@ class StudyReport:
                          f"{', '.join(map(str, decided))} of {steps}" if decided else "–",
                          mean_std([r["train_seconds"] for r in records if r.get("train_seconds") is not None], 0),
                          mean_std([r["tokens_per_s"] for r in records if r.get("tokens_per_s") is not None], 0),
+                         mean_std([p for p in (r.base_passes_per_token() for r in runs) if p is not None], 2),
                          ", ".join(f"{r['load_average_start'][0]:.1f}→{r['load_average_end'][0]:.1f}"
                                    for r in timed) or "–",
                          *["–" if c is None else f"{c.interval()}, p {p_text(c.p_bootstrap)}" for c in against]])
         lines += markdown_table(["run", "seeds", "average accuracy", "decided at step", "training wall time (s)",
-                                 "tokens/s", "load average (1 min) start→end, per seed", f"Δ vs {self.label(MAIN)}",
+                                 "tokens/s", "base-model passes per training token", "load average (1 min) start→end, per seed", f"Δ vs {self.label(MAIN)}",
                                  f"Δ vs {self.label(LORA_R8)}"], rows)
         lines += ["", "Wall time and tokens/s as `run.json` records them (the training command's wall time; tokens/s "
-                  "averaged over the optimizer steps). Δ: points [95% CI], bootstrap p, paired on the seeds both have."]
+                  "averaged over the optimizer steps). Base-model passes per training token: the training compute whatever the "
+                  "machine's load, from `metrics.jsonl` (K while the components compete, 1 for LoRA and after the "
+                  "decision; the decision's one validation pass is not counted). Δ: points [95% CI], bootstrap p, "
+                  "paired on the seeds both have."]
         if loads:
             cpus = max((r.record.get("cpus") or 1) for name in names for r in self.recorded(name))
             low, high = min(loads.values()), max(loads.values())
