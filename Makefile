@@ -73,9 +73,10 @@ demo: setup
 	$(VENV)/bin/comlora demo
 
 # The reproduction study (issue 10): run every experiments/study run not yet recorded in experiments/results/study
-# (a killed study resumes), then build docs/reproduction.md and its figures from the recorded runs.
+# (a killed study resumes; JOBS runs at a time), then build docs/reproduction.md and its figures from the recorded runs.
+JOBS ?= 1
 study: setup
-	$(VENV)/bin/comlora study
+	$(VENV)/bin/comlora study --jobs $(JOBS)
 
 study-report: setup
 	$(VENV)/bin/comlora study-report

@@ -1,6 +1,9 @@
 """The study runner on a tiny model: records every run completely, skips what is recorded, resumes a killed run."""
 
 import json
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -68,3 +71,94 @@ def test_a_bad_experiment_file_fails_before_anything_runs(tmp_path, tiny_model_d
     with pytest.raises(ValueError, match="unknown field"):
         run_study(study, tmp_path / "work", tmp_path / "results")
     assert not (tmp_path / "work").exists()
+
+
+def write_base_model_study(folder, names_and_priorities):
+    folder.mkdir()
+    (folder / "base.yaml").write_text(yaml.safe_dump(dict(model="tiny", eval_size=3, data_seed=0)))
+    for name, priority in names_and_priorities:
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"label": name, "tables": ["table3"], "seeds": [0], "priority": priority, "train": None}))
+    return folder
+
+
+def fake_eval(calls, on_call):
+    """A stand-in for ``run_command`` on base-model runs: records (experiment, threads), runs ``on_call``, writes
+    an evaluation file into the run's --out folder."""
+    def run_command(argv, log, threads=None):
+        out = Path(argv[argv.index("--out") + 1])
+        experiment = out.parent.parent.name
+        calls.append((experiment, threads))
+        on_call(experiment)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "commonsense-base.json").write_text(json.dumps({"tasks": {}, "average": 0.0}))
+        return 0.5
+    return run_command
+
+
+def test_study_jobs_run_at_the_same_time_with_their_share_of_threads(tmp_path, monkeypatch):
+    import comlora.study.runner as runner
+
+    study = write_base_model_study(tmp_path / "study", [("a", 1), ("b", 1), ("c", 2)])
+    both_running = threading.Barrier(2, timeout=60)        # broken (an error) unless a and b run at the same time
+    calls = []
+    monkeypatch.setattr(runner, "run_command",
+                        fake_eval(calls, lambda name: both_running.wait() if name in ("a", "b") else None))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
+    results = tmp_path / "results"
+    done = run_study(study, tmp_path / "work", results, jobs=2)
+    assert [p.relative_to(results).as_posix() for p in done] == ["a/seed-0", "b/seed-0", "c/seed-0"]
+    assert sorted(calls) == [("a", "2"), ("b", "2"), ("c", "2")]                  # 4 CPUs // 2 jobs
+    for name in "abc":
+        record = json.loads((results / name / "seed-0" / "run.json").read_text())
+        assert record["omp_num_threads"] == "2" and (results / name / "seed-0" / "eval" / "commonsense-base.json").is_file()
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")                                     # the environment's value wins
+    calls.clear()
+    run_study(write_base_model_study(tmp_path / "study2", [("d", 1)]), tmp_path / "work", results, jobs=2)
+    assert calls == [("d", None)]
+    assert json.loads((results / "d" / "seed-0" / "run.json").read_text())["omp_num_threads"] == "3"
+
+
+def test_a_failed_run_stops_the_study_and_the_running_runs_finish(tmp_path, monkeypatch):
+    import comlora.study.runner as runner
+
+    study = write_base_model_study(tmp_path / "study", [("a", 1), ("b", 1), ("c", 2), ("d", 3)])
+    both_running = threading.Barrier(2, timeout=60)
+
+    def on_call(name):
+        if name in ("a", "b"):
+            both_running.wait()
+        if name == "a":
+            raise RuntimeError("`comlora eval ...` failed (exit 1)")
+        time.sleep(0.5)                                                            # b ends after a has failed
+
+    calls = []
+    monkeypatch.setattr(runner, "run_command", fake_eval(calls, on_call))
+    results = tmp_path / "results"
+    with pytest.raises(RuntimeError, match="failed"):
+        run_study(study, tmp_path / "work", results, jobs=2)
+    assert sorted(name for name, _ in calls) == ["a", "b"]                         # c and d never started
+    assert (results / "b" / "seed-0" / "run.json").is_file() and not (results / "a").exists()
+    assert sorted(p.name for p in results.iterdir()) == ["b"]
+
+    for jobs in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
+            run_study(study, tmp_path / "work", results, jobs=jobs)
+
+
+def test_run_command_gives_the_process_its_threads(tmp_path, monkeypatch):
+    import subprocess
+
+    import comlora.study.runner as runner
+
+    seen = []
+    monkeypatch.setattr(runner.subprocess, "run",
+                        lambda cmd, **kw: seen.append((cmd[-1], kw["env"])) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setenv("KEPT", "yes")
+    runner.run_command(["--version"], tmp_path / "log", "2")
+    runner.run_command(["--help"], tmp_path / "log")
+    assert seen[0][1]["OMP_NUM_THREADS"] == "2" and seen[0][1]["KEPT"] == "yes"    # the rest of the environment kept
+    assert seen[1][1] is None                                                      # None: inherit it unchanged
+    assert (tmp_path / "log").read_text() == "$ comlora --version\n$ comlora --help\n"

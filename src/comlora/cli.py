@@ -304,7 +304,8 @@ def cmd_check_data(args: argparse.Namespace) -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     from comlora.study.runner import run_study
 
-    run_study(args.experiments, args.work, args.results, args.only.split(",") if args.only else None, args.max_runs)
+    run_study(args.experiments, args.work, args.results, args.only.split(",") if args.only else None, args.max_runs,
+              args.jobs)
 
 
 def cmd_study_report(args: argparse.Namespace) -> None:
@@ -400,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="runs/study", help="Working run directories (checkpoints; a killed study resumes).")
     p.add_argument("--only", help="Comma-separated experiment names (file stems) to run.")
     p.add_argument("--max-runs", type=int, help="Stop after this many runs.")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="Runs at a time, each with OMP_NUM_THREADS = CPUs // jobs unless OMP_NUM_THREADS is set.")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("study-report", help="The reproduction page (tables, paired tests, verdicts, figures) from the "

@@ -23,7 +23,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,27 +107,29 @@ def record_file(source: Path, target: Path, work_root: Path) -> None:
     write_text(target, portable(source.read_text(), work_root))
 
 
-def run_command(argv: list[str], log: Path) -> float:
-    """Run ``python -m comlora ARGV`` (its output appended to ``log``); returns its wall time in seconds."""
+def run_command(argv: list[str], log: Path, threads: str | None = None) -> float:
+    """Run ``python -m comlora ARGV`` (its output appended to ``log``; ``threads``: its OMP_NUM_THREADS, None to
+    inherit); returns its wall time in seconds."""
     started = time.perf_counter()
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": threads}
     with log.open("a") as f:
         f.write(f"$ comlora {' '.join(argv)}\n")
         f.flush()
-        done = subprocess.run([sys.executable, "-m", "comlora", *argv], stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run([sys.executable, "-m", "comlora", *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
     if done.returncode:
         raise RuntimeError(f"`comlora {' '.join(argv)}` failed (exit {done.returncode}); see {log}")
     return time.perf_counter() - started
 
 
-def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Path) -> Path:
-    """Train (or resume) and evaluate one experiment at one seed in ``work_root/<experiment>/seed-<s>``; record it
-    in ``results``."""
+def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Path, threads: str | None = None) -> Path:
+    """Train (or resume) and evaluate one experiment at one seed in ``work_root/<experiment>/seed-<s>`` (its
+    processes with OMP_NUM_THREADS ``threads``, None to inherit); record it in ``results``."""
     work = work_root / exp.name / f"seed-{seed}"
     work.mkdir(parents=True, exist_ok=True)
     log = work / "study.log"
     record = {"experiment": exp.name, "label": exp.label, "seed": seed, "commit": code_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_start": os.getloadavg(),
+              "omp_num_threads": threads or os.environ.get("OMP_NUM_THREADS"), "load_average_start": os.getloadavg(),
               "commands": [], "eval_flags": EVAL_FLAGS}
     timing_file = work / "train_seconds.json"
     if exp.train is None:
@@ -134,7 +138,7 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
             argv = ["eval", "--model", base.get("model", "smollm2-135m"), "--seed", str(base.get("data_seed", seed)),
                     "--eval-size", str(base["eval_size"]), "--out", str(eval_dir), *EVAL_FLAGS]
             record["commands"].append("comlora " + " ".join(argv))
-            record["eval_seconds"] = run_command(argv, log)
+            record["eval_seconds"] = run_command(argv, log, threads)
     else:
         run = work / "run"
         cfg = train_config(base, exp, seed, run)
@@ -144,7 +148,7 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
             resume = (run / "config.yaml").is_file()
             argv = ["train", "--config", str(config_file)] + (["--resume"] if resume else [])
             record["commands"].append("comlora " + " ".join(argv))
-            seconds = run_command(argv, log)
+            seconds = run_command(argv, log, threads)
             previous = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else 0.0
             write_json(timing_file, {"seconds": previous + seconds, "resumed": resume or None})
         record["train_seconds"] = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else None
@@ -153,7 +157,7 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
             shutil.rmtree(run / "eval", ignore_errors=True)
             argv = ["eval", "--run", str(run), "--components", exp.components, *EVAL_FLAGS]
             record["commands"].append("comlora " + " ".join(argv))
-            record["eval_seconds"] = run_command(argv, log)
+            record["eval_seconds"] = run_command(argv, log, threads)
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         record["tokens_per_s"] = sum(m["tokens_per_s"] for m in metrics) / len(metrics)
         record["steps"] = len(metrics)
@@ -179,8 +183,12 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
 
 
 def run_study(folder: str | Path, work: str | Path, results: str | Path, only: list[str] | None = None,
-              max_runs: int | None = None) -> list[Path]:
-    """Every (experiment, seed) not yet recorded in ``results``, by priority, then seed position, then name."""
+              max_runs: int | None = None, jobs: int = 1) -> list[Path]:
+    """Every (experiment, seed) not yet recorded in ``results``, by priority, then seed position, then name;
+    ``jobs`` of them at a time, each with OMP_NUM_THREADS = CPUs // jobs unless the environment sets it. The
+    first failure stops the study: runs not yet started are not started, the others finish."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1 (runs at a time), got {jobs!r}")
     base, experiments = load_experiments(folder)
     if only:
         unknown = sorted(set(only) - {e.name for e in experiments})
@@ -191,10 +199,30 @@ def run_study(folder: str | Path, work: str | Path, results: str | Path, only: l
                    key=lambda u: (u[0].priority, u[2], u[0].name))
     results, work = Path(results), Path(work)
     todo = [(e, s) for e, s, _ in units if not (results / e.name / f"seed-{s}" / "run.json").is_file()]
-    print(f"study: {len(units)} runs, {len(units) - len(todo)} recorded, {len(todo)} to do", flush=True)
-    done = []
-    for exp, seed in todo[:max_runs]:
+    print(f"study: {len(units)} runs, {len(units) - len(todo)} recorded, {len(todo)} to do"
+          f"{f', {jobs} at a time' if jobs > 1 else ''}", flush=True)
+    threads = None if jobs == 1 or os.environ.get("OMP_NUM_THREADS") else str(max(1, (os.cpu_count() or 1) // jobs))
+
+    stop = threading.Event()                     # set by the first failure (or Ctrl-C): start nothing more
+
+    def one(exp: Experiment, seed: int) -> Path | None:
+        if stop.is_set():
+            return None
         print(f"study: {exp.name} seed {seed} ({exp.label}) started {time.strftime('%H:%M:%S')}", flush=True)
-        done.append(run_one(base, exp, seed, work, results))
-        print(f"study: {exp.name} seed {seed} recorded in {done[-1]}", flush=True)
-    return done
+        try:
+            recorded = run_one(base, exp, seed, work, results, threads)
+        except BaseException:
+            stop.set()
+            raise
+        print(f"study: {exp.name} seed {seed} recorded in {recorded}", flush=True)
+        return recorded
+
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(one, exp, seed) for exp, seed in todo[:max_runs]]
+        try:
+            for future in as_completed(futures):
+                future.result()                  # the first failure raises here, once the running runs end
+        except BaseException:
+            stop.set()
+            raise
+    return [future.result() for future in futures]
