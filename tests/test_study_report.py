@@ -148,7 +148,7 @@ def tiny_study(tmp_path_factory):
     model, root = make_tiny_text_model(tmp), write_commonsense_root(tmp / "data")
     folder = write_tiny_study(tmp / "study", model, root)
 
-    def run_command(argv, log):
+    def run_command(argv, log, threads=None):       # in-process: the threads are torch.set_num_threads(1) below
         started = time.perf_counter()
         main(argv)
         return time.perf_counter() - started
