@@ -188,7 +188,8 @@ class RecordedRun:
         if not steps or any("target_tokens" not in s for s in steps):        # metrics of older code
             return None
         tokens = sum(s["target_tokens"] for s in steps)
-        return sum(len(s.get("component_loss", [None])) * s["target_tokens"] for s in steps) / tokens if tokens else None
+        passes = [len(s["component_loss"]) if "component_loss" in s else 1 for s in steps]
+        return sum(p * s["target_tokens"] for p, s in zip(passes, steps)) / tokens if tokens else None
 
     def components(self) -> dict[int, dict]:
         """ComLoRA component index -> its evaluation (``components: all`` runs have one per component)."""
@@ -617,11 +618,12 @@ class StudyReport:
                                    for r in timed) or "–",
                          *["–" if c is None else f"{c.interval()}, p {p_text(c.p_bootstrap)}" for c in against]])
         lines += markdown_table(["run", "seeds", "average accuracy", "decided at step", "training wall time (s)",
-                                 "tokens/s", "base-model passes per training token", "load average (1 min) start→end, per seed", f"Δ vs {self.label(MAIN)}",
+                                 "tokens/s", "base-model passes per training token",
+                                 "load average (1 min) start→end, per seed", f"Δ vs {self.label(MAIN)}",
                                  f"Δ vs {self.label(LORA_R8)}"], rows)
         lines += ["", "Wall time and tokens/s as `run.json` records them (the training command's wall time; tokens/s "
-                  "averaged over the optimizer steps). Base-model passes per training token: the training compute whatever the "
-                  "machine's load, from `metrics.jsonl` (K while the components compete, 1 for LoRA and after the "
+                  "averaged over the optimizer steps). Base-model passes per training token: the training compute "
+                  "whatever the machine's load, from `metrics.jsonl` (K while the components compete, 1 for LoRA and after the "
                   "decision; the decision's one validation pass is not counted). Δ: points [95% CI], bootstrap p, "
                   "paired on the seeds both have."]
         if loads:

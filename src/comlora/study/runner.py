@@ -221,7 +221,7 @@ def run_study(folder: str | Path, work: str | Path, results: str | Path, only: l
         futures = [pool.submit(one, exp, seed) for exp, seed in todo[:max_runs]]
         try:
             for future in as_completed(futures):
-                future.result()                  # the first failure raises here, once the running runs end
+                future.result()                  # the first failure raises; leaving the pool waits for the running runs
         except BaseException:
             stop.set()
             raise
