@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from comlora.cli import main
 from comlora.training.run_dir import COMPLETE_FILE, LOCK_FILE, RunLock, RunLocked, open_run_dir
@@ -310,6 +310,47 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tiny, t
         truncate(run / "checkpoints" / f"step-0000000{step}" / "trainable.safetensors")
     assert resume_from_checkpoint(run, method, optimizer, scheduler) == 0
     assert "none of its 3 checkpoints loads, so the 3 optimizer steps it recorded are lost" in capsys.readouterr().err
+
+
+def test_a_lora_checkpoint_with_its_earlier_key_names_resumes_and_a_foreign_one_is_refused_untouched(tiny, tmp_path,
+                                                                                                    capsys):
+    """LoRA checkpoints once named their tensors peft_model.base_model.model.* (PEFT's path), now model.*: a
+    checkpoint renamed to the earlier names resumes to the same bits as an uninterrupted run. A readable checkpoint
+    of another method stops the resume with exit 2, and the run's files stay byte for byte as they were."""
+    from comlora.cli import build_parser, train_config_from_args
+    from comlora.training.loop import train
+
+    model_dir, data, _ = tiny
+    lora = lambda out, *extra: ["train", "--method", "lora", "--model", str(model_dir), "--data-root", str(data),  # noqa: E731
+                                "--out", str(out), "--device", "cpu", "--train-per-task", "2", "--val-size", "6",
+                                "--eval-size", "4", "--batch-size", "4", "--max-steps", "4", "--lr", "0.01",
+                                "--save-every", "1", "--lora-dropout", "0.1", *extra]
+    main(lora(tmp_path / "reference"))
+    run = tmp_path / "renamed"
+    train(train_config_from_args(build_parser().parse_args(lora(run))), stop_after=2)
+    trainable = run / "checkpoints" / "step-00000002" / "trainable.safetensors"
+    saved = load_file(str(trainable))
+    assert saved and all(k.startswith("model.") for k in saved)
+    save_file({"peft_model.base_model." + k: v for k, v in saved.items()}, str(trainable))
+    main(lora(run, "--resume"))
+    reference = {p.name: load_file(str(p)) for p in (tmp_path / "reference").glob("*/*.safetensors")}
+    resumed = {p.name: load_file(str(p)) for p in run.glob("*/*.safetensors")}
+    assert reference.keys() == resumed.keys() == {"adapter_model.safetensors"}
+    assert all(torch.equal(t, resumed["adapter_model.safetensors"][k]) for k, t in reference["adapter_model.safetensors"].items())
+    timing = ("tokens_per_s", "step_seconds", "peak_rss_mb")
+    rows = lambda r: [{k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
+                      for line in (r / "metrics.jsonl").read_text().splitlines()]
+    assert rows(run) == rows(tmp_path / "reference")
+
+    foreign = tmp_path / "foreign"
+    train(train_config_from_args(build_parser().parse_args(lora(foreign))), stop_after=2)
+    trainable = foreign / "checkpoints" / "step-00000002" / "trainable.safetensors"
+    save_file({k.replace("lora_A", "lora_C"): v for k, v in load_file(str(trainable)).items()}, str(trainable))
+    before = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    message = cli_error(lora(foreign, "--resume"), capsys)
+    assert "step-00000002 does not match this run's method" in message and "lora_C" in message
+    assert f"Nothing was changed: resume with the version that wrote it, or move {foreign / 'checkpoints'} away" in message
+    assert {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
 
 
 def test_every_file_we_read_corrupt_or_truncated_is_a_one_line_error_naming_it(tiny, tmp_path, capsys):

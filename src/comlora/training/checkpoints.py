@@ -15,19 +15,29 @@ from comlora.storage import atomic_write, fsync_path, read_json_object, read_saf
 from comlora.training.run_dir import CHECKPOINTS, checkpoint_dirs, commit_folder, new_temp_folder, trained_steps
 
 
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint whose tensors do not fit this run's method (another method, config or layout)."""
+
+
 def trainable_tensors(method: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in method.named_parameters() if p.requires_grad}
 
 
 def copy_trainable_tensors(method: nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``saved`` into the method's trainable tensors, whose names must be exactly its keys."""
+    """Copy ``saved`` into the method's trainable tensors. A key may be any name the tensor has in the module tree:
+    PEFT's LoRA is reachable both as ``model.*`` and ``peft_model.base_model.model.*`` (the name its checkpoints had
+    before the method packages), so a checkpoint of either version loads."""
     params = trainable_tensors(method)
-    if set(saved) != set(params):
-        raise ValueError(f"{source} does not match this run's method: "
-                         f"missing {sorted(set(params) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(params))[:5]}")
+    canonical = {id(p): name for name, p in params.items()}
+    alias = {name: canonical[id(p)] for name, p in method.named_parameters(remove_duplicate=False) if id(p) in canonical}
+    renamed = {alias[k]: v for k, v in saved.items() if k in alias}
+    unexpected = sorted(k for k in saved if k not in alias)
+    if unexpected or len(renamed) != len(saved) or set(renamed) != set(params):
+        raise CheckpointMismatch(f"{source} does not match this run's method: missing {sorted(set(params) - set(renamed))[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(saved[name])
+            p.copy_(renamed[name])
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -88,11 +98,16 @@ def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process
 
 def resume_from_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, process_index: int = 0) -> int:
     """Restore the newest checkpoint that loads; returns its step. A corrupt one is skipped with a warning naming
-    its problem; with none (or none readable) the run starts again from step 0, saying what was lost."""
+    its problem; with none (or none readable) the run starts again from step 0, saying what was lost. A readable
+    checkpoint that does not fit the method stops the resume (CheckpointMismatch) and nothing is touched."""
     problems = []
     for path in reversed(checkpoint_dirs(run)):
         try:
             step = load_checkpoint(path, method, optimizer, scheduler, process_index)
+        except CheckpointMismatch as err:  # readable but of another method: never start over on top of it
+            raise CheckpointMismatch(f"{err}; it was written by another method, config or comlora version, so the run "
+                                     f"cannot resume from it. Nothing was changed: resume with the version that wrote "
+                                     f"it, or move {run / CHECKPOINTS} away to train again from step 0") from err
         except Exception as err:         # noqa: BLE001  (any reading failure: try the previous checkpoint)
             problems.append(path.name)
             if process_index == 0:
