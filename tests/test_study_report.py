@@ -16,7 +16,8 @@ import yaml
 import comlora.study.runner as study_module
 from comlora.cli import main
 from comlora.study.runner import run_study
-from comlora.study.report import TASKS, Paired, load_paper, paired_bootstrap, sign_test, write_report
+from comlora.study.report import (TASKS, Paired, at_least_k_successes, load_paper, paired_bootstrap, sign_test,
+                                  write_report)
 from conftest import make_tiny_text_model, write_commonsense_root
 
 PAPER = "experiments/study/paper-numbers.json"
@@ -39,6 +40,18 @@ def test_sign_test_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     for wins, losses in [(0, 1), (2, 7), (13, 20), (60, 41)]:
         assert sign_test(wins, losses) == pytest.approx(stats.binomtest(wins, wins + losses).pvalue, rel=1e-9)
+
+
+def test_at_least_k_successes_by_enumeration_and_binomial():
+    chances = [0.5, 0.25, 1 / 3, 0.5]
+    for k in range(6):       # every outcome of the four trials, its probability summed where it has >= k successes
+        exact = sum(math.prod(p if hit else 1 - p for p, hit in zip(chances, outcome))
+                    for outcome in itertools.product([0, 1], repeat=4) if sum(outcome) >= k)
+        assert at_least_k_successes(k, chances) == pytest.approx(exact, abs=1e-15)
+    assert at_least_k_successes(3, [0.5] * 3) == 0.125 and at_least_k_successes(3, [0.25] * 3) == 1 / 64
+    assert at_least_k_successes(4, [0.3] * 9) == pytest.approx(sum(math.comb(9, j) * 0.3 ** j * 0.7 ** (9 - j)
+                                                                   for j in range(4, 10)))
+    assert at_least_k_successes(0, []) == 1.0 and at_least_k_successes(1, []) == 0.0
 
 
 def test_paired_bootstrap_against_exact_enumeration():
@@ -240,12 +253,30 @@ def test_report_table3_matches_the_recorded_files(tiny_study):
 
 def test_report_table10_figures_and_early_decision(tiny_study):
     text, results, page = tiny_study["text"], tiny_study["results"], tiny_study["page"]
-    rows = table_rows(text, "| seed | component |")
-    for seed in (0, 1):
-        winner = json.loads((results / "t3-comlora-k2-r8" / f"seed-{seed}" / "winner.json").read_text())
-        mine = [r for r in rows if r[0] == str(seed)]
-        assert [r[1] for r in mine] == [f"{k}{' **(winner)**' if k == winner['winner'] else ''}" for k in range(2)]
+    rows = table_rows(text, "| run | seed | component |")
+    runs = [("ComLoRA (2, 8)", "t3-comlora-k2-r8", 0), ("ComLoRA (2, 8)", "t3-comlora-k2-r8", 1),
+            ("decide_at 0.5", "decide-0.5", 0), ("without L_pairwise", "t5-without-pairwise", 0)]    # MAIN, then by name
+    assert [r[:2] for r in rows] == [[label, str(seed)] for label, _, seed in runs for _ in range(2)]
+    checks = table_rows(text, "| run | seed | K | winner |")
+    assert [c[-1] for c in checks] == ["yes", "yes", "no: early decision", "no: selector not trained (no L_pairwise)"]
+    winners = []
+    for (label, name, seed), check in zip(runs, checks):
+        winner = json.loads((results / name / f"seed-{seed}" / "winner.json").read_text())
+        mine = [r for r in rows if r[:2] == [label, str(seed)]]
+        assert [r[2] for r in mine] == [f"{k}{' **(winner)**' if k == winner['winner'] else ''}" for k in range(2)]
         assert [r[-1] for r in mine] == [f"{v:.4f}" for v in winner["val_loss"]]
+        evals = {k: json.loads(p.read_text()) for k in range(2)
+                 for p in (results / name / f"seed-{seed}" / "eval").glob(f"*-component{k}*.json")}
+        best = max(e["average"] for e in evals.values())
+        winners.append(evals[winner["winner"]]["average"] == best)
+        assert check[2:8] == ["2", str(winner["winner"]), str(winner["winner_by_similarity"]),
+                              str(winner["winner_by_loss"]), ", ".join(str(k) for k in range(2) if evals[k]["average"] == best),
+                              "yes" if winners[-1] else "no"]
+    # the claim pools the two runs in it, each with chance |best| / 2 of a random pick being best
+    chances = [(c[6].count(",") + 1) / 2 for c in checks[:2]]
+    p = at_least_k_successes(sum(winners[:2]), chances)
+    assert f"(2 runs of 1 experiment): the winner was the best (or tied best) component in {sum(winners[:2])} of 2" in text
+    assert f"P(at least {sum(winners[:2])} of 2 by chance) = {p:.3f}:" in text
     for seed in (0, 1):
         for figure in (2, 3):
             png = page.parent / "figures" / f"figure{figure}-seed{seed}.png"
@@ -404,11 +435,14 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
     assert without[2].startswith("+") and without[5] == "-8.12"                     # 75.44 − 83.56 in the paper
     assert without[6] == "not supported (the opposite is significant)"
 
-    checks = {row[0]: row for row in table_rows(text, "| seed | winner | by selector")}
+    checks = {row[1]: row for row in table_rows(text, "| run | seed | K | winner |")}
     assert set(checks) == {"0", "1", "2"}
     for seed, row in checks.items():
-        assert row[1:4] == ["1", "1", "0"] and row[4] == "1" and row[5] == "yes" and row[6] == "no"
-    assert "best (or tied best) in 3 of 3 recorded seeds" in text and "p = 0.125" in text     # 0.5^3
+        assert row[0] == "ComLoRA (2, 8)" and row[2:6] == ["2", "1", "1", "0"] and row[6] == "1"
+        assert row[7] == "yes" and row[8] == "no" and row[10] == "yes"
+    assert "(3 runs of 1 experiment): the winner was the best (or tied best) component in 3 of 3" in text
+    assert "(0.50, 0.50, 0.50), so P(at least 3 of 3 by chance) = 0.125: **not distinguishable" in text  # 0.5^3
+    assert "the component with the lowest validation loss was the best in 0 of 3" in text
 
     assert "The recorded runs ran at different commits:" in text
     assert "- `bbbb2222`: t3-comlora-k2-r8/seed-2" in text
