@@ -564,10 +564,10 @@ class StudyReport:
         p = at_least_k_successes(k, [c.chance for c in checks])
         by_loss = sum(bool(set(c.lowest_val_loss) & set(c.best)) for c in checks if c.lowest_val_loss)
         verdict = "supported" if p < ALPHA else "not distinguishable at this scale"
+        experiments = plural(len({c.run.experiment for c in checks}), "experiment")
         return [f"{claim}, over every run whose selector was trained by L_pairwise and picked the winner after the "
-                f"whole competition ({n} runs of {plural(len({c.run.experiment for c in checks}), 'experiment')}): the winner "
-                f"was the best (or tied best) component in {k} of {n}; a component picked at random is best with "
-                f"probability |best| / K in each run ({', '.join(f'{c.chance:.2f}' for c in checks)}), so "
+                f"whole competition ({n} runs of {experiments}): the winner was the best (or tied best) component "
+                f"in {k} of {n}; a component picked at random is best with probability |best| / K in each run ({', '.join(f'{c.chance:.2f}' for c in checks)}), so "
                 f"P(at least {k} of {n} by chance) = {p:.3f}: **{verdict}**. For comparison, the component with the "
                 f"lowest validation loss was the best in {by_loss} of {n}."]
 

@@ -29,12 +29,13 @@ def copy_trainable_tensors(method: nn.Module, saved: dict[str, torch.Tensor], so
     before the method packages), so a checkpoint of either version loads."""
     params = trainable_tensors(method)
     canonical = {id(p): name for name, p in params.items()}
-    alias = {name: canonical[id(p)] for name, p in method.named_parameters(remove_duplicate=False) if id(p) in canonical}
+    alias = {name: canonical[id(p)] for name, p in method.named_parameters(remove_duplicate=False)
+             if id(p) in canonical}
     renamed = {alias[k]: v for k, v in saved.items() if k in alias}
     unexpected = sorted(k for k in saved if k not in alias)
     if unexpected or len(renamed) != len(saved) or set(renamed) != set(params):
-        raise CheckpointMismatch(f"{source} does not match this run's method: missing {sorted(set(params) - set(renamed))[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
+        raise CheckpointMismatch(f"{source} does not match this run's method: missing "
+                                 f"{sorted(set(params) - set(renamed))[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(renamed[name])
