@@ -183,6 +183,13 @@ class TeamLoraModel(AdapterModel):
                 config.interaction_init_range, config.interaction_matrix, config.share_A,
                 config.router_hidden_size, config.router_activation))
 
+    @classmethod
+    def upgrade_saved_config(cls, values: dict) -> dict:
+        """Before the method packages the experts' rank was saved as ``r_B``; it is ``r`` now."""
+        if "r_B" in values and "r" not in values:
+            values = {("r" if k == "r_B" else k): v for k, v in values.items()}
+        return values
+
 
 def get_teamlora_model(model: nn.Module, config: TeamLoraConfig) -> TeamLoraModel:
     """Freeze ``model`` and put a shared A, K experts B_i, a router and M on every target module."""

@@ -27,6 +27,8 @@ def copy_trainable_tensors(method: nn.Module, saved: dict[str, torch.Tensor], so
     """Copy ``saved`` into the method's trainable tensors. A key may be any name the tensor has in the module tree:
     PEFT's LoRA is reachable both as ``model.*`` and ``peft_model.base_model.model.*`` (the name its checkpoints had
     before the method packages), so a checkpoint of either version loads."""
+    if hasattr(method, "upgrade_saved_tensors"):
+        saved = method.upgrade_saved_tensors(saved)
     params = trainable_tensors(method)
     canonical = {id(p): name for name, p in params.items()}
     alias = {name: canonical[id(p)] for name, p in method.named_parameters(remove_duplicate=False)
@@ -39,6 +41,17 @@ def copy_trainable_tensors(method: nn.Module, saved: dict[str, torch.Tensor], so
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(renamed[name])
+
+
+def shape_optimizer_state_as_parameters(optimizer) -> None:
+    """A state tensor of shape (1, *p.shape) becomes p.shape: the moments of LoRATRF's A and B, saved before the
+    method packages squeezed their leading axis (``upgrade_saved_tensors``). Every other state is left as it is."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() == p.dim() + 1 and value.shape == (1, *p.shape):
+                    state[key] = value[0]
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -85,6 +98,7 @@ def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process
         raise ValueError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0]}); the file is corrupt or was cut short") from err
     optimizer.load_state_dict(states["optimizer"])
+    shape_optimizer_state_as_parameters(optimizer)
     scheduler.load_state_dict(states["scheduler"])
     rng = read_safetensors(path / "rng.safetensors")
     prefix = f"process{process_index}." if f"process{process_index}.torch" in rng else "process0."
