@@ -351,6 +351,12 @@ def test_a_lora_checkpoint_with_its_earlier_key_names_resumes_and_a_foreign_one_
     assert "step-00000002 does not match this run's method" in message and "lora_C" in message
     assert f"Nothing was changed: resume with the version that wrote it, or move {foreign / 'checkpoints'} away" in message
     assert {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
+    save_file({k.replace("lora_C", "lora_A"): v[..., :1].contiguous() if "lora_C" in k else v   # the names, another shape
+               for k, v in load_file(str(trainable)).items()}, str(trainable))
+    before = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    message = cli_error(lora(foreign, "--resume"), capsys)
+    assert "step-00000002 does not match this run's method: " in message and "tensors of another shape, e.g." in message
+    assert {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
 
 
 def test_every_file_we_read_corrupt_or_truncated_is_a_one_line_error_naming_it(tiny, tmp_path, capsys):

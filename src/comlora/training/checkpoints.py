@@ -38,6 +38,11 @@ def copy_trainable_tensors(method: nn.Module, saved: dict[str, torch.Tensor], so
     if unexpected or len(renamed) != len(saved) or set(renamed) != set(params):
         raise CheckpointMismatch(f"{source} does not match this run's method: missing "
                                  f"{sorted(set(params) - set(renamed))[:5]}, unexpected {unexpected[:5]}")
+    shapes = [f"{n} {list(renamed[n].shape)} (the run's: {list(p.shape)})" for n, p in params.items()
+              if renamed[n].shape != p.shape]
+    if shapes:
+        raise CheckpointMismatch(f"{source} does not match this run's method: {len(shapes)} tensors of another "
+                                 f"shape, e.g. {shapes[0]}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(renamed[name])
@@ -49,7 +54,7 @@ def shape_optimizer_state_as_parameters(optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            for key, value in state.items():
+            for key, value in list(state.items()):
                 if torch.is_tensor(value) and value.dim() == p.dim() + 1 and value.shape == (1, *p.shape):
                     state[key] = value[0]
 
