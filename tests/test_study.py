@@ -70,6 +70,10 @@ def test_a_bad_experiment_file_fails_before_anything_runs(tmp_path, tiny_model_d
     (study / "broken.yaml").write_text(yaml.safe_dump({"label": "x", "tables": ["t"], "train": {"methd": "lora"}}))
     with pytest.raises(ValueError, match="unknown field"):
         run_study(study, tmp_path / "work", tmp_path / "results")
+    (study / "broken.yaml").write_text(yaml.safe_dump({"label": "x", "tables": ["table10"], "components": "winner",
+                                                      "train": {"method": "comlora"}}))
+    with pytest.raises(ValueError, match="broken.yaml: an experiment of Table 10 evaluates every component"):
+        run_study(study, tmp_path / "work", tmp_path / "results")
     assert not (tmp_path / "work").exists()
 
 

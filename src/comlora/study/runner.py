@@ -69,6 +69,8 @@ def load_experiments(folder: str | Path) -> tuple[dict, list[Experiment]]:
                          components=values.get("components", "winner"), train=values.get("train"))
         if exp.components not in ("winner", "all"):
             raise ValueError(f"{path}: components must be winner or all, got {exp.components!r}")
+        if "table10" in exp.tables and exp.components != "all":
+            raise ValueError(f"{path}: an experiment of Table 10 evaluates every component: set components: all")
         if exp.train is not None:
             train_config(base, exp, exp.seeds[0], "check")       # a bad option fails now, not hours later
         experiments.append(exp)
