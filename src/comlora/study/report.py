@@ -568,8 +568,8 @@ class StudyReport:
         return [f"{claim}, over the runs of the experiments tagged table10, the method as specified with K and r "
                 f"varied ({n} runs of {experiments}; the ablations' components, where evaluated, are shown in Table 10 "
                 f"but not counted): the winner was the best (or tied best) component "
-                f"in {k} of {n}; a component picked at random is best with probability |best| / K in each run ({', '.join(f'{c.chance:.2f}' for c in checks)}), so "
-                f"P(at least {k} of {n} by chance) = {p:.3f}: **{verdict}**. For comparison, the component with the "
+                f"in {k} of {n}; a component picked at random is best with probability |best| / K in each run "
+                f"({', '.join(f'{c.chance:.2f}' for c in checks)}), so P(at least {k} of {n} by chance) = {p:.3f}: **{verdict}**. For comparison, the component with the "
                 f"lowest validation loss was the best in {by_loss} of {n}."]
 
     def table10(self) -> list[str]:
@@ -592,8 +592,8 @@ class StudyReport:
                             "–" if gap is None else f"{gap.interval()}, p {p_text(gap.p_bootstrap)}",
                             check.outside_the_claim and f"no: {check.outside_the_claim}" or "yes"])
         if checks:
-            lines += ["Every component of every recorded ComLoRA run whose experiment evaluates them all; the early-"
-                      "decision runs evaluate their winner only (the others stop training at the decision).", ""]
+            lines += ["Every component of every recorded run whose experiment sets `components: all` (an experiment "
+                      "tagged table10 must); the other experiments evaluate their winner only.", ""]
             lines += markdown_table(["run", "seed", "component", *[c for _, c in TASKS], "average", "validation loss"],
                                     rows)
             lines += ["", "The winner is the selector's pick (`winner.json`; the lowest validation loss where there is "
