@@ -48,15 +48,18 @@ def copy_trainable_tensors(method: nn.Module, saved: dict[str, torch.Tensor], so
             p.copy_(renamed[name])
 
 
-def shape_optimizer_state_as_parameters(optimizer) -> None:
-    """A state tensor of shape (1, *p.shape) becomes p.shape: the moments of LoRATRF's A and B, saved before the
-    method packages squeezed their leading axis (``upgrade_saved_tensors``). Every other state is left as it is."""
+def upgrade_optimizer_state(method: nn.Module, optimizer) -> None:
+    """Each tensor of the optimizer's state (Adam's moments) through the method's ``upgrade_saved_tensors`` under its
+    parameter's name, as the parameter itself was: an earlier layout's moments take this version's shapes."""
+    if not hasattr(method, "upgrade_saved_tensors"):
+        return
+    names = {id(p): name for name, p in trainable_tensors(method).items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             for key, value in list(state.items()):
-                if torch.is_tensor(value) and value.dim() == p.dim() + 1 and value.shape == (1, *p.shape):
-                    state[key] = value[0]
+                if id(p) in names and torch.is_tensor(value):
+                    state[key] = method.upgrade_saved_tensors({names[id(p)]: value})[names[id(p)]]
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -103,7 +106,7 @@ def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process
         raise ValueError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0]}); the file is corrupt or was cut short") from err
     optimizer.load_state_dict(states["optimizer"])
-    shape_optimizer_state_as_parameters(optimizer)
+    upgrade_optimizer_state(method, optimizer)
     scheduler.load_state_dict(states["scheduler"])
     rng = read_safetensors(path / "rng.safetensors")
     prefix = f"process{process_index}." if f"process{process_index}.torch" in rng else "process0."
