@@ -300,6 +300,15 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     assert 0 < before < sum(tokens)
     assert decide["decide_at 0.5"][6] == f"{(2 * before + sum(tokens) - before) / sum(tokens):.2f}"
     assert decide["LoRA r=8"][6] == "1.00" and decide["ComLoRA (2, 8)"][6] == "2.00 ± 0.00"
+    # by hand: the median step time up to the decision step (both components) and after it (the winner alone)
+    competing = float(np.median([s["step_seconds"] for s in steps if s["step"] <= decision["decided_at_step"]]))
+    alone = float(np.median([s["step_seconds"] for s in steps if s["step"] > decision["decided_at_step"]]))
+    assert decide["decide_at 0.5"][7] == f"{competing:.1f} / {alone:.1f}"
+    assert decide["decide_at 0.5"][8] == f"{alone / competing:.2f}"
+    lora = [json.loads(line)["step_seconds"]
+            for line in (results / "t3-lora-r8" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert decide["LoRA r=8"][7] == f"– / {float(np.median(lora)):.1f}" and decide["LoRA r=8"][8] == "–"
+    assert decide["ComLoRA (2, 8)"][7].endswith(" / –") and decide["ComLoRA (2, 8)"][8] == "–"
 
 
 def test_report_on_an_empty_results_folder_lists_every_run_as_missing(tmp_path):

@@ -195,6 +195,17 @@ class RecordedRun:
         passes = [len(s["component_loss"]) if "component_loss" in s else 1 for s in steps]
         return sum(p * s["target_tokens"] for p, s in zip(passes, steps)) / tokens if tokens else None
 
+    def median_step_seconds(self) -> tuple[float | None, float | None]:
+        """(competing, one adapter): the median of metrics.jsonl's step_seconds over the steps at which ComLoRA's
+        components competed (those with component_loss), and over the others (LoRA, or ComLoRA after its decision);
+        None where the run has no such step."""
+        path = self.path / "metrics.jsonl"
+        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        timed = [s for s in steps if "step_seconds" in s]
+        competing = [s["step_seconds"] for s in timed if "component_loss" in s]
+        alone = [s["step_seconds"] for s in timed if "component_loss" not in s]
+        return (statistics.median(competing) if competing else None, statistics.median(alone) if alone else None)
+
     def components(self) -> dict[int, dict]:
         """ComLoRA component index -> its evaluation (``components: all`` runs have one per component)."""
         out = {}
@@ -652,23 +663,31 @@ class StudyReport:
             decided = sorted({r.decision["decided_at_step"] for r in runs if r.decision})
             steps = "/".join(map(str, sorted({r["steps"] for r in records if r.get("steps")})))
             against = [self.paired(name, other) if name != other else None for other in (MAIN, LORA_R8)]
+            medians = [r.median_step_seconds() for r in runs]
+            ratios = [alone / competing for competing, alone in medians if competing and alone]
             rows.append([self.label(name), len(runs), mean_std([r.result["average"] for r in runs]),
                          f"{', '.join(map(str, decided))} of {steps}" if decided else "–",
                          mean_std([r["train_seconds"] for r in records if r.get("train_seconds") is not None], 0),
                          mean_std([r["tokens_per_s"] for r in records if r.get("tokens_per_s") is not None], 0),
                          mean_std([p for p in (r.base_passes_per_token() for r in runs) if p is not None], 2),
+                         " / ".join(mean_std([m[phase] for m in medians if m[phase] is not None]) for phase in (0, 1)),
+                         mean_std(ratios, 2),
                          ", ".join(f"{r['load_average_start'][0]:.1f}→{r['load_average_end'][0]:.1f}"
                                    for r in timed) or "–",
                          *["–" if c is None else f"{c.interval()}, p {p_text(c.p_bootstrap)}" for c in against]])
         lines += markdown_table(["run", "seeds", "average accuracy", "decided at step", "training wall time (s)",
                                  "tokens/s", "base-model passes per training token",
+                                 "median s/step: competing / one adapter", "one adapter ÷ competing, same run",
                                  "load average (1 min) start→end, per seed", f"Δ vs {self.label(MAIN)}",
                                  f"Δ vs {self.label(LORA_R8)}"], rows)
         lines += ["", "Wall time and tokens/s as `run.json` records them (the training command's wall time; tokens/s "
                   "averaged over the optimizer steps). Base-model passes per training token: the training compute "
                   "whatever the machine's load, from `metrics.jsonl` (K while the components compete, 1 for LoRA and after the "
-                  "decision; the decision's one validation pass is not counted). Δ: points [95% CI], bootstrap p, "
-                  "paired on the seeds both have."]
+                  "decision; the decision's one validation pass is not counted). Median s/step: of `metrics.jsonl`'s "
+                  "step_seconds, over the steps at which the components competed and over those at which one adapter "
+                  "trained (LoRA, or ComLoRA after the decision), averaged over seeds; their ratio is taken within each "
+                  "run, so the load of the other runs affects it less than the wall times. Δ: points [95% CI], "
+                  "bootstrap p, paired on the seeds both have."]
         if loads:
             cpus = max((r.record.get("cpus") or 1) for name in names for r in self.recorded(name))
             low, high = min(loads.values()), max(loads.values())
