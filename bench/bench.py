@@ -27,7 +27,7 @@ import torch
 from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
 
 TRAIN_VARIANTS = ["peft-lora", "comlora-k1", "comlora-k2", "comlora-k2-noselector", "comlora-k2-sequential",
-                  "comlora-k2-checkpointing", "comlora-k4", "comlora-k4-sequential", "comlora-k4-lowmem",
+                  "comlora-k2-checkpointing", "comlora-k2-decided", "comlora-k4", "comlora-k4-sequential", "comlora-k4-lowmem",
                   "comlora-k4-system-malloc", "moelora-k4", "teamlora-k4"]
 INFER_VARIANTS = ["base", "base-again", "comlora-merged", "peft-unmerged", "moelora-k4"]  # base-again: the noise floor
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -108,6 +108,8 @@ def training_step_fn(variant: str, model, batch: dict):
         cm = comlora(model, k, **options)
         if variant.endswith("checkpointing"):
             cm.gradient_checkpointing_enable()
+        if variant.endswith("decided"):
+            cm.decided = 0                              # after an early decision (decide_at): the winner trains alone
         if variant.endswith("sequential"):
             loss_fn = lambda step: sequential_step(cm, batch, step, 100)  # noqa: E731
         else:
@@ -245,6 +247,8 @@ def ratios(t: dict) -> list[tuple[str, float, str]]:
               ("batched K=4 / (4 x PEFT LoRA) step memory", lambda: m("comlora-k4") / (4 * m("peft-lora")), "<= 1"),
               ("checkpointed K=2 / K=2 step", lambda: s("comlora-k2-checkpointing") / s("comlora-k2"), "<= 1.4"),
               ("checkpointed K=2 / K=2 step memory", lambda: m("comlora-k2-checkpointing") / m("comlora-k2"), "<= 0.5"),
+              ("decided K=2 / K=2 step (decide_at)", lambda: s("comlora-k2-decided") / s("comlora-k2"), "(report)"),
+              ("decided K=2 / PEFT LoRA step", lambda: s("comlora-k2-decided") / s("peft-lora"), "(report)"),
               ("MoE of LoRA K=4 / PEFT LoRA step", lambda: s("moelora-k4") / s("peft-lora"), "(report)"),
               ("TeamLoRA K=4 / PEFT LoRA step", lambda: s("teamlora-k4") / s("peft-lora"), "(report)")]
     for v in ("base-again", "comlora-merged", "peft-unmerged", "moelora-k4"):
