@@ -1,6 +1,7 @@
 """The study runner on a tiny model: records every run completely, skips what is recorded, resumes a killed run."""
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -166,3 +167,43 @@ def test_run_command_gives_the_process_its_threads(tmp_path, monkeypatch):
     assert seen[0][1]["OMP_NUM_THREADS"] == "2" and seen[0][1]["KEPT"] == "yes"    # the rest of the environment kept
     assert seen[1][1] is None                                                      # None: inherit it unchanged
     assert (tmp_path / "log").read_text() == "$ comlora --version\n$ comlora --help\n"
+
+
+def test_a_killed_evaluation_resumes_at_the_first_component_without_a_result(tmp_path, tiny_model_dir,
+                                                                              commonsense_root, monkeypatch):
+    from comlora.cli import main
+    from comlora.study.runner import train_config
+    from comlora.training.loop import train
+
+    monkeypatch.setenv("COMLORA_DATA", str(commonsense_root))
+    study = write_study(tmp_path / "study", tiny_model_dir, commonsense_root)
+    results, work = tmp_path / "results", tmp_path / "work"
+    _, experiments = load_experiments(study)
+    exp = next(e for e in experiments if e.name == "comlora")
+    run = work / "comlora" / "seed-0" / "run"
+    train(train_config(yaml.safe_load((study / "base.yaml").read_text()), exp, 0, run))
+    # the kill came while component 1 was being evaluated: component 0's file is whole, component 1 has none
+    main(["eval", "--run", str(run), "--components", "0", "--greedy", "--max-new-tokens", "16", "--batch-size", "8"])
+    first = next((run / "eval").glob("commonsense-run-component0*.json"))
+    before = first.read_bytes()
+
+    assert run_study(study, work, results, only=["comlora"], max_runs=1) == [results / "comlora" / "seed-0"]
+    log = (work / "comlora" / "seed-0" / "study.log").read_text()
+    assert "--components 1 " in log and "--components 0" not in log and "comlora train" not in log
+    assert first.read_bytes() == before                                      # not evaluated again
+    recorded = results / "comlora" / "seed-0"
+    evals = sorted(p.name for p in (recorded / "eval").iterdir())
+    assert [re.sub(r"-winner", "", n) for n in evals] == ["commonsense-run-component0.json",
+                                                          "commonsense-run-component1.json"]
+    assert sum("-winner" in n for n in evals) == 1
+    record = json.loads((recorded / "run.json").read_text())
+    assert record["commands"] == ["comlora eval --run <study-work>/comlora/seed-0/run --components 1 --greedy "
+                                  "--max-new-tokens 16 --batch-size 8"]
+    assert record["eval_seconds"] > 0
+    # both components' results are what one `--components all` evaluation writes
+    main(["eval", "--run", str(run), "--components", "all", "--greedy", "--max-new-tokens", "16", "--batch-size", "8",
+          "--out", str(tmp_path / "all")])
+    for name in evals:
+        again = json.loads((tmp_path / "all" / name).read_text())
+        kept = json.loads((recorded / "eval" / name).read_text())
+        assert again["tasks"] == kept["tasks"] and again["average"] == kept["average"]

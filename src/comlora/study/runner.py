@@ -1,6 +1,7 @@
 """The reproduction study (``comlora study run``): every experiment of ``experiments/study/*.yaml`` times
 its seeds, each trained and evaluated in its own process, skipping what is recorded and resuming what a
-kill interrupted. One experiment file:
+kill interrupted (training from its checkpoint, an evaluation of every component from the first component
+without a result). One experiment file:
 
     label: ComLoRA (2, 8)            # the row's name in the tables
     tables: [table3, table6]         # the tables (and figures) it appears in
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,6 +125,19 @@ def run_command(argv: list[str], log: Path, threads: str | None = None) -> float
     return time.perf_counter() - started
 
 
+def missing_evaluations(run: Path, exp: Experiment, cfg: TrainConfig) -> list[list[str]]:
+    """The ``comlora eval`` commands a trained run still needs: under ``components: all``, one per ComLoRA component
+    without its result file (each file is written whole when its component is done, so a kill loses at most the
+    component being evaluated); otherwise one for the winner (or the run) unless its file exists."""
+    have = [p.name for p in (run / "eval").glob("commonsense-*.json")]
+    if exp.components == "all" and cfg.method == "comlora":
+        def done(k: int) -> bool:
+            return any(re.fullmatch(rf"commonsense-{re.escape(run.name)}-component{k}(-winner)?\.json", n) for n in have)
+        return [["eval", "--run", str(run), "--components", str(k), *EVAL_FLAGS]
+                for k in range(cfg.num_components) if not done(k)]
+    return [] if have else [["eval", "--run", str(run), "--components", exp.components, *EVAL_FLAGS]]
+
+
 def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Path, threads: str | None = None) -> Path:
     """Train (or resume) and evaluate one experiment at one seed in ``work_root/<experiment>/seed-<s>`` (its
     processes with OMP_NUM_THREADS ``threads``, None to inherit); record it in ``results``."""
@@ -154,12 +169,14 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
             previous = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else 0.0
             write_json(timing_file, {"seconds": previous + seconds, "resumed": resume or None})
         record["train_seconds"] = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else None
-        expected = cfg.num_components if exp.components == "all" and cfg.method == "comlora" else 1
-        if len(list((run / "eval").glob("commonsense-*.json"))) < expected:       # a kill may leave some written
-            shutil.rmtree(run / "eval", ignore_errors=True)
-            argv = ["eval", "--run", str(run), "--components", exp.components, *EVAL_FLAGS]
-            record["commands"].append("comlora " + " ".join(argv))
-            record["eval_seconds"] = run_command(argv, log, threads)
+        eval_timing = work / "eval_seconds.json"
+        evaluated = json.loads(eval_timing.read_text()) if eval_timing.is_file() else {"seconds": 0.0, "commands": []}
+        for argv in missing_evaluations(run, exp, cfg):
+            evaluated["seconds"] += run_command(argv, log, threads)
+            evaluated["commands"].append("comlora " + " ".join(argv))
+            write_json(eval_timing, evaluated)
+        record["commands"] += evaluated["commands"]
+        record["eval_seconds"] = evaluated["seconds"] if evaluated["commands"] else None
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         record["tokens_per_s"] = sum(m["tokens_per_s"] for m in metrics) / len(metrics)
         record["steps"] = len(metrics)
