@@ -27,8 +27,8 @@ import torch
 from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
 
 TRAIN_VARIANTS = ["peft-lora", "comlora-k1", "comlora-k2", "comlora-k2-noselector", "comlora-k2-sequential",
-                  "comlora-k2-checkpointing", "comlora-k2-decided", "comlora-k4", "comlora-k4-sequential", "comlora-k4-lowmem",
-                  "comlora-k4-system-malloc", "moelora-k4", "teamlora-k4"]
+                  "comlora-k2-checkpointing", "comlora-k2-decided", "comlora-k4", "comlora-k4-sequential",
+                  "comlora-k4-lowmem", "comlora-k4-system-malloc", "moelora-k4", "teamlora-k4"]
 INFER_VARIANTS = ["base", "base-again", "comlora-merged", "peft-unmerged", "moelora-k4"]  # base-again: the noise floor
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 SIZES = {"quick": dict(batch=4, length=64, new_tokens=16), "full": dict(batch=4, length=128, new_tokens=32)}

@@ -181,14 +181,16 @@ class RecordedRun:
     def source(self) -> str:
         return f"{self.experiment}/seed-{self.seed}"
 
+    def training_steps(self) -> list[dict]:
+        """The optimizer steps of metrics.jsonl (none for the base model)."""
+        path = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
     def base_passes_per_token(self) -> float | None:
         """Training compute independent of the machine's load: sum_t P_t * n_t / sum_t n_t over the optimizer steps
         of metrics.jsonl, where n_t is the step's target tokens and P_t the number of components that ran the base
         model on them (len(component_loss) while ComLoRA competes, else 1). LoRA and a decided run: 1 per step."""
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
-            return None
-        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        steps = self.training_steps()
         if not steps or any("target_tokens" not in s for s in steps):        # metrics of older code
             return None
         tokens = sum(s["target_tokens"] for s in steps)
@@ -199,9 +201,7 @@ class RecordedRun:
         """(competing, one adapter): the median of metrics.jsonl's step_seconds over the steps at which ComLoRA's
         components competed (those with component_loss), and over the others (LoRA, or ComLoRA after its decision);
         None where the run has no such step."""
-        path = self.path / "metrics.jsonl"
-        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-        timed = [s for s in steps if "step_seconds" in s]
+        timed = [s for s in self.training_steps() if "step_seconds" in s]
         competing = [s["step_seconds"] for s in timed if "component_loss" in s]
         alone = [s["step_seconds"] for s in timed if "component_loss" not in s]
         return (statistics.median(competing) if competing else None, statistics.median(alone) if alone else None)
@@ -580,8 +580,9 @@ class StudyReport:
                 f"varied ({n} runs of {experiments}; the ablations' components, where evaluated, are shown in Table 10 "
                 f"but not counted): the winner was the best (or tied best) component "
                 f"in {k} of {n}; a component picked at random is best with probability |best| / K in each run "
-                f"({', '.join(f'{c.chance:.2f}' for c in checks)}), so P(at least {k} of {n} by chance) = {p:.3f}: **{verdict}**. For comparison, the component with the "
-                f"lowest validation loss was the best in {by_loss} of {n}."]
+                f"({', '.join(f'{c.chance:.2f}' for c in checks)}), so P(at least {k} of {n} by chance) = {p:.3f}: "
+                f"**{verdict}**. For comparison, the component with the lowest validation loss was the best in "
+                f"{by_loss} of {n}."]
 
     def table10(self) -> list[str]:
         every = [n for n, e in self.experiments.items() if e.components == "all"]
