@@ -309,6 +309,8 @@ def test_report_table10_figures_and_early_decision(tiny_study):
             for line in (results / "t3-lora-r8" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert decide["LoRA r=8"][7] == f"– / {float(np.median(lora)):.1f}" and decide["LoRA r=8"][8] == "–"
     assert decide["ComLoRA (2, 8)"][7].endswith(" / –") and decide["ComLoRA (2, 8)"][8] == "–"
+    short = section(text, "## In short")
+    assert "- decide_at 0.5 against LoRA r=8: " in short and f"at {decide['decide_at 0.5'][6]} passes per token." in short
 
 
 def test_report_on_an_empty_results_folder_lists_every_run_as_missing(tmp_path):
@@ -317,6 +319,7 @@ def test_report_on_an_empty_results_folder_lists_every_run_as_missing(tmp_path):
     assert re.search(r"\*\*0 of \d+ planned runs recorded\*\*", text)
     verdicts = table_rows(text, "| claim of the paper")
     assert len(verdicts) == 15 and all(row[-1].startswith("not measured yet (missing: `") for row in verdicts)
+    assert "(15 paired comparisons and Table 10's), none is measured yet." in section(text, "## In short")
     assert "Not yet recorded: `t3-base-model` seed 0; `t3-lora-r8` seeds 0, 1, 2;" in text
     assert not (tmp_path / "figures").exists()
 
@@ -358,7 +361,7 @@ def write_run(results, experiment, seed, evals, commit="aaaa1111", load=1.0, tra
     components = len(evals) if winner is not None else 0
     with (folder / "metrics.jsonl").open("w") as f:
         for step in range(1, 7):
-            row = {"step": step, "lm": 3.0 - 0.1 * step, "tokens_per_s": 1000.0}
+            row = {"step": step, "lm": 3.0 - 0.1 * step, "tokens_per_s": 1000.0, "target_tokens": 10 + step}
             if components:
                 row["component_loss"] = [3.0 - 0.1 * step + 0.05 * k for k in range(components)]
                 row["lowest_loss_component"] = 0
@@ -460,6 +463,14 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
     assert "- `bbbb2222`: t3-comlora-k2-r8/seed-2" in text
     assert "**The recorded load averages differ a lot** (from 1.0 to 9.0 on 2 CPUs)" in text
     assert "Not yet recorded" not in section(text, "## Table 3 analogue")
+
+    short = section(text, "## In short")                # 4 of the 16 measured, in the order of the claims
+    assert "Of the paper's 16 claims tested here (15 paired comparisons and Table 10's), 4 are measured: " \
+           "1 supported, 2 not distinguishable at this scale, 1 not supported (the opposite is significant)." in short
+    paired = {row[0]: row for row in table_rows(text, "| LoRA row |")}["LoRA r=8"]
+    assert f"ComLoRA (2, 8) against LoRA r=8 on the same {paired[2]} items (seeds 0, 1, 2): {paired[3]}, " \
+           f"Δ {paired[4]} points, p {paired[5]} (ComLoRA better); training costs 2.00 base-model passes per " \
+           "training token against 1.00." in short
 
 
 def test_a_bad_record_is_named_in_the_error(tmp_path):

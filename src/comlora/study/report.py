@@ -441,23 +441,64 @@ class StudyReport:
                   f"about one in {round(1 / ALPHA)} comes out significant by chance where there is no effect.", ""]
         return lines
 
-    def verdicts(self) -> list[str]:
-        rows, names = [], set()
+    def claim_outcomes(self) -> list[tuple[dict, str, Paired | None, str]]:
+        """Each claim of the paper's numbers: (claim, the paper's averages, the paired comparison or None, verdict)."""
+        outcomes = []
         for claim in self.paper["claims"]:
             better, than = claim["better"], claim["than"]
-            names |= {better, than}
             paper_better = paper_average(self.paper, claim["table"], better)
             paper_than = paper_average(self.paper, claim["table"], than)
             paper = f"{paper_better:.2f} vs {paper_than:.2f} ({claim['table'].replace('table', 'Table ')})"
             c = self.paired(better, than)
             if c is None:
                 missing = "; ".join(self.missing([better, than])) or "no seed recorded for both"
-                rows.append([claim["claim"], paper, *["–"] * 5, f"not measured yet (missing: {missing})"])
+                outcomes.append((claim, paper, None, f"not measured yet (missing: {missing})"))
+            else:
+                outcomes.append((claim, paper, c, c.verdict(math.copysign(1, paper_better - paper_than))))
+        return outcomes
+
+    def summary(self) -> list[str]:
+        """The answer for a user choosing between LoRA and ComLoRA: the count of verdicts, the main paired
+        comparison, and the training compute of each choice (base-model passes per training token)."""
+        verdicts = [verdict for _, _, c, verdict in self.claim_outcomes() if c is not None]
+        table10 = self.table10_outcome()
+        if table10 is not None:
+            verdicts.append(table10[-1])
+        counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
+        total = len(self.paper["claims"]) + 1
+        measured = (f"{len(verdicts)} are measured: {', '.join(f'{n} {v}' for v, n in counts.items())}" if verdicts
+                    else "none is measured yet")
+        lines = ["## In short", "", f"Of the paper's {total} claims tested here ({len(self.paper['claims'])} paired "
+                 f"comparisons and Table 10's), {measured}."]
+        c = self.paired(MAIN, LORA_R8)
+        if c is not None:
+            passes = {name: [p for p in (r.base_passes_per_token() for r in self.recorded(name)) if p is not None]
+                      for name in [MAIN, LORA_R8, *self.tagged("decide")]}
+
+            def cost(name: str) -> str:
+                return f"{statistics.mean(passes[name]):.2f}" if passes.get(name) else "–"
+
+            lines += ["", f"- The choice a user makes, {self.label(MAIN)} against {self.label(LORA_R8)} on the same "
+                      f"{c.items} items (seeds {', '.join(map(str, c.seeds))}): {c.accuracy_a:.1f} vs "
+                      f"{c.accuracy_b:.1f}, Δ {c.interval()} points, p {p_text(c.p_bootstrap)} "
+                      f"({c.outcome('ComLoRA', 'LoRA')}); training costs {cost(MAIN)} base-model passes per "
+                      f"training token against {cost(LORA_R8)}."]
+            for name in self.tagged("decide"):
+                d = self.paired(name, LORA_R8)
+                if name not in (MAIN, LORA_R8) and d is not None:
+                    lines.append(f"- {self.label(name)} against {self.label(LORA_R8)}: {d.accuracy_a:.1f} vs "
+                                 f"{d.accuracy_b:.1f} "
+                                 f"({d.interval()} points, p {p_text(d.p_bootstrap)}) at {cost(name)} passes per token.")
+        return lines + [""]
+
+    def verdicts(self) -> list[str]:
+        rows = []
+        for claim, paper, c, verdict in self.claim_outcomes():
+            if c is None:
+                rows.append([claim["claim"], paper, *["–"] * 5, verdict])
                 continue
-            rows.append([claim["claim"], paper, f"{c.accuracy_a:.1f} vs {c.accuracy_b:.1f}",
-                         c.interval(), p_text(c.p_bootstrap),
-                         p_text(c.p_sign), seeds_text(c.seeds),
-                         f"**{c.verdict(math.copysign(1, paper_better - paper_than))}**"])
+            rows.append([claim["claim"], paper, f"{c.accuracy_a:.1f} vs {c.accuracy_b:.1f}", c.interval(),
+                         p_text(c.p_bootstrap), p_text(c.p_sign), seeds_text(c.seeds), f"**{verdict}**"])
         lines = ["## Verdicts on the paper's claims", "",
                  "Each claim compares two runs on the same items (their common seeds); this study's accuracies are "
                  "those of the paired items. A one-seed comparison shows the effect of the change for one "
@@ -565,16 +606,25 @@ class StudyReport:
                 for run in self.recorded(name)
                 if run.winner and len(run.components()) > 1]
 
-    def table10_claim(self) -> list[str]:
-        claim = "The paper's Table 10 claim (the selector's winner is the best component on the test items)"
+    def table10_outcome(self) -> tuple[list[ComponentCheck], int, float, int, str] | None:
+        """Over the table10 runs with a selector: (checks, k winners best, P(>= k by chance), lowest validation loss
+        best, verdict); None before any such run is recorded."""
         checks = [c for c in self.component_checks() if c.outside_the_claim is None]
         if not checks:
-            missing = "; ".join(self.missing([MAIN])) or "component evaluations"
-            return [f"{claim}: not measured yet (missing: {missing})."]
-        k, n = sum(c.winner_is_best for c in checks), len(checks)
+            return None
+        k = sum(c.winner_is_best for c in checks)
         p = at_least_k_successes(k, [c.chance for c in checks])
         by_loss = sum(bool(set(c.lowest_val_loss) & set(c.best)) for c in checks if c.lowest_val_loss)
-        verdict = "supported" if p < ALPHA else "not distinguishable at this scale"
+        return checks, k, p, by_loss, "supported" if p < ALPHA else "not distinguishable at this scale"
+
+    def table10_claim(self) -> list[str]:
+        claim = "The paper's Table 10 claim (the selector's winner is the best component on the test items)"
+        outcome = self.table10_outcome()
+        if outcome is None:
+            missing = "; ".join(self.missing([MAIN])) or "component evaluations"
+            return [f"{claim}: not measured yet (missing: {missing})."]
+        checks, k, p, by_loss, verdict = outcome
+        n = len(checks)
         experiments = plural(len({c.run.experiment for c in checks}), "experiment")
         return [f"{claim}, over the runs of the experiments tagged table10, the method as specified with K and r "
                 f"varied ({n} runs of {experiments}; the ablations' components, where evaluated, are shown in Table 10 "
@@ -716,8 +766,8 @@ class StudyReport:
         return lines + markdown_table(["run", "started", "commit", "train s", "eval s", "steps"], rows) + [""]
 
     def markdown(self, page: Path, figures: Path, command: str) -> str:
-        sections = [self.header(command), self.verdicts(), self.table3(), self.paired_lora(), self.ablations(),
-                    self.table10(), self.figures(page, figures), self.early_decision(), self.run_list()]
+        sections = [self.header(command), self.summary(), self.verdicts(), self.table3(), self.paired_lora(),
+                    self.ablations(), self.table10(), self.figures(page, figures), self.early_decision(), self.run_list()]
         return "\n".join(line for section in sections for line in section).rstrip() + "\n"
 
 
