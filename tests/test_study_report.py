@@ -320,6 +320,7 @@ def test_report_on_an_empty_results_folder_lists_every_run_as_missing(tmp_path):
     verdicts = table_rows(text, "| claim of the paper")
     assert len(verdicts) == 15 and all(row[-1].startswith("not measured yet (missing: `") for row in verdicts)
     assert "(15 paired comparisons and Table 10's), none is measured yet." in section(text, "## In short")
+    assert "among 16 tests (the 15 paired comparisons and Table 10's count of winners)" in text
     assert "Not yet recorded: `t3-base-model` seed 0; `t3-lora-r8` seeds 0, 1, 2;" in text
     assert not (tmp_path / "figures").exists()
 

@@ -437,8 +437,9 @@ class StudyReport:
                   "training seeds shows in the ± of the tables. A claim is *supported* when the difference has the "
                   f"paper's direction with bootstrap p < {ALPHA}, *not supported* when it has the other direction "
                   f"with p < {ALPHA}, and *not distinguishable at this scale* otherwise. The claims are tested one by "
-                  f"one, without a correction for multiple comparisons: among {len(self.paper['claims'])} tests, "
-                  f"about one in {round(1 / ALPHA)} comes out significant by chance where there is no effect.", ""]
+                  f"one, without a correction for multiple comparisons: among {len(self.paper['claims']) + 1} tests "
+                  f"(the {len(self.paper['claims'])} paired comparisons and Table 10's count of winners), about one in "
+                  f"{round(1 / ALPHA)} comes out significant by chance where there is no effect.", ""]
         return lines
 
     def claim_outcomes(self) -> list[tuple[dict, str, Paired | None, str]]:
