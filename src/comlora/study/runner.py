@@ -1,4 +1,4 @@
-"""The reproduction study (``comlora study run``): every experiment of ``experiments/study/*.yaml`` times
+"""The reproduction study (``comlora study``): every experiment of ``experiments/study/*.yaml`` times
 its seeds, each trained and evaluated in its own process, skipping what is recorded and resuming what a
 kill interrupted (training from its checkpoint, an evaluation of every component from the first component
 without a result). One experiment file:
