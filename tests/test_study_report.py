@@ -472,6 +472,10 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
     assert f"ComLoRA (2, 8) against LoRA r=8 on the same {paired[2]} items (seeds 0, 1, 2): {paired[3]}, " \
            f"Δ {paired[4]} points, p {paired[5]} (ComLoRA better); training costs 2.00 base-model passes per " \
            "training token against 1.00." in short
+    averages = [eval_result(designed["correct"][("t3-comlora-k2-r8", s)])["average"] for s in range(3)]
+    assert (f"Between training seeds alone, ComLoRA (2, 8) averages {', '.join(f'{a:.1f}' for a in averages)} "
+            f"(seeds 0, 1, 2; range {max(averages) - min(averages):.1f} points); the one-seed ablations are compared "
+            f"with its seed 0 ({averages[0]:.1f})") in short
 
 
 def test_a_bad_record_is_named_in_the_error(tmp_path):

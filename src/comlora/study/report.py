@@ -490,6 +490,13 @@ class StudyReport:
                     lines.append(f"- {self.label(name)} against {self.label(LORA_R8)}: {d.accuracy_a:.1f} vs "
                                  f"{d.accuracy_b:.1f} "
                                  f"({d.interval()} points, p {p_text(d.p_bootstrap)}) at {cost(name)} passes per token.")
+        main = {r.seed: r.result["average"] for r in self.recorded(MAIN)}
+        if len(main) > 1:
+            lines += ["", f"Between training seeds alone, {self.label(MAIN)} averages "
+                      f"{', '.join(f'{a:.1f}' for a in main.values())} (seeds {', '.join(map(str, main))}; "
+                      f"range {max(main.values()) - min(main.values()):.1f} points); the one-seed ablations are "
+                      f"compared with its seed {min(main)} ({main[min(main)]:.1f}), so a one-seed difference smaller "
+                      "than that range is within what another seed could give."]
         return lines + [""]
 
     def verdicts(self) -> list[str]:
