@@ -169,6 +169,19 @@ def test_run_command_gives_the_process_its_threads(tmp_path, monkeypatch):
     assert (tmp_path / "log").read_text() == "$ comlora --version\n$ comlora --help\n"
 
 
+def test_run_command_names_the_failure_and_the_signal_that_killed_the_process(tmp_path, monkeypatch):
+    import subprocess
+
+    import comlora.study.runner as runner
+
+    for code, message in [(2, r"`comlora train --config x` failed \(exit 2\)"),
+                          (-9, r"killed by SIGKILL: the kernel's out-of-memory killer .* \(--jobs\)"),
+                          (-15, r"killed by SIGTERM; see .*log\. Running the study again resumes it")]:
+        monkeypatch.setattr(runner.subprocess, "run", lambda cmd, code=code, **kw: subprocess.CompletedProcess(cmd, code))
+        with pytest.raises(RuntimeError, match=message):
+            runner.run_command(["train", "--config", "x"], tmp_path / "log")
+
+
 def test_a_killed_evaluation_resumes_at_the_first_component_without_a_result(tmp_path, tiny_model_dir,
                                                                               commonsense_root, monkeypatch):
     from comlora.cli import main

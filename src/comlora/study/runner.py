@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -120,8 +121,15 @@ def run_command(argv: list[str], log: Path, threads: str | None = None) -> float
         f.write(f"$ comlora {' '.join(argv)}\n")
         f.flush()
         done = subprocess.run([sys.executable, "-m", "comlora", *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
-    if done.returncode:
+    if done.returncode > 0:
         raise RuntimeError(f"`comlora {' '.join(argv)}` failed (exit {done.returncode}); see {log}")
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        hint = (": the kernel's out-of-memory killer sends it when memory runs out; run fewer jobs at a time (--jobs) "
+                "or lower the run's memory (gradient_checkpointing, ComLoRA's competition: low_memory)"
+                if -done.returncode == signal.SIGKILL else "")
+        raise RuntimeError(f"`comlora {' '.join(argv)}` was killed by {name}{hint}; see {log}. Running the study "
+                           "again resumes it from its last checkpoint")
     return time.perf_counter() - started
 
 
