@@ -16,8 +16,8 @@ import yaml
 import comlora.study.runner as study_module
 from comlora.cli import main
 from comlora.study.runner import run_study
-from comlora.study.report import (TASKS, Paired, at_least_k_successes, load_paper, paired_bootstrap, sign_test,
-                                  write_report)
+from comlora.study.report import (TASKS, Paired, at_least_k_successes, load_paper, p_text, paired_bootstrap,
+                                  sign_test, write_report)
 from conftest import make_tiny_text_model, write_commonsense_root
 
 PAPER = "experiments/study/paper-numbers.json"
@@ -277,7 +277,7 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     p = at_least_k_successes(sum(winners[:2]), chances)
     assert f"(2 runs of 1 experiment; the ablations' components, where evaluated, are shown in Table 10 but not counted): " \
            f"the winner was the best (or tied best) component in {sum(winners[:2])} of 2" in text
-    assert f"P(at least {sum(winners[:2])} of 2 by chance) = {p:.3f}:" in text
+    assert f"P(at least {sum(winners[:2])} of 2 by chance) = {p_text(p)}:" in text
     for seed in (0, 1):
         for figure in (2, 3):
             png = page.parent / "figures" / f"figure{figure}-seed{seed}.png"
@@ -457,7 +457,7 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
         assert row[7] == "yes" and row[8] == "no" and row[10] == "yes"
     assert "(3 runs of 1 experiment; the ablations' components, where evaluated, are shown in Table 10 but not " \
            "counted): the winner was the best (or tied best) component in 3 of 3" in text
-    assert "(0.50, 0.50, 0.50), so P(at least 3 of 3 by chance) = 0.125: **not distinguishable" in text  # 0.5^3
+    assert "(0.50, 0.50, 0.50), so P(at least 3 of 3 by chance) = 0.1250: **not distinguishable" in text  # 0.5^3
     assert "the component with the lowest validation loss was the best in 0 of 3" in text
 
     assert "The recorded runs ran at different commits:" in text

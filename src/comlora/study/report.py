@@ -638,7 +638,7 @@ class StudyReport:
                 f"varied ({n} runs of {experiments}; the ablations' components, where evaluated, are shown in Table 10 "
                 f"but not counted): the winner was the best (or tied best) component "
                 f"in {k} of {n}; a component picked at random is best with probability |best| / K in each run "
-                f"({', '.join(f'{c.chance:.2f}' for c in checks)}), so P(at least {k} of {n} by chance) = {p:.3f}: "
+                f"({', '.join(f'{c.chance:.2f}' for c in checks)}), so P(at least {k} of {n} by chance) = {p_text(p)}: "
                 f"**{verdict}**. For comparison, the component with the lowest validation loss was the best in "
                 f"{by_loss} of {n}."]
 
