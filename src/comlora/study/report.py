@@ -18,6 +18,7 @@ import os
 import re
 import statistics
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -181,8 +182,9 @@ class RecordedRun:
     def source(self) -> str:
         return f"{self.experiment}/seed-{self.seed}"
 
+    @cached_property
     def training_steps(self) -> list[dict]:
-        """The optimizer steps of metrics.jsonl (none for the base model)."""
+        """The optimizer steps of metrics.jsonl (none for the base model), read once."""
         path = self.path / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
@@ -190,7 +192,7 @@ class RecordedRun:
         """Training compute independent of the machine's load: sum_t P_t * n_t / sum_t n_t over the optimizer steps
         of metrics.jsonl, where n_t is the step's target tokens and P_t the number of components that ran the base
         model on them (len(component_loss) while ComLoRA competes, else 1). LoRA and a decided run: 1 per step."""
-        steps = self.training_steps()
+        steps = self.training_steps
         if not steps or any("target_tokens" not in s for s in steps):        # metrics of older code
             return None
         tokens = sum(s["target_tokens"] for s in steps)
@@ -201,7 +203,7 @@ class RecordedRun:
         """(competing, one adapter): the median of metrics.jsonl's step_seconds over the steps at which ComLoRA's
         components competed (those with component_loss), and over the others (LoRA, or ComLoRA after its decision);
         None where the run has no such step."""
-        timed = [s for s in self.training_steps() if "step_seconds" in s]
+        timed = [s for s in self.training_steps if "step_seconds" in s]
         competing = [s["step_seconds"] for s in timed if "component_loss" in s]
         alone = [s["step_seconds"] for s in timed if "component_loss" not in s]
         return (statistics.median(competing) if competing else None, statistics.median(alone) if alone else None)
@@ -442,6 +444,7 @@ class StudyReport:
                   f"{round(1 / ALPHA)} comes out significant by chance where there is no effect.", ""]
         return lines
 
+    @cached_property
     def claim_outcomes(self) -> list[tuple[dict, str, Paired | None, str]]:
         """Each claim of the paper's numbers: (claim, the paper's averages, the paired comparison or None, verdict)."""
         outcomes = []
@@ -461,8 +464,8 @@ class StudyReport:
     def summary(self) -> list[str]:
         """The answer for a user choosing between LoRA and ComLoRA: the count of verdicts, the main paired
         comparison, and the training compute of each choice (base-model passes per training token)."""
-        verdicts = [verdict for _, _, c, verdict in self.claim_outcomes() if c is not None]
-        table10 = self.table10_outcome()
+        verdicts = [verdict for _, _, c, verdict in self.claim_outcomes if c is not None]
+        table10 = self.table10_outcome
         if table10 is not None:
             verdicts.append(table10[-1])
         counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
@@ -484,9 +487,9 @@ class StudyReport:
                       f"{c.accuracy_b:.1f}, Δ {c.interval()} points, p {p_text(c.p_bootstrap)} "
                       f"({c.outcome('ComLoRA', 'LoRA')}); training costs {cost(MAIN)} base-model passes per "
                       f"training token against {cost(LORA_R8)}."]
-            for name in self.tagged("decide"):
+            for name in [n for n in self.tagged("decide") if n not in (MAIN, LORA_R8)]:
                 d = self.paired(name, LORA_R8)
-                if name not in (MAIN, LORA_R8) and d is not None:
+                if d is not None:
                     lines.append(f"- {self.label(name)} against {self.label(LORA_R8)}: {d.accuracy_a:.1f} vs "
                                  f"{d.accuracy_b:.1f} "
                                  f"({d.interval()} points, p {p_text(d.p_bootstrap)}) at {cost(name)} passes per token.")
@@ -501,7 +504,7 @@ class StudyReport:
 
     def verdicts(self) -> list[str]:
         rows = []
-        for claim, paper, c, verdict in self.claim_outcomes():
+        for claim, paper, c, verdict in self.claim_outcomes:
             if c is None:
                 rows.append([claim["claim"], paper, *["–"] * 5, verdict])
                 continue
@@ -614,6 +617,7 @@ class StudyReport:
                 for run in self.recorded(name)
                 if run.winner and len(run.components()) > 1]
 
+    @cached_property
     def table10_outcome(self) -> tuple[list[ComponentCheck], int, float, int, str] | None:
         """Over the table10 runs with a selector: (checks, k winners best, P(>= k by chance), lowest validation loss
         best, verdict); None before any such run is recorded."""
@@ -627,7 +631,7 @@ class StudyReport:
 
     def table10_claim(self) -> list[str]:
         claim = "The paper's Table 10 claim (the selector's winner is the best component on the test items)"
-        outcome = self.table10_outcome()
+        outcome = self.table10_outcome
         if outcome is None:
             missing = "; ".join(self.missing([MAIN])) or "component evaluations"
             return [f"{claim}: not measured yet (missing: {missing})."]
