@@ -101,7 +101,7 @@ def fake_eval(calls, on_call):
     return run_command
 
 
-def test_study_jobs_run_at_the_same_time_with_their_share_of_threads(tmp_path, monkeypatch):
+def test_study_jobs_run_at_the_same_time_with_their_share_of_threads(tmp_path, monkeypatch, capsys):
     import comlora.study.runner as runner
 
     study = write_base_model_study(tmp_path / "study", [("a", 1), ("b", 1), ("c", 2)])
@@ -115,6 +115,8 @@ def test_study_jobs_run_at_the_same_time_with_their_share_of_threads(tmp_path, m
     done = run_study(study, tmp_path / "work", results, jobs=2)
     assert [p.relative_to(results).as_posix() for p in done] == ["a/seed-0", "b/seed-0", "c/seed-0"]
     assert sorted(calls) == [("a", "2"), ("b", "2"), ("c", "2")]                  # 4 CPUs // 2 jobs
+    lines = capsys.readouterr().out.splitlines()                                   # whole lines, never two run together
+    assert len(lines) == 7 and all(line.count("study:") == 1 for line in lines)
     for name in "abc":
         record = json.loads((results / name / "seed-0" / "run.json").read_text())
         assert record["omp_num_threads"] == "2" and (results / name / "seed-0" / "eval" / "commonsense-base.json").is_file()

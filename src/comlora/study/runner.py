@@ -231,17 +231,22 @@ def run_study(folder: str | Path, work: str | Path, results: str | Path, only: l
     threads = None if jobs == 1 or os.environ.get("OMP_NUM_THREADS") else str(max(1, (os.cpu_count() or 1) // jobs))
 
     stop = threading.Event()                     # set by the first failure (or Ctrl-C): start nothing more
+    say_lock = threading.Lock()                  # print writes the line and its newline apart: threads interleave them
+
+    def say(line: str) -> None:
+        with say_lock:
+            print(line, flush=True)
 
     def one(exp: Experiment, seed: int) -> Path | None:
         if stop.is_set():
             return None
-        print(f"study: {exp.name} seed {seed} ({exp.label}) started {time.strftime('%H:%M:%S')}", flush=True)
+        say(f"study: {exp.name} seed {seed} ({exp.label}) started {time.strftime('%H:%M:%S')}")
         try:
             recorded = run_one(base, exp, seed, work, results, threads)
         except BaseException:
             stop.set()
             raise
-        print(f"study: {exp.name} seed {seed} recorded in {recorded}", flush=True)
+        say(f"study: {exp.name} seed {seed} recorded in {recorded}")
         return recorded
 
     with ThreadPoolExecutor(jobs) as pool:
