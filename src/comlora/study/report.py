@@ -775,7 +775,12 @@ class StudyReport:
         lines = ["## Recorded runs", ""]
         if not rows:
             return lines + ["None yet.", ""]
-        return lines + markdown_table(["run", "started", "commit", "train s", "eval s", "steps"], rows) + [""]
+        records = [run.record for name in self.runs for run in self.recorded(name)]
+        train, evaluate = (sum(rec.get(key) or 0.0 for rec in records) for key in ("train_seconds", "eval_seconds"))
+        return lines + markdown_table(["run", "started", "commit", "train s", "eval s", "steps"], rows) + [
+            "", f"In all, the {len(records)} recorded runs took {train / 3600:.1f} h of training and "
+            f"{evaluate / 3600:.1f} h of evaluation, summed over the runs (runs that ran at the same time each count "
+            "in full).", ""]
 
     def markdown(self, page: Path, figures: Path, command: str) -> str:
         sections = [self.header(command), self.summary(), self.verdicts(), self.table3(), self.paired_lora(),
