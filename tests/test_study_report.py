@@ -1,6 +1,7 @@
 """The study report: its statistics against hand computations, and the page against values recomputed here from
 recorded runs (a real tiny-model study, and hand-written records with designed item correctness)."""
 
+import collections
 import itertools
 import json
 import math
@@ -16,8 +17,8 @@ import yaml
 import comlora.study.runner as study_module
 from comlora.cli import main
 from comlora.study.runner import run_study
-from comlora.study.report import (TASKS, Paired, at_least_k_successes, load_paper, p_text, paired_bootstrap,
-                                  sign_test, write_report)
+from comlora.study.report import (TASKS, Paired, answer_habits, at_least_k_successes, fixed_answer_accuracy,
+                                  load_paper, p_text, paired_bootstrap, sign_test, uniform_choice_accuracy, write_report)
 from conftest import make_tiny_text_model, write_commonsense_root
 
 PAPER = "experiments/study/paper-numbers.json"
@@ -78,6 +79,20 @@ def test_paired_bootstrap_edge_cases_and_normal_limit():
     assert paired_bootstrap(d) == (low, high, p)                                     # fixed seed: reproducible
     with pytest.raises(ValueError, match="non-empty"):
         paired_bootstrap([])
+
+
+def test_chance_fixed_answer_and_answer_habits_by_hand():
+    """BoolQ: answers t t f t (one fixed answer: 3/4; uniform pick among 2: 1/2), predictions t, none, t, f (most
+    common: t, 2/4; none 1/4). Every other task: one item, answer and prediction 'a' (100, 100, 100, 0)."""
+    def items(answers, predictions):
+        return {"items": [{"answer": a, "prediction": p} for a, p in zip(answers, predictions)]}
+
+    result = {"tasks": {task: items(["a"], ["a"]) for task, _ in TASKS}}
+    result["tasks"]["boolq"] = items(["true", "true", "false", "true"], ["true", None, "true", "false"])
+    assert fixed_answer_accuracy(result) == {task: 75.0 if task == "boolq" else 100.0 for task, _ in TASKS}
+    assert uniform_choice_accuracy(result) == {task: 50.0 if task == "boolq" else 100.0 for task, _ in TASKS}
+    same, none = answer_habits(result)
+    assert same == pytest.approx((50 + 7 * 100) / 8) and none == pytest.approx(25 / 8)
 
 
 def test_verdict_rule():
@@ -203,13 +218,15 @@ def item_accuracy(result, task):
     return 100 * sum(i["correct"] for i in items) / len(items)
 
 
+def expected_mean_std(values):
+    return f"{values[0]:.1f}" if len(values) == 1 else f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
 def expected_cells(runs):
     """Mean ± sample std over seeds of each task's accuracy (recomputed from the items) and of their average."""
-    def fmt(values):
-        return f"{values[0]:.1f}" if len(values) == 1 else f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
     per_task = [[item_accuracy(r, t) for r in runs] for t, _ in TASKS]
-    return [fmt(v) for v in per_task] + [fmt([statistics.mean(t[i] for t in per_task) for i in range(len(runs))])]
+    return [expected_mean_std(v) for v in per_task] + [
+        expected_mean_std([statistics.mean(t[i] for t in per_task) for i in range(len(runs))])]
 
 
 def winner_eval(run_dir):
@@ -249,6 +266,21 @@ def test_report_table3_matches_the_recorded_files(tiny_study):
             assert row[2] == "–"
     assert rows["LoRA r=16"][1] == "0" and rows["LoRA r=16"][-1] == "–"
     assert rows["↳ *paper: ComLoRA K=2, r=8*"][-1] == "*87.09*"                      # the paper's row beside ours
+
+    # against chance and one fixed answer, recomputed from the items of every recorded run
+    first = winner_eval(sorted(results.glob("t3-base-model/seed-*"))[0])
+    tasks = [first["tasks"][task]["items"] for task, _ in TASKS]
+    uniform = statistics.mean(100 / len({i["answer"] for i in items}) for items in tasks)
+    fixed = statistics.mean(100 * max(collections.Counter(i["answer"] for i in items).values()) / len(items)
+                            for items in tasks)
+    habits = {row[0]: row for row in table_rows(tiny_study["text"], "| method | seeds | average | Δ vs random pick")}
+    assert set(habits) == {"Base model", "LoRA r=8", "ComLoRA (2, 8)"}                # LoRA r=16 has no run
+    for name, label in [("t3-comlora-k2-r8", "ComLoRA (2, 8)"), ("t3-lora-r8", "LoRA r=8")]:
+        runs = [winner_eval(s) for s in sorted(results.glob(f"{name}/seed-*"))]
+        average = statistics.mean(r["average"] for r in runs)
+        same = [statistics.mean(100 * max(collections.Counter(i["prediction"] for i in r["tasks"][t]["items"]).values())
+                                / r["tasks"][t]["n"] for t, _ in TASKS) for r in runs]
+        assert habits[label][3:6] == [f"{average - uniform:+.1f}", f"{average - fixed:+.1f}", expected_mean_std(same)]
 
 
 def test_report_table10_figures_and_early_decision(tiny_study):
@@ -473,6 +505,11 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
     assert f"ComLoRA (2, 8) against LoRA r=8 on the same {paired[2]} items (seeds 0, 1, 2): {paired[3]}, " \
            f"Δ {paired[4]} points, p {paired[5]} (ComLoRA better); training costs 2.00 base-model passes per " \
            "training token against 1.00." in short
+    table3 = [statistics.mean(eval_result(designed["correct"][(name, s)])["average"] for s in range(3))
+              for name in ("t3-lora-r8", "t3-lora-r16", "t3-comlora-k2-r8")]
+    assert ("For scale: a uniform random pick among each task's answers averages 100.0, and answering each task with "
+            "its most frequent correct answer 100.0. The trained methods of Table 3 average "
+            f"{min(table3):.1f} to {max(table3):.1f}") in short                      # every item's answer is answer1
     averages = [eval_result(designed["correct"][("t3-comlora-k2-r8", s)])["average"] for s in range(3)]
     assert (f"Between training seeds alone, ComLoRA (2, 8) averages {', '.join(f'{a:.1f}' for a in averages)} "
             f"(seeds 0, 1, 2; range {max(averages) - min(averages):.1f} points); the one-seed ablations are compared "

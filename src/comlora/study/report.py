@@ -17,6 +17,7 @@ import math
 import os
 import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -152,6 +153,32 @@ def paired_comparison(a: list[tuple[dict, str]], b: list[tuple[dict, str]], seed
 # ---- recorded runs --------------------------------------------------------------------------------
 
 COMPONENT_FILE = re.compile(r"-component(\d+)(-winner)?")
+
+
+def most_common_share(values: list) -> float:
+    """100 * (count of the most common value) / len(values)."""
+    return 100 * Counter(values).most_common(1)[0][1] / len(values)
+
+
+def fixed_answer_accuracy(result: dict) -> dict[str, float]:
+    """Per task, the accuracy of answering every item with the task's most frequent correct answer:
+    100 * max_a #{i: answer_i = a} / n (a ceiling for any one fixed answer)."""
+    return {task: most_common_share([item["answer"] for item in result["tasks"][task]["items"]]) for task, _ in TASKS}
+
+
+def uniform_choice_accuracy(result: dict) -> dict[str, float]:
+    """Per task, the expected accuracy of a uniform random pick among the answers the task's items have:
+    100 / #{distinct correct answers} (the options no item has as its answer are not counted)."""
+    return {task: 100 / len({item["answer"] for item in result["tasks"][task]["items"]}) for task, _ in TASKS}
+
+
+def answer_habits(result: dict) -> tuple[float, float]:
+    """(same answer %, no answer %) averaged over the tasks: the share of a task's items given the run's most common
+    prediction for that task (no answer counted as one), and the share of items whose response had no answer."""
+    tasks = [result["tasks"][task]["items"] for task, _ in TASKS]
+    same = statistics.mean(most_common_share([item["prediction"] for item in items]) for items in tasks)
+    none = statistics.mean(100 * sum(item["prediction"] is None for item in items) / len(items) for items in tasks)
+    return same, none
 
 
 @dataclass
@@ -500,7 +527,7 @@ class StudyReport:
                       f"range {max(main.values()) - min(main.values()):.1f} points); the one-seed ablations are "
                       f"compared with its seed {min(main)} ({main[min(main)]:.1f}), so a one-seed difference smaller "
                       "than that range is within what another seed could give."]
-        return lines + [""]
+        return lines + self.scale_note() + [""]
 
     def verdicts(self) -> list[str]:
         rows = []
@@ -542,6 +569,64 @@ class StudyReport:
                   "2-epoch, DoRA, MoE of LoRA, TeamLoRA or LoRATRF row, and its rows "
                   f"{', '.join(others)} have no counterpart here.", ""]
         return lines
+
+    @cached_property
+    def table3_recorded(self) -> list[str]:
+        """The Table 3 experiments with a recorded run, in the table's order."""
+        names = [n for n in TABLE3_ORDER + self.tagged("table3") if n in self.experiments and self.runs.get(n)]
+        return list(dict.fromkeys(names))
+
+    @cached_property
+    def baselines(self) -> tuple[dict[str, float], dict[str, float]] | None:
+        """(uniform random pick, one fixed answer) accuracy per task on the evaluation items (the same for every
+        run, so read from the first recorded Table 3 run); None before any is recorded."""
+        if not self.table3_recorded:
+            return None
+        result = self.recorded(self.table3_recorded[0])[0].result
+        return uniform_choice_accuracy(result), fixed_answer_accuracy(result)
+
+    def fixed_answer(self) -> list[str]:
+        """Table 3's rows against chance and one fixed answer per task, and how often each run gave one answer to
+        all of a task's items."""
+        lines = ["### Against chance and one fixed answer per task", ""]
+        if self.baselines is None:
+            return lines + ["No Table 3 run recorded yet.", ""]
+        uniform, fixed = self.baselines
+        rows = []
+        for name in self.table3_recorded:
+            runs = self.recorded(name)
+            habits = [answer_habits(r.result) for r in runs]
+            average = statistics.mean(r.result["average"] for r in runs)
+            rows.append([self.label(name), len(runs), mean_std([r.result["average"] for r in runs]),
+                         f"{average - statistics.mean(uniform.values()):+.1f}",
+                         f"{average - statistics.mean(fixed.values()):+.1f}",
+                         mean_std([h[0] for h in habits]), mean_std([h[1] for h in habits])])
+        lines += [f"A uniform random pick among the answers of each task's items scores "
+                  f"{', '.join(f'{c} {uniform[t]:.0f}' for t, c in TASKS)}: {statistics.mean(uniform.values()):.1f} on "
+                  "average. Answering every item of a task with its most frequent correct answer scores "
+                  f"{', '.join(f'{c} {fixed[t]:.0f}' for t, c in TASKS)}: {statistics.mean(fixed.values()):.1f}, the "
+                  "ceiling of any one fixed answer per task. *Same answer*: the share of a task's items a run answered "
+                  "with its most common answer for that task (no answer counted as one answer), averaged over the "
+                  "tasks; *no answer*: the share of responses in which no option was found.", ""]
+        lines += markdown_table(["method", "seeds", "average", "Δ vs random pick", "Δ vs fixed answer",
+                                 "same answer %", "no answer %"], rows)
+        return lines + [""]
+
+    def scale_note(self) -> list[str]:
+        """In short's reading of the trained Table 3 rows against chance and one fixed answer."""
+        trained = [n for n in self.table3_recorded if any(r.config for r in self.recorded(n))]
+        if self.baselines is None or not trained:
+            return []
+        uniform, fixed = self.baselines
+        averages = [statistics.mean(r.result["average"] for r in self.recorded(n)) for n in trained]
+        same = [statistics.mean(answer_habits(r.result)[0] for r in self.recorded(n)) for n in trained]
+        return ["", f"For scale: a uniform random pick among each task's answers averages "
+                f"{statistics.mean(uniform.values()):.1f}, and answering each task with its most frequent correct "
+                f"answer {statistics.mean(fixed.values()):.1f}. The trained methods of Table 3 average "
+                f"{min(averages):.1f} to {max(averages):.1f} and give their most common answer to "
+                f"{min(same):.0f}-{max(same):.0f}% of a task's items: at this scale the models learned the answer "
+                "format more than the tasks, so every comparison here is between models that mostly did not learn "
+                "them; it cannot tell whether competition helps once they do."]
 
     def paired_lora(self) -> list[str]:
         loras = [n for n in TABLE3_ORDER + self.tagged("table3") if n in self.experiments
@@ -783,8 +868,8 @@ class StudyReport:
             "in full).", ""]
 
     def markdown(self, page: Path, figures: Path, command: str) -> str:
-        sections = [self.header(command), self.summary(), self.verdicts(), self.table3(), self.paired_lora(),
-                    self.ablations(), self.table10(), self.figures(page, figures), self.early_decision(), self.run_list()]
+        sections = [self.header(command), self.summary(), self.verdicts(), self.table3(), self.fixed_answer(),
+                    self.paired_lora(), self.ablations(), self.table10(), self.figures(page, figures), self.early_decision(), self.run_list()]
         return "\n".join(line for section in sections for line in section).rstrip() + "\n"
 
 
