@@ -282,6 +282,11 @@ def test_report_table3_matches_the_recorded_files(tiny_study):
                                 / r["tasks"][t]["n"] for t, _ in TASKS) for r in runs]
         assert habits[label][3:6] == [f"{average - uniform:+.1f}", f"{average - fixed:+.1f}", expected_mean_std(same)]
 
+    # Table 5: the one-seed ablation is compared with the full run's seed 0, which gets its own row
+    table5 = {row[0]: row for row in table_rows(section(tiny_study["text"], "### Table 5"), "| run | seeds | BoolQ")}
+    assert table5["ComLoRA (2, 8) (full)"][1] == "2"
+    assert table5["ComLoRA (2, 8) (full), seed 0"][1:] == ["1", *expected_cells([winner_eval(results / "t3-comlora-k2-r8" / "seed-0")])]
+
 
 def test_report_table10_figures_and_early_decision(tiny_study):
     text, results, page = tiny_study["text"], tiny_study["results"], tiny_study["page"]

@@ -660,6 +660,9 @@ class StudyReport:
         if not names:
             return lines + [f"No experiment of the study is tagged {table}.", ""]
         lines += self.missing_line(names)
+        full_seeds = sorted(self.runs.get(MAIN, {}))
+        compared = sorted({tuple(c.seeds) for n in names if n != MAIN and (c := self.paired(n, MAIN)) is not None
+                           and list(c.seeds) != full_seeds})           # the full row's seeds a paired test uses
         rows, stats = [], []
         for name in names:
             runs = self.recorded(name)
@@ -669,6 +672,8 @@ class StudyReport:
                 r = by_experiment[name]
                 rows.append([f"↳ *paper: {r['row']}*", "", *paper_cells(r)])
             if name == MAIN:
+                rows += [[f"{label}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}", len(seeds),
+                          *self.accuracy_cells([self.runs[MAIN][s] for s in seeds])] for seeds in compared]
                 continue
             c = self.paired(name, MAIN)
             paper_delta = (f"{by_experiment[name]['average'] - by_experiment[MAIN]['average']:+.2f}"
@@ -690,7 +695,8 @@ class StudyReport:
     def ablations(self) -> list[str]:
         lines = ["## Ablations (Tables 5-9) on ComLoRA (2, 8)", "",
                  "Each row: mean ± std over its recorded seeds (most ablations have one seed, seed 0). The paired test "
-                 "of a one-seed row uses the full row's seed 0 only.", ""]
+                 "of a one-seed row uses the full row's seed 0 only: the row \"(full), seed 0\" is the one it is "
+                 "compared with.", ""]
         for table in ABLATION_TABLES:
             lines += self.ablation(table)
         return lines
