@@ -17,8 +17,9 @@ import yaml
 import comlora.study.runner as study_module
 from comlora.cli import main
 from comlora.study.runner import run_study
-from comlora.study.report import (TASKS, Paired, answer_habits, at_least_k_successes, fixed_answer_accuracy,
-                                  load_paper, p_text, paired_bootstrap, sign_test, uniform_choice_accuracy, write_report)
+from comlora.study.report import (TASKS, Paired, RecordedRun, answer_habits, at_least_k_successes,
+                                  fixed_answer_accuracy, load_paper, loss_comparison, p_text, paired_bootstrap,
+                                  sign_test, uniform_choice_accuracy, write_report)
 from conftest import make_tiny_text_model, write_commonsense_root
 
 PAPER = "experiments/study/paper-numbers.json"
@@ -93,6 +94,25 @@ def test_chance_fixed_answer_and_answer_habits_by_hand():
     assert uniform_choice_accuracy(result) == {task: 50.0 if task == "boolq" else 100.0 for task, _ in TASKS}
     same, none = answer_habits(result)
     assert same == pytest.approx((50 + 7 * 100) / 8) and none == pytest.approx(25 / 8)
+
+
+def test_figure2_loss_comparison_by_hand(tmp_path):
+    """Steps 1-2: LoRA 1.1, 1.0; components [1.0, 1.2], [0.8, 0.9]: d = 1.1 - 1.2, 1.0 - 0.9 = -0.1, +0.1."""
+    def run(name, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return RecordedRun(experiment=name, seed=0, path=tmp_path / name, record={}, config=None, parameters=None,
+                           winner=None, decision=None, evals={})
+
+    lora = run("lora", [{"step": 1, "lm": 1.1, "target_tokens": 5}, {"step": 2, "lm": 1.0, "target_tokens": 7}])
+    comlora = run("comlora", [{"step": 1, "component_loss": [1.0, 1.2], "target_tokens": 5},
+                              {"step": 2, "component_loss": [0.8, 0.9], "target_tokens": 7}])
+    c = loss_comparison([comlora], [lora])
+    assert (c.seeds, c.steps, c.every_lower) == ([0], 2, 1)
+    assert c.difference == pytest.approx(0.0, abs=1e-12) and c.per_seed == [pytest.approx(0.0, abs=1e-12)]
+    other = run("other-batches", [{"step": 1, "lm": 1.1, "target_tokens": 6}])
+    with pytest.raises(ValueError, match="step 1 has 5 and 6 target tokens; the runs did not train on the same batches"):
+        loss_comparison([comlora], [other])
 
 
 def test_verdict_rule():
@@ -315,6 +335,8 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     assert f"(2 runs of 1 experiment; the ablations' components, where evaluated, are shown in Table 10 but not counted): " \
            f"the winner was the best (or tied best) component in {sum(winners[:2])} of 2" in text
     assert f"P(at least {sum(winners[:2])} of 2 by chance) = {p_text(p)}:" in text
+    leads = [float(c[9].split(" [")[0]) for c in checks[:2]]                     # "winner − best other" of each run
+    assert f"The winner's lead over the best other component was {min(leads):+.1f} to {max(leads):+.1f} points" in text
     for seed in (0, 1):
         for figure in (2, 3):
             png = page.parent / "figures" / f"figure{figure}-seed{seed}.png"
@@ -322,6 +344,31 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     figures = section(text, "## Figures 2 and 3")
     assert "Seed 0: Figure 2 (training loss of each component, beside LoRA r=8)" in figures
     assert "Seed 1: Figure 2 (training loss of each component)" in figures          # LoRA seed 1 is not recorded
+
+    def metrics(name, seed):
+        return [json.loads(line) for line in (results / name / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()]
+
+    # Figure 2's claim, by hand: the seed both have, LoRA's loss minus the highest component's at each step
+    d = np.array([lora["lm"] - max(comlora["component_loss"])
+                  for comlora, lora in zip(metrics("t3-comlora-k2-r8", 0), metrics("t3-lora-r8", 0))])
+    figure2 = {row[0]: row for row in table_rows(text, "| ComLoRA | LoRA |")}["ComLoRA (2, 8)"]
+    low, high, p2 = paired_bootstrap(d)
+    expected = "not distinguishable at this scale" if p2 >= 0.05 else \
+        "supported" if d.mean() > 0 else "not supported (the opposite is significant)"
+    assert figure2[1:] == ["LoRA r=8", "0 (one seed)", f"{np.sum(d > 0)} of {d.size}",
+                           f"{d.mean():+.3f} [{low:+.3f}, {high:+.3f}]", f"{d.mean():+.3f}", p_text(p2), f"**{expected}**"]
+    # Figure 3's claim, by hand, over the two runs of Table 10's claim (window 2: the last window is the last 1-2 steps)
+    hits, chances = 0, []
+    for seed in (0, 1):
+        lowest = [s["lowest_loss_component"] for s in metrics("t3-comlora-k2-r8", seed)]
+        last = collections.Counter(lowest[(len(lowest) - 1) // 2 * 2:])
+        dominant = [k for k in last if last[k] == max(last.values())]
+        winner = json.loads((results / "t3-comlora-k2-r8" / f"seed-{seed}" / "winner.json").read_text())["winner"]
+        hits += winner in dominant
+        chances.append(len(dominant) / 2)
+    assert (f"in the last window of steps in {hits} of 2 runs; by chance a component is so with probability "
+            f"|most often| / K in each run ({', '.join(f'{c:.2f}' for c in chances)}), so P(at least {hits} of 2) = "
+            f"{p_text(at_least_k_successes(hits, chances))}") in text
 
     decide = {row[0]: row for row in table_rows(text, "| run | seeds | average accuracy | decided at step")}
     assert list(decide) == ["LoRA r=8", "decide_at 0.5", "ComLoRA (2, 8)"]
@@ -356,8 +403,16 @@ def test_report_on_an_empty_results_folder_lists_every_run_as_missing(tmp_path):
     assert re.search(r"\*\*0 of \d+ planned runs recorded\*\*", text)
     verdicts = table_rows(text, "| claim of the paper")
     assert len(verdicts) == 15 and all(row[-1].startswith("not measured yet (missing: `") for row in verdicts)
-    assert "(15 paired comparisons and Table 10's), none is measured yet." in section(text, "## In short")
-    assert "among 16 tests (the 15 paired comparisons and Table 10's count of winners)" in text
+    claims = ("19 claims tested here (15 paired comparisons of accuracy, Table 10's count of winners, Figure 2's 2 "
+              "comparisons of training loss and Figure 3's count of winners)")
+    assert f"Of the paper's {claims}, none is measured yet." in section(text, "## In short")
+    assert f"without a correction for multiple comparisons: of the {claims}, about one in 20" in text
+    figure2 = table_rows(text, "| ComLoRA | LoRA |")
+    assert [row[-1] for row in figure2] == [
+        "**not measured yet (missing: `t3-comlora-k4-r4` seeds 0, 1, 2; `t3-lora-r16` seeds 0, 1, 2)**",
+        "**not measured yet (missing: `t3-comlora-k2-r8` seeds 0, 1, 2; `t3-lora-r8` seeds 0, 1, 2)**"]
+    assert "The paper's Figure 3 claim (one component gradually gains dominance, having the lowest training loss " \
+           "most often, and ends as the winner): not measured yet" in text
     assert "Not yet recorded: `t3-base-model` seed 0; `t3-lora-r8` seeds 0, 1, 2;" in text
     assert not (tmp_path / "figures").exists()
 
@@ -503,9 +558,27 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
     assert "Not yet recorded" not in section(text, "## Table 3 analogue")
     assert "In all, the 12 recorded runs took 0.3 h of training and 1.5 h of evaluation" in text  # 12 x 100 s, 12 x 450 s
 
-    short = section(text, "## In short")                # 4 of the 16 measured, in the order of the claims
-    assert "Of the paper's 16 claims tested here (15 paired comparisons and Table 10's), 4 are measured: " \
-           "1 supported, 2 not distinguishable at this scale, 1 not supported (the opposite is significant)." in short
+    # Figure 2: every step, LoRA's loss (3 - 0.1 t) minus the highest component's (3 - 0.1 t + 0.05) is -0.05
+    figure2 = {row[0]: row for row in table_rows(text, "| ComLoRA | LoRA |")}
+    assert figure2["ComLoRA (2, 8)"][1:] == ["LoRA r=8", "0, 1, 2", "0 of 18", "-0.050 [-0.050, -0.050]",
+                                             "-0.050, -0.050, -0.050", "< 0.0001",
+                                             "**not supported (the opposite is significant)**"]
+    assert figure2["t3-comlora-k4-r4"][-1] == "**not measured yet (missing: `t3-comlora-k4-r4` (no experiment file))**"
+    # Figure 3: component 0 always had the lowest loss (last window of 2: steps 5-6), the winner is component 1
+    assert "over the 3 runs of Table 10's claim: the selector's winner had the lowest loss most often (or tied most " \
+           "often) in the last window of steps in 0 of 3 runs; by chance a component is so with probability " \
+           "|most often| / K in each run (0.50, 0.50, 0.50), so P(at least 0 of 3) = 1.0000: **not distinguishable " \
+           "at this scale**. The winner's share of the lowest-loss steps rose from the first window to the last in " \
+           "0 of 3 runs." in text
+
+    short = section(text, "## In short")                # 6 of the 19 measured, in the order of the claims
+    assert "Of the paper's 19 claims tested here (15 paired comparisons of accuracy, Table 10's count of winners, " \
+           "Figure 2's 2 comparisons of training loss and Figure 3's count of winners), 6 are measured: " \
+           "1 supported, 3 not distinguishable at this scale, 2 not supported (the opposite is significant)." in short
+    assert "Those with a verdict other than not distinguishable: ComLoRA (2, 8) beats LoRA r=8 (supported); the " \
+           "selector matters: removing it lowers accuracy (not supported (the opposite is significant)); Figure 2: " \
+           "every component of ComLoRA (2, 8) has a lower training loss than LoRA r=8 (not supported (the opposite " \
+           "is significant))." in short
     paired = {row[0]: row for row in table_rows(text, "| LoRA row |")}["LoRA r=8"]
     assert f"ComLoRA (2, 8) against LoRA r=8 on the same {paired[2]} items (seeds 0, 1, 2): {paired[3]}, " \
            f"Δ {paired[4]} points, p {paired[5]} (ComLoRA better); training costs 2.00 base-model passes per " \

@@ -35,6 +35,8 @@ TABLE3_ORDER = ["t3-base-model", "t3-lora-r8", "t3-lora-r16", "t3-lora-r8-2epoch
                 "t3-teamlora-k2-r8", "t3-loratrf-r8", "t3-comlora-k2-r8", "t3-comlora-k4-r4"]
 MAIN = "t3-comlora-k2-r8"          # ComLoRA (2, 8): the full row of every ablation, Table 10, the figures
 LORA_R8 = "t3-lora-r8"             # beside it in Figure 2 and in the early-decision table
+FIGURE2_PAIRS = [("t3-comlora-k4-r4", "t3-lora-r16"),   # the paper's Figure 2 setting (its LoRA r=4 has no run here)
+                 (MAIN, LORA_R8)]                       # our main configuration
 ABLATION_TABLES = ["table5", "table6", "table7", "table8", "table9"]
 ALPHA = 0.05
 RESAMPLES = 10_000
@@ -125,10 +127,56 @@ class Paired:
         return f"{a if self.difference > 0 else b} better"
 
     def verdict(self, paper_sign: float = 1.0) -> str:
-        """Supported: the difference has the paper's sign and p < ALPHA; not supported: the other sign, p < ALPHA."""
-        if self.p_bootstrap >= ALPHA:
-            return "not distinguishable at this scale"
-        return "supported" if self.difference * paper_sign > 0 else "not supported (the opposite is significant)"
+        return verdict(self.difference * paper_sign, self.p_bootstrap)
+
+
+def verdict(difference: float, p: float) -> str:
+    """Supported: the difference (signed so that > 0 is the paper's direction) is > 0 with p < ALPHA; not supported:
+    < 0 with p < ALPHA; otherwise not distinguishable."""
+    if p >= ALPHA:
+        return "not distinguishable at this scale"
+    return "supported" if difference > 0 else "not supported (the opposite is significant)"
+
+
+@dataclass
+class LossComparison:
+    """The paper's Figure 2 claim for a ComLoRA and a LoRA experiment over the seeds both have: at each optimizer
+    step t (the same batch in both runs of a seed), d_t = loss_LoRA(t) - max_k loss_k(t), > 0 when every component's
+    loss is below LoRA's; the mean of d over the steps with its paired bootstrap over steps."""
+
+    seeds: list[int]
+    per_seed: list[float]          # mean of d_t over each seed's steps
+    steps: int
+    every_lower: int               # steps with d_t > 0
+    difference: float
+    ci_low: float
+    ci_high: float
+    p_bootstrap: float
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.difference, self.p_bootstrap)
+
+
+def loss_comparison(comlora: list["RecordedRun"], lora: list["RecordedRun"]) -> LossComparison:
+    """Figure 2's d_t (LossComparison) over the competing steps of paired runs (one per common seed)."""
+    d, per_seed = [], []
+    for a, b in zip(comlora, lora):
+        start = len(d)
+        lora_steps = {s["step"]: s for s in b.training_steps}
+        for step in (s for s in a.training_steps if "component_loss" in s and s["step"] in lora_steps):
+            other = lora_steps[step["step"]]
+            if step.get("target_tokens") != other.get("target_tokens"):
+                raise ValueError(f"{a.source} and {b.source}: step {step['step']} has {step.get('target_tokens')} and "
+                                 f"{other.get('target_tokens')} target tokens; the runs did not train on the same batches")
+            d.append(other["lm"] - max(step["component_loss"]))
+        if len(d) > start:
+            per_seed.append(float(np.mean(d[start:])))
+    if not d:
+        raise ValueError(f"{comlora[0].source} and {lora[0].source}: no training step in common")
+    low, high, p = paired_bootstrap(d)
+    return LossComparison(seeds=[r.seed for r in comlora], per_seed=per_seed, steps=len(d), every_lower=sum(x > 0 for x in d),
+                          difference=float(np.mean(d)), ci_low=low, ci_high=high, p_bootstrap=p)
 
 
 def paired_comparison(a: list[tuple[dict, str]], b: list[tuple[dict, str]], seeds: list[int]) -> Paired:
@@ -324,6 +372,19 @@ class ComponentCheck:
             return "an ablation"
         return None
 
+    def lowest_loss_windows(self) -> tuple[Counter, Counter]:
+        """How often each component had the lowest training loss in the first and in the last window of steps
+        (Figure 3's first and last bars; ``window`` of config.yaml, 10 if unset)."""
+        window = int((self.run.config or {}).get("window") or 10)
+        competing = [s["lowest_loss_component"] for s in self.run.training_steps if "component_loss" in s]
+        return Counter(competing[:window]), Counter(competing[(len(competing) - 1) // window * window:])
+
+    @property
+    def dominant_at_the_end(self) -> list[int]:
+        """The components with the lowest loss most often in the last window (several when tied)."""
+        last = self.lowest_loss_windows()[1]
+        return sorted(k for k, n in last.items() if n == max(last.values())) if last else []
+
     def against_best_other(self) -> Paired | None:
         """The winner against the best of the other components, paired on the items."""
         others = [k for k in self.components if k != self.winner]
@@ -466,8 +527,7 @@ class StudyReport:
                   "training seeds shows in the ± of the tables. A claim is *supported* when the difference has the "
                   f"paper's direction with bootstrap p < {ALPHA}, *not supported* when it has the other direction "
                   f"with p < {ALPHA}, and *not distinguishable at this scale* otherwise. The claims are tested one by "
-                  f"one, without a correction for multiple comparisons: among {len(self.paper['claims']) + 1} tests "
-                  f"(the {len(self.paper['claims'])} paired comparisons and Table 10's count of winners), about one in "
+                  f"one, without a correction for multiple comparisons: of the {self.claims_tested()}, about one in "
                   f"{round(1 / ALPHA)} comes out significant by chance where there is no effect.", ""]
         return lines
 
@@ -491,16 +551,21 @@ class StudyReport:
     def summary(self) -> list[str]:
         """The answer for a user choosing between LoRA and ComLoRA: the count of verdicts, the main paired
         comparison, and the training compute of each choice (base-model passes per training token)."""
-        verdicts = [verdict for _, _, c, verdict in self.claim_outcomes if c is not None]
-        table10 = self.table10_outcome
-        if table10 is not None:
-            verdicts.append(table10[-1])
+        named = [(claim["claim"], result) for claim, _, c, result in self.claim_outcomes if c is not None]
+        if self.table10_outcome is not None:
+            named.append(("Table 10: the selector's winner is the best component", self.table10_outcome[-1]))
+        named += [(f"Figure 2: every component of {self.label(comlora)} has a lower training loss than "
+                   f"{self.label(lora)}", result) for comlora, lora, c, result in self.figure2_outcomes if c is not None]
+        if self.figure3_outcome is not None:
+            named.append(("Figure 3: one component gains dominance and ends as the winner", self.figure3_outcome[-1]))
+        verdicts = [result for _, result in named]
         counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
-        total = len(self.paper["claims"]) + 1
         measured = (f"{len(verdicts)} are measured: {', '.join(f'{n} {v}' for v, n in counts.items())}" if verdicts
                     else "none is measured yet")
-        lines = ["## In short", "", f"Of the paper's {total} claims tested here ({len(self.paper['claims'])} paired "
-                 f"comparisons and Table 10's), {measured}."]
+        lines = ["## In short", "", f"Of the paper's {self.claims_tested()}, {measured}."]
+        decided = [f"{claim} ({result})" for claim, result in named if result != "not distinguishable at this scale"]
+        if decided:
+            lines.append(f"Those with a verdict other than not distinguishable: {'; '.join(decided)}.")
         c = self.paired(MAIN, LORA_R8)
         if c is not None:
             passes = {name: [p for p in (r.base_passes_per_token() for r in self.recorded(name)) if p is not None]
@@ -543,7 +608,7 @@ class StudyReport:
                  "initialisation only.", ""]
         lines += markdown_table(["claim of the paper", "paper avg (LLaMA-3-8B)", "this study", "Δ points [95% CI]",
                                  "p (bootstrap)", "p (sign test)", "seeds", "verdict"], rows)
-        lines += ["", *self.table10_claim(), ""]
+        lines += ["", *self.table10_claim(), "", *self.figure_claims(), ""]
         return lines
 
     def table3(self) -> list[str]:
@@ -720,6 +785,71 @@ class StudyReport:
         by_loss = sum(bool(set(c.lowest_val_loss) & set(c.best)) for c in checks if c.lowest_val_loss)
         return checks, k, p, by_loss, "supported" if p < ALPHA else "not distinguishable at this scale"
 
+    @cached_property
+    def figure2_outcomes(self) -> list[tuple[str, str, LossComparison | None, str]]:
+        """Figure 2's claim per pair of FIGURE2_PAIRS: (ComLoRA, LoRA, comparison or None, verdict)."""
+        outcomes = []
+        for comlora, lora in FIGURE2_PAIRS:
+            seeds = sorted(set(self.runs.get(comlora, {})) & set(self.runs.get(lora, {})))
+            if not seeds:
+                missing = "; ".join(self.missing([comlora, lora])) or "no seed recorded for both"
+                outcomes.append((comlora, lora, None, f"not measured yet (missing: {missing})"))
+                continue
+            c = loss_comparison([self.runs[comlora][s] for s in seeds], [self.runs[lora][s] for s in seeds])
+            outcomes.append((comlora, lora, c, c.verdict))
+        return outcomes
+
+    @cached_property
+    def figure3_outcome(self) -> tuple[list[ComponentCheck], int, float, int, str] | None:
+        """Figure 3's claim over Table 10's runs: (checks, k runs whose winner had the lowest loss most often in the
+        last window, P(>= k by chance), runs where the winner's share rose from the first window to the last, verdict)."""
+        checks = [c for c in (self.table10_outcome or [[]])[0] if c.dominant_at_the_end]
+        if not checks:
+            return None
+        k = sum(c.winner in c.dominant_at_the_end for c in checks)
+        p = at_least_k_successes(k, [len(c.dominant_at_the_end) / len(c.components) for c in checks])
+        rose = sum(first[c.winner] / sum(first.values()) < last[c.winner] / sum(last.values())
+                   for c in checks for first, last in [c.lowest_loss_windows()])
+        return checks, k, p, rose, "supported" if p < ALPHA else "not distinguishable at this scale"
+
+    def claims_tested(self) -> str:
+        """How many claims the page tests, and which."""
+        return (f"{len(self.paper['claims']) + 1 + len(FIGURE2_PAIRS) + 1} claims tested here "
+                f"({len(self.paper['claims'])} paired comparisons of accuracy, Table 10's count of winners, Figure 2's "
+                f"{len(FIGURE2_PAIRS)} comparisons of training loss and Figure 3's count of winners)")
+
+    def figure_claims(self) -> list[str]:
+        """Figure 2's claim per pair (a table) and Figure 3's claim (a sentence)."""
+        rows = []
+        for comlora, lora, c, result in self.figure2_outcomes:
+            cells = (["–"] * 5 if c is None else
+                     [seeds_text(c.seeds), f"{c.every_lower} of {c.steps}",
+                      f"{c.difference:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
+                      ", ".join(f"{x:+.3f}" for x in c.per_seed), p_text(c.p_bootstrap)])
+            rows.append([self.label(comlora), self.label(lora), *cells, f"**{result}**"])
+        lines = ["The paper's Figure 2 claim (ComLoRA K=4, r=4 against LoRA r=4 and r=16: \"the training losses of "
+                 "all LoRA components in ComLoRA are consistently lower than those of LoRAs\"): at each training step, "
+                 "the same batch in both runs of a seed, LoRA's loss minus the highest of the components' losses "
+                 "(> 0: every component lower), its mean over the steps with a paired bootstrap over steps, and "
+                 "its mean per seed. The steps of one run are not independent draws (the adapters carry over), so "
+                 "the bootstrap's interval is narrower than the truth; the per-seed means show whether the sign "
+                 "holds from one training run to the next.", ""]
+        lines += markdown_table(["ComLoRA", "LoRA", "seeds", "steps with every component lower",
+                                 "LoRA − highest component, mean [95% CI]", "per seed", "p (bootstrap)", "verdict"],
+                                rows)
+        claim = ("The paper's Figure 3 claim (one component gradually gains dominance, having the lowest training loss "
+                 "most often, and ends as the winner)")
+        outcome = self.figure3_outcome
+        if outcome is None:
+            return lines + ["", f"{claim}: not measured yet (no run of Table 10's claim with its training metrics)."]
+        checks, k, p, rose, result = outcome
+        return lines + ["", f"{claim}, over the {len(checks)} runs of Table 10's claim: the selector's winner had the "
+                        f"lowest loss most often (or tied most often) in the last window of steps in {k} of "
+                        f"{len(checks)} runs; by chance a component is so with probability |most often| / K in each "
+                        f"run ({', '.join(f'{len(c.dominant_at_the_end) / len(c.components):.2f}' for c in checks)}), "
+                        f"so P(at least {k} of {len(checks)}) = {p_text(p)}: **{result}**. The winner's share of the "
+                        f"lowest-loss steps rose from the first window to the last in {rose} of {len(checks)} runs."]
+
     def table10_claim(self) -> list[str]:
         claim = "The paper's Table 10 claim (the selector's winner is the best component on the test items)"
         outcome = self.table10_outcome
@@ -735,7 +865,19 @@ class StudyReport:
                 f"in {k} of {n}; a component picked at random is best with probability |best| / K in each run "
                 f"({', '.join(f'{c.chance:.2f}' for c in checks)}), so P(at least {k} of {n} by chance) = {p_text(p)}: "
                 f"**{verdict}**. For comparison, the component with the lowest validation loss was the best in "
-                f"{by_loss} of {n}."]
+                f"{by_loss} of {n}.{self.table10_margins(checks)}"]
+
+    def table10_margins(self, checks: list[ComponentCheck]) -> str:
+        """The winner's lead over the best other component on the test items, over the runs of the claim."""
+        gaps = [g for g in (c.against_best_other() for c in checks) if g is not None]
+        if not gaps:
+            return ""
+        alone = ("none of them significant on its own run's items (each p ≥ "
+                 f"{p_text(min(g.p_bootstrap for g in gaps))})" if all(g.p_bootstrap >= ALPHA for g in gaps) else
+                 f"{sum(g.p_bootstrap < ALPHA for g in gaps)} of {len(gaps)} significant on their run's items")
+        return (f" The winner's lead over the best other component was {min(g.difference for g in gaps):+.1f} to "
+                f"{max(g.difference for g in gaps):+.1f} points, {alone}: the claim is about which component the "
+                "selector picks, not about how much better it is.")
 
     def table10(self) -> list[str]:
         every = [n for n, e in self.experiments.items() if e.components == "all"]
@@ -771,30 +913,37 @@ class StudyReport:
         lines += [f"The paper's Table 10 ({paper['setting']}, LLaMA-3-8B):", ""]
         lines += markdown_table(["component", *[c for _, c in TASKS], "average"],
                                 [[r["row"], *paper_cells(r)] for r in paper["rows"]])
-        return lines + ["", *self.table10_claim(), ""]
+        return lines + ["", "The paper's claim on this table is tested under the verdicts above.", ""]
 
     def figures(self, page: Path, figures: Path) -> list[str]:
         from comlora.plots import plot_loss_curves, plot_lowest_loss_share
 
-        lines = [f"## Figures 2 and 3 from the {self.label(MAIN)} runs", ""] + self.missing_line([MAIN, LORA_R8])
-        runs = self.recorded(MAIN)
-        if runs:
-            figures.mkdir(parents=True, exist_ok=True)
-        for run in runs:
-            if not (run.path / "metrics.jsonl").is_file():
-                lines += [f"Seed {run.seed}: no figure, `{run.path / 'metrics.jsonl'}` is missing.", ""]
+        lines = ["## Figures 2 and 3", "",
+                 "The paper draws them for ComLoRA (4, 4) beside LoRA r=4 and r=16; here for ComLoRA (4, 4) beside "
+                 f"LoRA r=16 and for {self.label(MAIN)} beside {self.label(LORA_R8)}, per seed. Their claims are "
+                 "tested under the verdicts above.", ""]
+        for comlora, lora in FIGURE2_PAIRS:
+            if comlora not in self.experiments:
                 continue
-            curves = {f"{self.label(MAIN)} seed {run.seed}": run.path}
-            if run.seed in self.runs.get(LORA_R8, {}) and (self.runs[LORA_R8][run.seed].path / "metrics.jsonl").is_file():
-                curves[f"{self.label(LORA_R8)} seed {run.seed}"] = self.runs[LORA_R8][run.seed].path
-            window = int((run.config or {}).get("window") or 10)
-            fig2 = plot_loss_curves(curves, figures / f"figure2-seed{run.seed}.png")
-            fig3 = plot_lowest_loss_share(run.path, figures / f"figure3-seed{run.seed}.png", window)
-            lines += [f"Seed {run.seed}: Figure 2 (training loss of each component"
-                      f"{', beside ' + self.label(LORA_R8) if len(curves) > 1 else ''}) and Figure 3 (share of the "
-                      f"steps of each window of {window} at which each component had the lowest loss).", "",
-                      f"![Figure 2, seed {run.seed}]({os.path.relpath(fig2, page.parent)}) "
-                      f"![Figure 3, seed {run.seed}]({os.path.relpath(fig3, page.parent)})", ""]
+            lines += [f"### {self.label(comlora)}", ""] + self.missing_line([comlora, lora])
+            prefix = "" if comlora == MAIN else f"{comlora}-"
+            for run in self.recorded(comlora):
+                if not (run.path / "metrics.jsonl").is_file():
+                    lines += [f"Seed {run.seed}: no figure, `{run.path / 'metrics.jsonl'}` is missing.", ""]
+                    continue
+                figures.mkdir(parents=True, exist_ok=True)
+                curves = {f"{self.label(comlora)} seed {run.seed}": run.path}
+                other = self.runs.get(lora, {}).get(run.seed)
+                if other is not None and (other.path / "metrics.jsonl").is_file():
+                    curves[f"{self.label(lora)} seed {run.seed}"] = other.path
+                window = int((run.config or {}).get("window") or 10)
+                fig2 = plot_loss_curves(curves, figures / f"figure2-{prefix}seed{run.seed}.png")
+                fig3 = plot_lowest_loss_share(run.path, figures / f"figure3-{prefix}seed{run.seed}.png", window)
+                lines += [f"Seed {run.seed}: Figure 2 (training loss of each component"
+                          f"{', beside ' + self.label(lora) if len(curves) > 1 else ''}) and Figure 3 (share of the "
+                          f"steps of each window of {window} at which each component had the lowest loss).", "",
+                          f"![Figure 2, seed {run.seed}]({os.path.relpath(fig2, page.parent)}) "
+                          f"![Figure 3, seed {run.seed}]({os.path.relpath(fig3, page.parent)})", ""]
         return lines
 
     def early_decision(self) -> list[str]:
