@@ -837,6 +837,7 @@ class StudyReport:
         lines += markdown_table(["ComLoRA", "LoRA", "seeds", "steps with every component lower",
                                  "LoRA − highest component, mean [95% CI]", "per seed", "p (bootstrap)", "verdict"],
                                 rows)
+        lines += self.gradient_norms()
         claim = ("The paper's Figure 3 claim (one component gradually gains dominance, having the lowest training loss "
                  "most often, and ends as the winner)")
         outcome = self.figure3_outcome
@@ -849,6 +850,29 @@ class StudyReport:
                         f"run ({', '.join(f'{len(c.dominant_at_the_end) / len(c.components):.2f}' for c in checks)}), "
                         f"so P(at least {k} of {len(checks)}) = {p_text(p)}: **{result}**. The winner's share of the "
                         f"lowest-loss steps rose from the first window to the last in {rose} of {len(checks)} runs."]
+
+    def gradient_norms(self) -> list[str]:
+        """Figure 2's pairs' median gradient norm before clipping (metrics.jsonl grad_norm) against the clipping norm."""
+        parts, clip = [], set()
+        for comlora, lora, c, _ in self.figure2_outcomes:
+            if c is None:
+                continue
+            runs = {name: [self.runs[name][s] for s in c.seeds] for name in (comlora, lora)}
+            norms = {name: [step["grad_norm"] for r in rs for step in r.training_steps if "grad_norm" in step]
+                     for name, rs in runs.items()}
+            if not all(norms.values()):
+                continue
+            clip |= {float((r.config or {}).get("max_grad_norm", TrainConfig.max_grad_norm)) for rs in runs.values()
+                     for r in rs}
+            parts.append(f"{self.label(comlora)} {statistics.median(norms[comlora]):.2f} against {self.label(lora)} "
+                         f"{statistics.median(norms[lora]):.2f}")
+        if not parts or len(clip) != 1 or not next(iter(clip)):
+            return []
+        return ["", f"The gradient norm before clipping (median over the steps of the seeds with `grad_norm` in "
+                f"metrics.jsonl): {'; '.join(parts)}. Every step clips the whole gradient, the selector's and the "
+                f"components' together, to norm {next(iter(clip)):g}: ComLoRA's components reach the optimizer "
+                "scaled down far more than LoRA's adapters do. That is one candidate cause of their slower fall in "
+                "loss; this study does not test it."]
 
     def table10_claim(self) -> list[str]:
         claim = "The paper's Table 10 claim (the selector's winner is the best component on the test items)"
