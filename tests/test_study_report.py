@@ -359,7 +359,7 @@ def test_report_table10_figures_and_early_decision(tiny_study):
                            f"{d.mean():+.3f} [{low:+.3f}, {high:+.3f}]", f"{d.mean():+.3f}", p_text(p2), f"**{expected}**"]
     norms = {name: statistics.median(s["grad_norm"] for s in metrics(name, 0)) for name in ("t3-comlora-k2-r8", "t3-lora-r8")}
     assert (f"metrics.jsonl): ComLoRA (2, 8) {norms['t3-comlora-k2-r8']:.2f} against LoRA r=8 {norms['t3-lora-r8']:.2f}. "
-            "Every step clips the whole gradient, the selector's and the components' together, to norm 1:") in text
+            "Every step clips the whole gradient, the selector's and the components' together, to norm 1 (") in text
     # Figure 3's claim, by hand, over the two runs of Table 10's claim (window 2: the last window is the last 1-2 steps)
     hits, chances = 0, []
     for seed in (0, 1):
