@@ -115,6 +115,12 @@ def test_figure2_loss_comparison_by_hand(tmp_path):
         loss_comparison([comlora], [other])
 
 
+def test_an_interval_that_rounds_to_zero_is_printed_plus_zero():
+    c = Paired(seeds=[0], items=800, accuracy_a=35.0, accuracy_b=35.04, difference=-0.04, ci_low=-1.06, ci_high=0.96,
+               p_bootstrap=0.9, a_better=10, b_better=10, p_sign=1.0)
+    assert c.interval() == "+0.0 [-1.1, +1.0]"
+
+
 def test_verdict_rule():
     def paired(difference, p):
         return Paired(seeds=[0], items=10, accuracy_a=0, accuracy_b=0, difference=difference, ci_low=0, ci_high=0,
@@ -557,7 +563,7 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
 
     assert "The recorded runs ran at different commits:" in text
     assert "- `bbbb2222`: t3-comlora-k2-r8/seed-2" in text
-    assert "**The recorded load averages differ a lot** (from 1.0 to 9.0 on 2 CPUs)" in text
+    assert "**The recorded load averages differ a lot** (each run's mean of start and end: from 1.0 to 9.0 on 2 CPUs)" in text
     assert "Not yet recorded" not in section(text, "## Table 3 analogue")
     assert "In all, the 12 recorded runs took 0.3 h of training and 1.5 h of evaluation" in text  # 12 x 100 s, 12 x 450 s
 

@@ -118,7 +118,7 @@ class Paired:
 
     def interval(self) -> str:
         """'difference [95% CI]' in points."""
-        return f"{self.difference:+.1f} [{self.ci_low:+.1f}, {self.ci_high:+.1f}]"
+        return f"{signed(self.difference)} [{signed(self.ci_low)}, {signed(self.ci_high)}]"
 
     def outcome(self, a: str, b: str) -> str:
         """Which of the two is better at p < ALPHA, if either."""
@@ -128,6 +128,11 @@ class Paired:
 
     def verdict(self, paper_sign: float = 1.0) -> str:
         return verdict(self.difference * paper_sign, self.p_bootstrap)
+
+
+def signed(value: float, digits: int = 1) -> str:
+    """The value with its sign, a value that rounds to zero as +0.0 (not -0.0)."""
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
 
 
 def verdict(difference: float, p: float) -> str:
@@ -604,8 +609,9 @@ class StudyReport:
                          p_text(c.p_bootstrap), p_text(c.p_sign), seeds_text(c.seeds), f"**{verdict}**"])
         lines = ["## Verdicts on the paper's claims", "",
                  "Each claim compares two runs on the same items (their common seeds); this study's accuracies are "
-                 "those of the paired items. A one-seed comparison shows the effect of the change for one "
-                 "initialisation only.", ""]
+                 "those of the paired items, and Δ is the run the paper finds better minus the other (> 0: the "
+                 "paper's direction; the ablation tables below show Δ the other way round, ablated minus full). A "
+                 "one-seed comparison shows the effect of the change for one initialisation only.", ""]
         lines += markdown_table(["claim of the paper", "paper avg (LLaMA-3-8B)", "this study", "Δ points [95% CI]",
                                  "p (bootstrap)", "p (sign test)", "seeds", "verdict"], rows)
         lines += ["", *self.table10_claim(), "", *self.figure_claims(), ""]
@@ -1020,11 +1026,11 @@ class StudyReport:
             cpus = max((r.record.get("cpus") or 1) for name in names for r in self.recorded(name))
             low, high = min(loads.values()), max(loads.values())
             if high - low > cpus / 2:
-                lines.append(f"**The recorded load averages differ a lot** (from {low:.1f} to {high:.1f} on {cpus} "
+                lines.append(f"**The recorded load averages differ a lot** (each run's mean of start and end: from {low:.1f} to {high:.1f} on {cpus} "
                              "CPUs): the machine was shared, and wall times and tokens/s measured under different load "
                              "are not comparable; compare the accuracies, and the timings only roughly.")
             else:
-                lines.append(f"The recorded load averages range from {low:.1f} to {high:.1f} on {cpus} CPUs; timings "
+                lines.append(f"The recorded load averages (each run's mean of start and end) range from {low:.1f} to {high:.1f} on {cpus} CPUs; timings "
                              "are comparable only under similar load.")
         return lines + [""]
 
