@@ -292,6 +292,7 @@ def test_report_table3_matches_the_recorded_files(tiny_study):
             assert row[2] == "–"
     assert rows["LoRA r=16"][1] == "0" and rows["LoRA r=16"][-1] == "–"
     assert rows["↳ *paper: ComLoRA K=2, r=8*"][-1] == "*87.09*"                      # the paper's row beside ours
+    assert "The base model is evaluated with one seed: nothing is trained and decoding is greedy" in tiny_study["text"]
 
     # against chance and one fixed answer, recomputed from the items of every recorded run
     first = winner_eval(sorted(results.glob("t3-base-model/seed-*"))[0])

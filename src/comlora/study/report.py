@@ -638,7 +638,12 @@ class StudyReport:
         lines += ["", "L/S %: trainable parameters of the adapters (L) and of the selector or router (S) as % of the "
                   "base model (`parameters.json`). Rows in italics are the paper's (LLaMA-3-8B); it has no base-model, "
                   "2-epoch, DoRA, MoE of LoRA, TeamLoRA or LoRATRF row, and its rows "
-                  f"{', '.join(others)} have no counterpart here.", ""]
+                  f"{', '.join(others)} have no counterpart here."]
+        if any(not self.experiments[n].train and len(self.experiments[n].seeds) == 1
+               and all("--greedy" in r.record.get("eval_flags", []) for r in self.recorded(n)) for n in names):
+            lines[-1] += (" The base model is evaluated with one seed: nothing is trained and decoding is greedy, so "
+                          "another seed would give the same answers.")
+        lines.append("")
         return lines
 
     @cached_property
