@@ -585,10 +585,10 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
     assert "Of the paper's 19 claims tested here (15 paired comparisons of accuracy, Table 10's count of winners, " \
            "Figure 2's 2 comparisons of training loss and Figure 3's count of winners), 6 are measured: " \
            "1 supported, 3 not distinguishable at this scale, 2 not supported (the opposite is significant)." in short
-    assert "Those with a verdict other than not distinguishable: ComLoRA (2, 8) beats LoRA r=8 (supported); the " \
-           "selector matters: removing it lowers accuracy (not supported (the opposite is significant)); Figure 2: " \
-           "every component of ComLoRA (2, 8) has a lower training loss than LoRA r=8 (not supported (the opposite " \
-           "is significant))." in short
+    assert "Those with a verdict other than not distinguishable: ComLoRA (2, 8) beats LoRA r=8 — supported; the " \
+           "selector matters: removing it lowers accuracy — not supported (the opposite is significant); Figure 2: " \
+           "every component of ComLoRA (2, 8) has a lower training loss than LoRA r=8 — not supported (the opposite " \
+           "is significant)." in short
     paired = {row[0]: row for row in table_rows(text, "| LoRA row |")}["LoRA r=8"]
     assert f"ComLoRA (2, 8) against LoRA r=8 on the same {paired[2]} items (seeds 0, 1, 2): {paired[3]}, " \
            f"Δ {paired[4]} points, p {paired[5]} (ComLoRA better); training costs 2.00 base-model passes per " \

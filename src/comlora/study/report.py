@@ -568,7 +568,7 @@ class StudyReport:
         measured = (f"{len(verdicts)} are measured: {', '.join(f'{n} {v}' for v, n in counts.items())}" if verdicts
                     else "none is measured yet")
         lines = ["## In short", "", f"Of the paper's {self.claims_tested()}, {measured}."]
-        decided = [f"{claim} ({result})" for claim, result in named if result != "not distinguishable at this scale"]
+        decided = [f"{claim} — {result}" for claim, result in named if result != "not distinguishable at this scale"]
         if decided:
             lines.append(f"Those with a verdict other than not distinguishable: {'; '.join(decided)}.")
         c = self.paired(MAIN, LORA_R8)
