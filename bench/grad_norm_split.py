@@ -38,9 +38,13 @@ def main() -> None:
     method = build_method(cfg, model)
     named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
     groups = {"selector": [p for n, p in named if "selector" in n], "components": [p for n, p in named if "selector" not in n]}
+    if not groups["selector"]:
+        sys.exit(f"{args.experiment}: trains no selector ({exp.label}); pick a ComLoRA experiment with one")
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * (len(examples) // (cfg.batch_size * cfg.grad_accum))
+    total = cfg.max_steps or cfg.epochs * (len(examples) // (cfg.batch_size * cfg.grad_accum))   # as the loop
+    if args.steps > min(total, len(examples) // (cfg.batch_size * cfg.grad_accum)):
+        sys.exit(f"--steps {args.steps}: the run has {total} steps, and this script covers the first epoch only")
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
     batches = micro_batches([len(e["input_ids"]) for e in examples], cfg.batch_size, 1, 0, cfg.seed, 0, cfg.group_by_length)
     print(f"python bench/grad_norm_split.py --experiment {args.experiment} --seed {args.seed} --steps {args.steps}")
@@ -52,13 +56,16 @@ def main() -> None:
         loss = 0.0
         for _ in range(cfg.grad_accum):
             batch = collate([examples[i] for i in next(batches)], tokenizer.pad_token_id)
-            part, _ = method.training_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], step - 1, total)
-            (part / cfg.grad_accum).backward()
-            loss += part.item() / cfg.grad_accum
-        norms = {g: torch.sqrt(sum((p.grad.double() ** 2).sum() for p in ps if p.grad is not None)).item()
+            micro_loss, _ = method.training_loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                 step - 1, total)
+            (micro_loss / cfg.grad_accum).backward()
+            loss += micro_loss.item() / cfg.grad_accum
+        norms = {g: sum(float(p.grad.double().pow(2).sum()) for p in ps if p.grad is not None) ** 0.5
                  for g, ps in groups.items()}
-        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        clipped = norms["components"] * min(1.0, cfg.max_grad_norm / norm)
+        norm = (norms["selector"] ** 2 + norms["components"] ** 2) ** 0.5
+        if cfg.max_grad_norm > 0:                      # as the loop: 0 = no clipping
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        clipped = norms["components"] * (min(1.0, cfg.max_grad_norm / norm) if cfg.max_grad_norm > 0 else 1.0)
         print(f"{step:4d}  {loss:7.3f}  {norm:7.2f}  {norms['selector']:12.3f}  {norms['components']:14.4f}  "
               f"{clipped:.5f}", flush=True)
         optimizer.step()

@@ -17,7 +17,7 @@ import yaml
 import comlora.study.runner as study_module
 from comlora.cli import main
 from comlora.study.runner import run_study
-from comlora.study.report import (TASKS, Paired, RecordedRun, answer_habits, at_least_k_successes,
+from comlora.study.report import (TASKS, Paired, RecordedRun, answer_habits, at_least_k_successes, block_bootstrap,
                                   fixed_answer_accuracy, load_paper, loss_comparison, p_text, paired_bootstrap,
                                   sign_test, uniform_choice_accuracy, write_report)
 from conftest import make_tiny_text_model, write_commonsense_root
@@ -107,18 +107,32 @@ def test_figure2_loss_comparison_by_hand(tmp_path):
     lora = run("lora", [{"step": 1, "lm": 1.1, "target_tokens": 5}, {"step": 2, "lm": 1.0, "target_tokens": 7}])
     comlora = run("comlora", [{"step": 1, "component_loss": [1.0, 1.2], "target_tokens": 5},
                               {"step": 2, "component_loss": [0.8, 0.9], "target_tokens": 7}])
-    c = loss_comparison([comlora], [lora])
+    c = loss_comparison([comlora], [lora], block=1)
     assert (c.seeds, c.steps, c.every_lower) == ([0], 2, 1)
     assert c.difference == pytest.approx(0.0, abs=1e-12) and c.per_seed == [pytest.approx(0.0, abs=1e-12)]
     other = run("other-batches", [{"step": 1, "lm": 1.1, "target_tokens": 6}])
     with pytest.raises(ValueError, match="step 1 has 5 and 6 target tokens; the runs did not train on the same batches"):
-        loss_comparison([comlora], [other])
+        loss_comparison([comlora], [other], block=1)
+    assert loss_comparison([run("no-metrics", [])], [lora], block=1) is None        # nothing to compare: no verdict
 
 
 def test_an_interval_that_rounds_to_zero_is_printed_plus_zero():
     c = Paired(seeds=[0], items=800, accuracy_a=35.0, accuracy_b=35.04, difference=-0.04, ci_low=-1.06, ci_high=0.96,
                p_bootstrap=0.9, a_better=10, b_better=10, p_sign=1.0)
     assert c.interval() == "+0.0 [-1.1, +1.0]"
+
+
+def test_block_bootstrap_constant_series_exact_and_wider_than_items_when_steps_are_dependent():
+    low, high, p = block_bootstrap([[-0.05] * 7, [-0.05] * 5], block=3)             # every resample has mean -0.05
+    assert (round(low, 12), round(high, 12), p) == (-0.05, -0.05, 1 / 10_001)
+    trend = np.concatenate([np.full(20, 1.0), np.full(20, -0.6)])                    # neighbouring steps alike
+    iid_low, iid_high, _ = paired_bootstrap(trend)
+    block_low, block_high, _ = block_bootstrap([trend], block=10)
+    assert block_high - block_low > 1.5 * (iid_high - iid_low)
+    one_low, one_high, _ = block_bootstrap([trend], block=1)                         # blocks of 1: the item bootstrap
+    assert one_high - one_low == pytest.approx(iid_high - iid_low, rel=0.1)
+    with pytest.raises(ValueError, match="non-empty series and a block of >= 1"):
+        block_bootstrap([[]], block=2)
 
 
 def test_verdict_rule():
@@ -342,8 +356,15 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     assert f"(2 runs of 1 experiment; the ablations' components, where evaluated, are shown in Table 10 but not counted): " \
            f"the winner was the best (or tied best) component in {sum(winners[:2])} of 2" in text
     assert f"P(at least {sum(winners[:2])} of 2 by chance) = {p_text(p)}:" in text
-    leads = [float(c[9].split(" [")[0]) for c in checks[:2]]                     # "winner − best other" of each run
-    assert f"The winner's lead over the best other component was {min(leads):+.1f} to {max(leads):+.1f} points" in text
+    leads = []                          # the winner's accuracy minus the best other component's, over all items
+    for seed in (0, 1):
+        evals = {k: json.loads(p.read_text()) for k in range(2)
+                 for p in (results / "t3-comlora-k2-r8" / f"seed-{seed}" / "eval").glob(f"*-component{k}*.json")}
+        winner = json.loads((results / "t3-comlora-k2-r8" / f"seed-{seed}" / "winner.json").read_text())["winner"]
+        flags = {k: [i["correct"] for t, _ in TASKS for i in e["tasks"][t]["items"]] for k, e in evals.items()}
+        leads.append(100 * (np.mean(flags[winner]) - np.mean(flags[1 - winner])))
+    lead_text = [f"{round(x, 1) + 0.0:+.1f}" for x in (min(leads), max(leads))]
+    assert f"The winner's lead over the best other component was {lead_text[0]} to {lead_text[1]} points" in text
     for seed in (0, 1):
         for figure in (2, 3):
             png = page.parent / "figures" / f"figure{figure}-seed{seed}.png"
@@ -359,7 +380,7 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     d = np.array([lora["lm"] - max(comlora["component_loss"])
                   for comlora, lora in zip(metrics("t3-comlora-k2-r8", 0), metrics("t3-lora-r8", 0))])
     figure2 = {row[0]: row for row in table_rows(text, "| ComLoRA | LoRA |")}["ComLoRA (2, 8)"]
-    low, high, p2 = paired_bootstrap(d)
+    low, high, p2 = block_bootstrap([d], 2)                                         # blocks of the window, 2 steps
     expected = "not distinguishable at this scale" if p2 >= 0.05 else \
         "supported" if d.mean() > 0 else "not supported (the opposite is significant)"
     assert figure2[1:] == ["LoRA r=8", "0 (one seed)", f"{np.sum(d > 0)} of {d.size}",
@@ -371,7 +392,7 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     hits, chances = 0, []
     for seed in (0, 1):
         lowest = [s["lowest_loss_component"] for s in metrics("t3-comlora-k2-r8", seed)]
-        last = collections.Counter(lowest[(len(lowest) - 1) // 2 * 2:])
+        last = collections.Counter([lowest[i:i + 2] for i in range(0, len(lowest), 2)][-1])   # Figure 3's last bar
         dominant = [k for k in last if last[k] == max(last.values())]
         winner = json.loads((results / "t3-comlora-k2-r8" / f"seed-{seed}" / "winner.json").read_text())["winner"]
         hits += winner in dominant
@@ -413,16 +434,17 @@ def test_report_on_an_empty_results_folder_lists_every_run_as_missing(tmp_path):
     assert re.search(r"\*\*0 of \d+ planned runs recorded\*\*", text)
     verdicts = table_rows(text, "| claim of the paper")
     assert len(verdicts) == 15 and all(row[-1].startswith("not measured yet (missing: `") for row in verdicts)
-    claims = ("19 claims tested here (15 paired comparisons of accuracy, Table 10's count of winners, Figure 2's 2 "
-              "comparisons of training loss and Figure 3's count of winners)")
-    assert f"Of the paper's {claims}, none is measured yet." in section(text, "## In short")
+    claims = ("19 tests of the paper's claims here (15 paired comparisons of accuracy, Table 10's count of winners, "
+              "Figure 2's claim on training loss (ComLoRA (4, 4) against LoRA r=16 and ComLoRA (2, 8) against LoRA "
+              "r=8) and Figure 3's count of winners)")
+    assert f"Of the {claims}, none is measured yet." in section(text, "## In short")
     assert f"without a correction for multiple comparisons: of the {claims}, about one in 20" in text
     figure2 = table_rows(text, "| ComLoRA | LoRA |")
     assert [row[-1] for row in figure2] == [
         "**not measured yet (missing: `t3-comlora-k4-r4` seeds 0, 1, 2; `t3-lora-r16` seeds 0, 1, 2)**",
         "**not measured yet (missing: `t3-comlora-k2-r8` seeds 0, 1, 2; `t3-lora-r8` seeds 0, 1, 2)**"]
     assert "The paper's Figure 3 claim (one component gradually gains dominance, having the lowest training loss " \
-           "most often, and ends as the winner): not measured yet" in text
+           "most often, and ends as the winner; tested here: its last part): not measured yet" in text
     assert "Not yet recorded: `t3-base-model` seed 0; `t3-lora-r8` seeds 0, 1, 2;" in text
     assert not (tmp_path / "figures").exists()
 
@@ -582,8 +604,9 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
            "0 of 3 runs." in text
 
     short = section(text, "## In short")                # 6 of the 19 measured, in the order of the claims
-    assert "Of the paper's 19 claims tested here (15 paired comparisons of accuracy, Table 10's count of winners, " \
-           "Figure 2's 2 comparisons of training loss and Figure 3's count of winners), 6 are measured: " \
+    assert "Of the 19 tests of the paper's claims here (15 paired comparisons of accuracy, Table 10's count of " \
+           "winners, Figure 2's claim on training loss (t3-comlora-k4-r4 against LoRA r=16 and ComLoRA (2, 8) " \
+           "against LoRA r=8) and Figure 3's count of winners), 6 are measured: " \
            "1 supported, 3 not distinguishable at this scale, 2 not supported (the opposite is significant)." in short
     assert "Those with a verdict other than not distinguishable: ComLoRA (2, 8) beats LoRA r=8 — supported; the " \
            "selector matters: removing it lowers accuracy — not supported (the opposite is significant); Figure 2: " \
