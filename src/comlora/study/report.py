@@ -598,7 +598,8 @@ class StudyReport:
         if self.table10_outcome is not None:
             named.append(("Table 10: the selector's winner is the best component", self.table10_outcome[-1]))
         named += [(f"Figure 2: every component of {self.label(comlora)} has a lower training loss than "
-                   f"{self.label(lora)}", result) for comlora, lora, c, result in self.figure2_outcomes if c is not None]
+                   f"{self.label(lora)}", result)
+                  for comlora, lora, c, result in self.figure2_outcomes if c is not None]
         if self.figure3_outcome is not None:
             named.append(("Figure 3: the winner had the lowest training loss most often at the end",
                           self.figure3_outcome[-1]))
@@ -815,9 +816,9 @@ class StudyReport:
 
     def ablations(self) -> list[str]:
         lines = ["## Ablations (Tables 5-9) on ComLoRA (2, 8)", "",
-                 "Each row: mean ± std over its recorded seeds (most ablations have one seed, seed 0). A row is paired "
-                 "with the full row on the seeds both have; where those are fewer than the full row's, the full row's "
-                 "runs on them are shown too (\"(full), seed 0\").", ""]
+                 "Each row: mean ± std over its recorded seeds (most ablations have one seed, seed 0). A row is "
+                 "paired with the full row on the seeds both have; where those are fewer than the full row's, the "
+                 "full row's runs on them are shown too (\"(full), seed 0\").", ""]
         for table in ABLATION_TABLES:
             lines += self.ablation(table)
         return lines
@@ -860,7 +861,8 @@ class StudyReport:
     @cached_property
     def figure3_outcome(self) -> tuple[list[ComponentCheck], int, float, int, str] | None:
         """Figure 3's claim over Table 10's runs: (checks, k runs whose winner had the lowest loss most often in the
-        last window, P(>= k by chance), runs where the winner's share rose from the first window to the last, verdict)."""
+        last window, P(>= k by chance), runs where the winner's share rose from the first window to the last,
+        verdict)."""
         checks = [c for c in (self.table10_outcome or [[]])[0] if c.dominant_at_the_end]
         if not checks:
             return None
@@ -880,6 +882,7 @@ class StudyReport:
     def figure_claims(self) -> list[str]:
         """Figure 2's claim per pair (a table) and Figure 3's claim (a sentence)."""
         rows = []
+        blocks = " or ".join(sorted({str(c.block) for _, _, c, _ in self.figure2_outcomes if c is not None}))
         for comlora, lora, c, result in self.figure2_outcomes:
             cells = (["–"] * 5 if c is None else
                      [seeds_text(c.seeds), f"{c.every_lower} of {c.steps}",
@@ -891,8 +894,9 @@ class StudyReport:
                  "the same batch in both runs of a seed, LoRA's loss minus the highest of the components' losses "
                  "(> 0: every component lower), its mean over the steps and per seed. The steps of one run are "
                  "not independent draws (the adapters carry over), so the interval and p come from a moving-block "
-                 "bootstrap: each seed's steps redrawn in blocks of consecutive steps (the window of Figure 3), "
-                 f"{RESAMPLES:,} resamples. The paper's setting is the first row; the second is ours.", ""]
+                 f"bootstrap: each seed's steps redrawn in blocks of {blocks or 'the window of Figure 3'} "
+                 f"consecutive steps (Figure 3's window), {RESAMPLES:,} resamples. The paper's setting is the first "
+                 "row; the second is ours.", ""]
         lines += markdown_table(["ComLoRA", "LoRA", "seeds", "steps with every component lower",
                                  "LoRA − highest component, mean [95% CI]", "per seed", "p (bootstrap)", "verdict"],
                                 rows)
@@ -911,7 +915,7 @@ class StudyReport:
                         f"lowest-loss steps rose from the first window to the last in {rose} of {len(checks)} runs."]
 
     def gradient_norms(self) -> list[str]:
-        """Figure 2's pairs' median gradient norm before clipping (metrics.jsonl grad_norm) against the clipping norm."""
+        """Figure 2's pairs' median gradient norm before clipping (metrics.jsonl grad_norm), and the clipping norm."""
         parts, clip = [], set()
         for comlora, lora, c, _ in self.figure2_outcomes:
             if c is None:
@@ -1002,7 +1006,8 @@ class StudyReport:
     def figures(self, page: Path, figures: Path) -> list[str]:
         from comlora.plots import plot_loss_curves, plot_lowest_loss_share
 
-        drawn = " and ".join(f"{self.label(a)} beside {self.label(b)}" for a, b in FIGURE2_PAIRS if a in self.experiments)
+        drawn = " and ".join(f"{self.label(a)} beside {self.label(b)}"
+                             for a, b in FIGURE2_PAIRS if a in self.experiments)
         lines = ["## Figures 2 and 3", "",
                  f"The paper draws them for ComLoRA K=4, r=4 beside LoRA r=4 and r=16; here for {drawn or 'no run'}, "
                  "per seed. Their claims are tested under the verdicts above.", ""]
@@ -1079,11 +1084,13 @@ class StudyReport:
             cpus = max((r.record.get("cpus") or 1) for name in names for r in self.recorded(name))
             low, high = min(loads.values()), max(loads.values())
             if high - low > cpus / 2:
-                lines.append(f"**The recorded load averages differ a lot** (each run's mean of start and end: from {low:.1f} to {high:.1f} on {cpus} "
-                             "CPUs): the machine was shared, and wall times and tokens/s measured under different load "
-                             "are not comparable; compare the accuracies, and the timings only roughly.")
+                lines.append(f"**The recorded load averages differ a lot** (each run's mean of start and end: from "
+                             f"{low:.1f} to {high:.1f} on {cpus} CPUs): the machine was shared, and wall times and "
+                             "tokens/s measured under different load are not comparable; compare the accuracies, and "
+                             "the timings only roughly.")
             else:
-                lines.append(f"The recorded load averages (each run's mean of start and end) range from {low:.1f} to {high:.1f} on {cpus} CPUs; timings "
+                lines.append(f"The recorded load averages (each run's mean of start and end) range from {low:.1f} to "
+                             f"{high:.1f} on {cpus} CPUs; timings "
                              "are comparable only under similar load.")
         return lines + [""]
 
@@ -1108,7 +1115,8 @@ class StudyReport:
 
     def markdown(self, page: Path, figures: Path, command: str) -> str:
         sections = [self.header(command), self.summary(), self.verdicts(), self.table3(), self.fixed_answer(),
-                    self.paired_lora(), self.ablations(), self.table10(), self.figures(page, figures), self.early_decision(), self.run_list()]
+                    self.paired_lora(), self.ablations(), self.table10(), self.figures(page, figures),
+                    self.early_decision(), self.run_list()]
         return "\n".join(line for section in sections for line in section).rstrip() + "\n"
 
 
