@@ -53,12 +53,17 @@ def paired_bootstrap(differences, resamples: int = RESAMPLES, seed: int = BOOTST
     if d.ndim != 1 or d.size == 0:
         raise ValueError("paired_bootstrap needs a non-empty 1-D sequence of per-item differences")
     rng = np.random.default_rng(seed)
-    observed = d.mean()
     means = np.concatenate([d[rng.integers(0, d.size, size=(min(1000, resamples - start), d.size))].mean(axis=1)
                             for start in range(0, resamples, 1000)])
+    return bootstrap_summary(means, d.mean())
+
+
+def bootstrap_summary(means: np.ndarray, observed: float) -> tuple[float, float, float]:
+    """(2.5th percentile, 97.5th percentile, two-sided p) of resampled means around the observed one:
+    p = (1 + #{|mean* - observed| >= |observed|}) / (1 + resamples)."""
     extreme = np.count_nonzero(np.abs(means - observed) >= abs(observed) - 1e-12)
     low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high), (1 + int(extreme)) / (1 + resamples)
+    return float(low), float(high), (1 + int(extreme)) / (1 + means.size)
 
 
 def block_bootstrap(series: list, block: int, resamples: int = RESAMPLES,
@@ -70,16 +75,12 @@ def block_bootstrap(series: list, block: int, resamples: int = RESAMPLES,
     if not series or block < 1:
         raise ValueError("block_bootstrap needs a non-empty series and a block of >= 1 values")
     rng = np.random.default_rng(seed)
-    observed = np.concatenate(series).mean()
     total = np.zeros(resamples)
     for x in series:
         starts = rng.integers(0, x.size, size=(resamples, -(-x.size // block)))
         positions = (starts[:, :, None] + np.arange(block)).reshape(resamples, -1)[:, :x.size] % x.size
         total += x[positions].sum(axis=1)
-    means = total / sum(x.size for x in series)
-    extreme = np.count_nonzero(np.abs(means - observed) >= abs(observed) - 1e-12)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high), (1 + int(extreme)) / (1 + resamples)
+    return bootstrap_summary(total / sum(x.size for x in series), np.concatenate(series).mean())
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -297,6 +298,16 @@ class RecordedRun:
         """Steps per window of Figure 3 (config.yaml's window, else TrainConfig's default)."""
         return int((self.config or {}).get("window") or TrainConfig.window)
 
+    @property
+    def max_grad_norm(self) -> float:
+        """The clipping norm it trained with (config.yaml's, else TrainConfig's default)."""
+        return float((self.config or {}).get("max_grad_norm", TrainConfig.max_grad_norm))
+
+    @cached_property
+    def habits(self) -> tuple[float, float]:
+        """answer_habits of its evaluation: (same answer %, no answer %)."""
+        return answer_habits(self.result)
+
     @cached_property
     def training_steps(self) -> list[dict]:
         """The optimizer steps of metrics.jsonl (none for the base model), read once."""
@@ -428,6 +439,7 @@ class ComponentCheck:
         last = self.lowest_loss_windows[1]
         return sorted(k for k, n in last.items() if n == max(last.values())) if last else []
 
+    @cached_property
     def against_best_other(self) -> Paired | None:
         """The winner against the best of the other components, paired on the items."""
         others = [k for k in self.components if k != self.winner]
@@ -511,10 +523,17 @@ class StudyReport:
     def recorded(self, name: str) -> list[RecordedRun]:
         return [self.runs[name][s] for s in sorted(self.runs.get(name, {}))]
 
+    def common_seeds(self, a: str, b: str) -> list[int]:
+        return sorted(set(self.runs.get(a, {})) & set(self.runs.get(b, {})))
+
+    def not_measured(self, a: str, b: str) -> str:
+        """The verdict of a comparison of ``a`` and ``b`` before both have a seed recorded."""
+        return f"not measured yet (missing: {'; '.join(self.missing([a, b])) or 'no seed recorded for both'})"
+
     def paired(self, a: str, b: str) -> Paired | None:
         """``a`` vs ``b`` over the seeds both have recorded (None if there is none)."""
         if (a, b) not in self._paired:
-            seeds = sorted(set(self.runs.get(a, {})) & set(self.runs.get(b, {})))
+            seeds = self.common_seeds(a, b)
             self._paired[(a, b)] = paired_comparison(
                 [(self.runs[a][s].result, self.runs[a][s].source) for s in seeds],
                 [(self.runs[b][s].result, self.runs[b][s].source) for s in seeds], seeds) if seeds else None
@@ -585,8 +604,7 @@ class StudyReport:
             paper = f"{paper_better:.2f} vs {paper_than:.2f} ({claim['table'].replace('table', 'Table ')})"
             c = self.paired(better, than)
             if c is None:
-                missing = "; ".join(self.missing([better, than])) or "no seed recorded for both"
-                outcomes.append((claim, paper, None, f"not measured yet (missing: {missing})"))
+                outcomes.append((claim, paper, None, self.not_measured(better, than)))
             else:
                 outcomes.append((claim, paper, c, c.verdict(math.copysign(1, paper_better - paper_than))))
         return outcomes
@@ -604,7 +622,7 @@ class StudyReport:
             named.append(("Figure 3: the winner had the lowest training loss most often at the end",
                           self.figure3_outcome[-1]))
         verdicts = [result for _, result in named]
-        counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
+        counts = Counter(verdicts)                  # in the order of first appearance
         measured = (f"{len(verdicts)} are measured: {', '.join(f'{n} {v}' for v, n in counts.items())}" if verdicts
                     else "none is measured yet")
         lines = ["## In short", "", f"Of the {self.claims_tested()}, {measured}."]
@@ -711,7 +729,7 @@ class StudyReport:
         rows = []
         for name in self.table3_recorded:
             runs = self.recorded(name)
-            habits = [answer_habits(r.result) for r in runs]
+            habits = [r.habits for r in runs]
             average = statistics.mean(r.result["average"] for r in runs)
             rows.append([self.label(name), len(runs), mean_std([r.result["average"] for r in runs]),
                          signed(average - statistics.mean(uniform.values())),
@@ -737,7 +755,7 @@ class StudyReport:
             return []
         uniform, fixed = (statistics.mean(b.values()) for b in self.baselines)
         averages = [statistics.mean(r.result["average"] for r in self.recorded(n)) for n in trained]
-        habits = [answer_habits(r.result) for n in trained for r in self.recorded(n)]
+        habits = [r.habits for n in trained for r in self.recorded(n)]
         same, none = [h[0] for h in habits], [h[1] for h in habits]
         text = (f"For scale: a uniform random pick among each task's answers averages {uniform:.1f}, and answering "
                 f"each task with its most frequent correct answer {fixed:.1f}. The trained methods of Table 3 average "
@@ -823,6 +841,7 @@ class StudyReport:
             lines += self.ablation(table)
         return lines
 
+    @cached_property
     def component_checks(self) -> list[ComponentCheck]:
         """Every recorded ComLoRA run with all its components evaluated: those tagged table10 first (MAIN first)."""
         names = sorted(self.runs, key=lambda n: ("table10" not in self.experiments[n].tables, n != MAIN, n))
@@ -834,7 +853,7 @@ class StudyReport:
     def table10_outcome(self) -> tuple[list[ComponentCheck], int, float, int, str] | None:
         """Over the table10 runs with a selector: (checks, k winners best, P(>= k by chance), lowest validation loss
         best, verdict); None before any such run is recorded."""
-        checks = [c for c in self.component_checks() if c.outside_the_claim is None]
+        checks = [c for c in self.component_checks if c.outside_the_claim is None]
         if not checks:
             return None
         k = sum(c.winner_is_best for c in checks)
@@ -847,10 +866,9 @@ class StudyReport:
         """Figure 2's claim per pair of FIGURE2_PAIRS: (ComLoRA, LoRA, comparison or None, verdict)."""
         outcomes = []
         for comlora, lora in FIGURE2_PAIRS:
-            seeds = sorted(set(self.runs.get(comlora, {})) & set(self.runs.get(lora, {})))
+            seeds = self.common_seeds(comlora, lora)
             if not seeds:
-                missing = "; ".join(self.missing([comlora, lora])) or "no seed recorded for both"
-                outcomes.append((comlora, lora, None, f"not measured yet (missing: {missing})"))
+                outcomes.append((comlora, lora, None, self.not_measured(comlora, lora)))
                 continue
             c = loss_comparison([self.runs[comlora][s] for s in seeds], [self.runs[lora][s] for s in seeds],
                                 self.runs[comlora][seeds[0]].window)
@@ -925,8 +943,7 @@ class StudyReport:
                      for name, rs in runs.items()}
             if not all(norms.values()):
                 continue
-            clip |= {float((r.config or {}).get("max_grad_norm", TrainConfig.max_grad_norm)) for rs in runs.values()
-                     for r in rs}
+            clip |= {r.max_grad_norm for rs in runs.values() for r in rs}
             parts.append(f"{self.label(comlora)} {statistics.median(norms[comlora]):.2f} against {self.label(lora)} "
                          f"{statistics.median(norms[lora]):.2f}")
         if not parts or len(clip) != 1 or not next(iter(clip)):
@@ -957,7 +974,7 @@ class StudyReport:
 
     def table10_margins(self, checks: list[ComponentCheck]) -> str:
         """The winner's lead over the best other component on the test items, over the runs of the claim."""
-        gaps = [g for g in (c.against_best_other() for c in checks) if g is not None]
+        gaps = [c.against_best_other for c in checks if c.against_best_other is not None]
         if not gaps:
             return ""
         alone = ("none of them significant on its own run's items (each p ≥ "
@@ -970,7 +987,7 @@ class StudyReport:
     def table10(self) -> list[str]:
         every = [n for n, e in self.experiments.items() if e.components == "all"]
         lines = ["## Table 10: every component of the ComLoRA runs", ""] + self.missing_line(every)
-        checks = self.component_checks()
+        checks = self.component_checks
         rows, summary = [], []
         for check in checks:
             run, val_loss = check.run, check.run.winner.get("val_loss")
@@ -978,7 +995,7 @@ class StudyReport:
                 rows.append([self.label(run.experiment), run.seed, f"{k}{' **(winner)**' if k == check.winner else ''}",
                              *[f"{result['tasks'][t]['accuracy']:.1f}" for t, _ in TASKS], f"{result['average']:.1f}",
                              f"{val_loss[k]:.4f}" if val_loss else "–"])
-            gap = check.against_best_other()
+            gap = check.against_best_other
             by_similarity, by_loss = run.winner.get("winner_by_similarity"), run.winner.get("winner_by_loss")
             summary.append([self.label(run.experiment), run.seed, len(check.components), check.winner,
                             "–" if by_similarity is None else by_similarity, "–" if by_loss is None else by_loss,
