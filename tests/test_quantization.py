@@ -97,3 +97,106 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path, tiny_model
     with pytest.raises(SystemExit):
         main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--load-in-8bit", "--out", str(tmp_path / "r")])
     assert "error: a 4-bit or 8-bit base needs bitsandbytes" in capsys.readouterr().err
+
+
+# ---- bitsandbytes' AVX512-BF16 CPU path: repacked weights (issue 25, item 1) --------------------------------------
+def repackable_model_dir(tmp_path):
+    """A tiny Llama whose linear layers fit bitsandbytes' CPU repacking (d_out % 32 == 0, d_in % 64 == 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import TINY_TEXT_VOCAB, make_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=TINY_TEXT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    path = tmp_path / "tiny-llama-64"
+    LlamaForCausalLM(config).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def four_bit_layers(model):
+    import bitsandbytes as bnb
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def as_on_an_avx512_bf16_cpu(model):
+    """What bitsandbytes sets on a CPU with AVX512-BF16 (this one may lack it): the layers' first inference forward
+    repacks their weights for its bfloat16 CPU kernel."""
+    for layer in four_bit_layers(model).values():
+        layer.support_avx512bf16_for_cpu = True
+    return model
+
+
+def hand_dequantized(layer, bfloat16_scales: bool = False) -> torch.Tensor:
+    """dequant(W0) by hand from bitsandbytes' standard layout: W[i] = code[c_i] * scale[i // blocksize], each byte holding
+    c_2j in its high and c_2j+1 in its low 4 bits; the scales double-quantized (8-bit blockwise + offset)."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    state = layer.weight.quant_state
+    scales = state.absmax
+    if state.nested:
+        scales = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    scales = scales.float()
+    if bfloat16_scales:
+        scales = scales.to(torch.bfloat16).float()
+    packed = layer.weight.data.reshape(-1)
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1).long()
+    return (state.code[codes] * scales.repeat_interleave(state.blocksize)[:codes.numel()]).reshape(state.shape)
+
+
+def reference_merge(model_dir, base_weights: dict, cm, component: int):
+    """The float model with W = hand dequant(W0) (+ scaling (A_k B_k)^T on the adapted layers): what the merge must be."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, weight in base_weights.items():
+            layer = cm.adapted.get(name)
+            delta = layer.scaling * (layer.lora_A[component] @ layer.lora_B[component]).T if layer is not None else 0
+            reference.get_submodule(name).weight.copy_(weight + delta)
+    return reference
+
+
+@pytest.mark.parametrize("repacked_before_wrapping", [False, True])
+def test_4bit_inference_and_merge_compute_the_trained_model_on_an_avx512_bf16_cpu(repacked_before_wrapping, tmp_path,
+                                                                                   capsys):
+    """Inference on such a CPU repacked the weights (bfloat16 scales, a layout ``dequantize`` misreads): the merge's
+    copy was a wrong model (and so was the in-place merge after an inference forward). Now the 4-bit layers keep the
+    trained path, a weight repacked before comlora saw it is restored exactly, and both merges give the reference."""
+    from comlora.methods.base import seeded
+
+    model_dir = repackable_model_dir(tmp_path)
+    model = as_on_an_avx512_bf16_cpu(quantized(model_dir, 4))
+    ids = text_batch(seed=2)["input_ids"]
+    base_weights = {name: hand_dequantized(layer, bfloat16_scales=repacked_before_wrapping)
+                    for name, layer in four_bit_layers(model).items()}
+    if repacked_before_wrapping:            # e.g. model.generate(...) before get_comlora_model
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert all(getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+                   for layer in four_bit_layers(model).values())
+    cm = get_comlora_model(model, ComLoraConfig(**CONFIG))
+    with seeded(4), torch.no_grad():
+        for layer in cm.adapted.values():
+            layer.lora_B.normal_(std=0.3)
+    cm.eval()
+    with torch.no_grad():
+        expected = reference_merge(model_dir, base_weights, cm, 1)(input_ids=ids).logits
+        with cm.use_component(1):
+            ours = cm(input_ids=ids).logits                    # an inference forward: no repacking now
+    assert (ours - expected).abs().max() <= 1e-5
+    quantized_state = {n: t.clone() for n, t in cm.model.state_dict().items()}
+
+    merged = cm.merge(1)                                       # a copy
+    assert "merging dequantizes it" in capsys.readouterr().err
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - expected).abs().max() <= 1e-5
+        with cm.use_component(1):
+            assert torch.equal(cm(input_ids=ids).logits, ours)           # the original still works, unchanged
+    after = cm.model.state_dict()
+    assert after.keys() == quantized_state.keys() and all(torch.equal(after[n], t) for n, t in quantized_state.items())
+
+    merged_in_place = cm.merge(1, inplace=True)
+    with torch.no_grad():
+        assert (merged_in_place(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() <= 1e-5

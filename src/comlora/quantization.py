@@ -3,10 +3,17 @@
 The adapters (ComLoRA's K components, LoRA, the related methods' experts) stay float32 and add their update
 to the output of the quantized layer's own forward, ``W0 x`` computed by bitsandbytes. Merging a component
 into such a base dequantizes it first (``merged_base``): the merged model is a full-precision model.
+
+bitsandbytes' 4-bit layer has two CPU paths. Training (and any forward with a gradient) dequantizes W0 and
+multiplies in the compute dtype: y = x dequant(W0)^T. On a CPU with AVX512-BF16, its first inference forward
+(eval mode, no gradient) instead repacks the weight into a CPU layout with bfloat16 block scales and from then on
+computes in bfloat16, another function than the one trained; and ``dequantize`` misreads that layout, so a
+merge after such a forward is a wrong model. ``standard_4bit_layout`` keeps every 4-bit layer on the first path.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 
@@ -42,6 +49,41 @@ def is_quantized(model: nn.Module) -> bool:
         and (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
+def is_cpu_repacked(layer: nn.Module) -> bool:
+    """True when a bitsandbytes 4-bit layer's weight is in the AVX512-BF16 CPU layout (``packing_format_for_cpu``)."""
+    return bool(getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def restore_4bit_layout(layer: nn.Module) -> None:
+    """Put a CPU-repacked 4-bit weight back in bitsandbytes' standard layout: the same 4-bit codes, one float32 scale
+    per block equal to the bfloat16 scale the repacked weight holds (bitsandbytes' own inverse re-quantizes the
+    scales a second time, so it is used for the codes only)."""
+    from bitsandbytes.functional import QuantState, _convert_weight_packed_for_cpu_inverse
+
+    packed = layer.weight.quant_state
+    codes_only = copy.copy(packed)
+    codes_only.original_nested = False
+    codes, _ = _convert_weight_packed_for_cpu_inverse(layer.weight.data, codes_only)
+    # the repacking stored the scales as absmax.reshape(N, K / blocksize).T in bfloat16
+    state = QuantState(absmax=packed.absmax.T.reshape(-1).float(), shape=packed.shape, code=packed.code,
+                       blocksize=packed.blocksize, quant_type=packed.quant_type, dtype=packed.original_dtype)
+    layer.weight.data, layer.weight.quant_state = codes, state
+    if getattr(layer, "quant_state", None) is not None:
+        layer.quant_state = state
+
+
+def standard_4bit_layout(model: nn.Module) -> nn.Module:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on its dequantize-and-multiply path (what training computes,
+    y = x dequant(W0)^T in the compute dtype) also in inference, and put back any weight already repacked for the
+    AVX512-BF16 CPU path (module docstring). A model without 4-bit layers is unchanged."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):        # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
+            if is_cpu_repacked(module):
+                restore_4bit_layout(module)
+    return model
+
+
 def merged_base(model: nn.Module) -> nn.Module:
     """``model`` with every quantized linear layer replaced by a full-precision ``nn.Linear`` holding dequant(W0)
     in the dtype of its other layers (transformers' ``dequantize``; PEFT's merge dequantizes too before adding the
@@ -51,4 +93,4 @@ def merged_base(model: nn.Module) -> nn.Module:
     bits = 4 if getattr(model, "is_loaded_in_4bit", False) else 8
     print(f"note: the base is quantized ({bits}-bit, bitsandbytes); merging dequantizes it: the merged model is a "
           f"full-precision {model.config.dtype} model with W = dequant(W0) + (alpha/r) (A_k B_k)^T", file=sys.stderr)
-    return model.dequantize()
+    return standard_4bit_layout(model).dequantize()
