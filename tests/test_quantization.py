@@ -129,8 +129,8 @@ def as_on_an_avx512_bf16_cpu(model):
 
 
 def hand_dequantized(layer, bfloat16_scales: bool = False) -> torch.Tensor:
-    """dequant(W0) by hand from bitsandbytes' standard layout: W[i] = code[c_i] * scale[i // blocksize], each byte holding
-    c_2j in its high and c_2j+1 in its low 4 bits; the scales double-quantized (8-bit blockwise + offset)."""
+    """dequant(W0) by hand from bitsandbytes' standard layout: W[i] = code[c_i] * scale[i // blocksize], each byte
+    holding c_2j in its high and c_2j+1 in its low 4 bits; the scales double-quantized (8-bit blockwise + offset)."""
     from bitsandbytes.functional import dequantize_blockwise
 
     state = layer.weight.quant_state
@@ -146,7 +146,7 @@ def hand_dequantized(layer, bfloat16_scales: bool = False) -> torch.Tensor:
 
 
 def reference_merge(model_dir, base_weights: dict, cm, component: int):
-    """The float model with W = hand dequant(W0) (+ scaling (A_k B_k)^T on the adapted layers): what the merge must be."""
+    """The float model with W = hand dequant(W0) (+ scaling (A_k B_k)^T on the adapted layers): the right merge."""
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
