@@ -200,3 +200,29 @@ def test_4bit_inference_and_merge_compute_the_trained_model_on_an_avx512_bf16_cp
     merged_in_place = cm.merge(1, inplace=True)
     with torch.no_grad():
         assert (merged_in_place(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+# ---- parameter counts (issue 25, item 5) ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["comlora", "lora"])
+def test_a_4bit_base_counts_its_weights_not_its_packed_bytes(method, tiny_model_dir, capsys):
+    """bitsandbytes stores two 4-bit codes per element: numel() of a 4-bit weight is half its weight count. The base
+    count, and so the trainable percentage, must be the float32 model's."""
+    from transformers import AutoModelForCausalLM
+
+    from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
+
+    def build(model):
+        if method == "comlora":
+            return get_comlora_model(model, ComLoraConfig(**CONFIG))
+        return PeftLoraModel(model, PeftLoraConfig(r=4, lora_alpha=8))
+
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    weights_in_float32 = sum(p.numel() for p in float_model.parameters())
+    full, four_bit = build(float_model), build(quantized(tiny_model_dir, 4))
+    assert full.parameter_counts()["base"] == weights_in_float32
+    assert four_bit.parameter_counts() == full.parameter_counts()
+    capsys.readouterr()
+    full.print_trainable_parameters()
+    in_float32 = capsys.readouterr().out
+    four_bit.print_trainable_parameters()
+    assert capsys.readouterr().out == in_float32

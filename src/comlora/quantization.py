@@ -49,6 +49,13 @@ def is_quantized(model: nn.Module) -> bool:
         and (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
+def weight_count(parameter: torch.Tensor) -> int:
+    """The number of weights a parameter holds: ``numel()``, except for a bitsandbytes 4-bit weight, which stores two
+    4-bit codes per byte (its numel() is half its count) and keeps its logical shape in ``quant_state.shape``."""
+    shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+    return shape.numel() if shape is not None else parameter.numel()
+
+
 def is_cpu_repacked(layer: nn.Module) -> bool:
     """True when a bitsandbytes 4-bit layer's weight is in the AVX512-BF16 CPU layout (``packing_format_for_cpu``)."""
     return bool(getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False))

@@ -16,7 +16,7 @@ from comlora.methods.checkpointing import ActivationCheckpointing
 from comlora.methods.injection import inject_linear_layers
 from comlora.methods.losses import mean_lm_loss
 from comlora.methods.saved_state import check_weights_fit, config_from_file
-from comlora.quantization import standard_4bit_layout
+from comlora.quantization import standard_4bit_layout, weight_count
 from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
 
 TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against "
@@ -116,12 +116,13 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """{"adapter": trainable LoRA / expert weights, "router": the method's other trainable tensors, "base": the
-        frozen base model (without the adapter's tensors)}. A tensor the method adds but keeps frozen (TeamLoRA's M
-        with ``interaction_matrix="frozen"``) is saved with the state and counted in none of them."""
+        frozen base model (without the adapter's tensors), a 4-bit base counted in weights, not in packed bytes}. A
+        tensor the method adds but keeps frozen (TeamLoRA's M with ``interaction_matrix="frozen"``) is saved with the
+        state and counted in none of them."""
         groups = self.parameter_groups()
         added = {id(p) for group in groups.values() for p in group.values()}
         counts = {key: sum(p.numel() for p in group.values() if p.requires_grad) for key, group in groups.items()}
-        counts["base"] = sum(p.numel() for p in self.model.parameters() if id(p) not in added)
+        counts["base"] = sum(weight_count(p) for p in self.model.parameters() if id(p) not in added)
         return counts
 
     def print_trainable_parameters(self) -> None:
