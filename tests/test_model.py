@@ -231,6 +231,66 @@ def test_select_winner_accumulates_similarity_and_validation_losses(batch):
     assert report.num_samples == 9
 
 
+def mixed_length_batches(lengths, batch_size: int, seed: int = 7):
+    """Right-padded batches (pad id 0) of random rows of the given lengths, the first 3 tokens of each a prompt."""
+    from comlora.data.items import collate
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(3, 97, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return [collate(rows[s:s + batch_size], 0) for s in range(0, len(rows), batch_size)]
+
+
+def test_select_winner_equals_a_per_sample_recomputation_with_less_padding_and_a_progress_bar(capsys):
+    """Winner selection regroups the validation rows by length (issue 25, item 6): the decoder sees no padding here,
+    and the report equals each sample run alone through the full model (full-vocabulary logits, float64 NLL)."""
+    cm = get_comlora_model(make_tiny_llama(), make_config())
+    randomise_lora_B(cm.adapted.values())
+    cm.eval()
+    lengths = [21, 6, 21, 6, 14, 6, 21, 14, 6, 14, 21]        # batches of 2 mix long and short rows
+    batches = mixed_length_batches(lengths, batch_size=2)
+    positions = []
+    hook = cm.model.get_input_embeddings().register_forward_pre_hook(lambda _, args: positions.append(args[0].numel()))
+    report = cm.select_winner(batches, progress=True)
+    hook.remove()
+    selector_positions = sum(lengths)                # the selector's embedding lookup, once per sample
+    assert sum(positions) - selector_positions == 3 * sum(lengths)     # K copies of each row, no padding
+    padded = sum(3 * b["input_ids"].numel() for b in batches)
+    assert sum(positions) - selector_positions < padded                # what per-batch selection ran
+    bar = capsys.readouterr().err
+    assert "winner selection" in bar and f"{len(lengths)}/{len(lengths)}" in bar
+
+    sims, losses = [], []
+    with torch.no_grad():
+        for b in batches:
+            for i in range(b["input_ids"].shape[0]):
+                n = int(b["attention_mask"][i].sum())
+                ids, labels = b["input_ids"][i:i + 1, :n], b["labels"][i:i + 1, :n]
+                sims.append(cm.similarity(ids, torch.ones_like(ids))[0])
+                per_component = []
+                for k in range(3):
+                    with cm.use_component(k):
+                        per_component.append(reference_per_sample_loss(cm(input_ids=ids).logits, labels)[0])
+                losses.append(torch.stack(per_component))
+    expected_sim, expected_loss = torch.stack(sims).double().sum(0), torch.stack(losses).mean(0)
+    assert report.similarity == pytest.approx(expected_sim.tolist(), rel=1e-5)
+    assert report.val_loss == pytest.approx(expected_loss.tolist(), rel=1e-5)
+    assert report.winner == int(expected_sim.argmax()) and report.winner_by_loss == int(expected_loss.argmin())
+    assert report.num_samples == len(lengths)
+
+
+def test_select_winner_keeps_batches_that_are_not_right_padded():
+    from comlora.methods.comlora.model import regroup_by_length
+
+    batch = mixed_length_batches([9, 5], batch_size=2)[0]
+    left = {k: torch.stack([row.roll(int((batch["attention_mask"][i] == 0).sum())) for i, row in enumerate(v)])
+            for k, v in batch.items()}
+    assert not torch.equal(left["attention_mask"], batch["attention_mask"])
+    assert regroup_by_length([left])[0] is left
+
+
 def test_without_selector_the_winner_is_the_lowest_validation_loss(batch):
     cm = get_comlora_model(make_tiny_llama(), make_config(use_selector=False, align_loss=False, pairwise_loss=False))
     randomise_lora_B(cm.adapted.values())

@@ -282,7 +282,7 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
     with final_save(run) as final:
         write_json(final / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
         if isinstance(method, ComLoraModel):
-            report = method.select_winner(batches)
+            report = method.select_winner(batches, progress=True)
             write_json(final / "winner.json", report.to_dict() | record)
             method.save(final / "state")
             method.export_adapter(final / "adapter")

@@ -4,13 +4,16 @@ selection (docs/method.md). Counting, save and load: ``methods/base.py``; export
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from comlora.data.items import IGNORE_INDEX
 from comlora.methods.base import AdapterModel, seeded
 from comlora.methods.comlora.config import ComLoraConfig
 from comlora.methods.comlora.export import merge_component, write_peft_adapter
@@ -247,36 +250,52 @@ class ComLoraModel(AdapterModel):
         self.winner, self.decided, self.decided_at_step = winner, decided, at_step
 
     # ---- winner ------------------------------------------------------------------------
+    def validation_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          labels: torch.Tensor | None = None):
+        """One batch's pass for winner selection: ``(sim [B, K], l [B, K], target counts [B])``, the selector's
+        similarities (None without a selector) and all K components' losses in one batched forward (None without
+        labels)."""
+        sim = self.similarity(input_ids, attention_mask) if self.selector is not None else None
+        if labels is None:
+            return sim, None, None
+        losses, counts = self.component_losses(input_ids, attention_mask, labels)
+        return sim, losses, counts
+
     @torch.no_grad()
-    def select_winner(self, batches, compute_loss: bool = True) -> WinnerReport:
+    def select_winner(self, batches, compute_loss: bool = True, progress: bool = False) -> WinnerReport:
         """s_val[k] = sum over validation samples of sim[b, k]; winner = argmax_k s_val[k] (Eq. 11-12).
 
-        ``batches`` yields dicts with input_ids, attention_mask and (for the loss) labels. One rule for every
+        ``batches`` yields dicts with input_ids, attention_mask and (for the loss) labels; right-padded rows are
+        regrouped by length first (``regroup_by_length``: the same samples, less padding). One rule for every
         ablation: wherever a selector exists the winner is its pick (even untrained, as with pairwise_loss off:
         that is what the ablation measures), and the lowest-validation-loss pick is reported beside it; without
         a selector (use_selector=False, K=1) the winner is the lowest validation loss. After an early decision
-        (decide_at) the winner is the decided component.
+        (decide_at) the winner is the decided component. ``progress`` shows a bar on stderr.
         """
         if self.selector is None and not compute_loss:
             raise ValueError("without a selector the winner is chosen by validation loss: compute_loss must be True")
+        batches = regroup_by_length(list(batches))
+        samples = sum(batch["input_ids"].shape[0] for batch in batches)
+        if samples == 0:
+            raise ValueError("select_winner got no validation batch")
         was_training = self.training
         self.eval()
         k = self.config.num_components
-        sim_sum, loss_sum, samples, loss_samples = torch.zeros(k), torch.zeros(k), 0, 0
+        sim_sum, loss_sum, loss_samples = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0
         try:
-            for batch in batches:
-                ids, mask = batch["input_ids"], batch["attention_mask"]
-                samples += ids.shape[0]
-                if self.selector is not None:
-                    sim_sum += self.similarity(ids, mask).float().sum(0).cpu()
-                if compute_loss:
-                    losses, counts = self.component_losses(ids, mask, batch["labels"])
-                    loss_sum += losses[counts > 0].float().sum(0).cpu()
-                    loss_samples += int((counts > 0).sum())
+            with tqdm(total=samples, desc="winner selection", unit="item", disable=not progress, file=sys.stderr,
+                      dynamic_ncols=True) as bar:
+                for batch in batches:
+                    sim, losses, counts = self.validation_scores(batch["input_ids"], batch["attention_mask"],
+                                                                 batch["labels"] if compute_loss else None)
+                    if sim is not None:
+                        sim_sum += sim.double().sum(0).cpu()
+                    if losses is not None:
+                        loss_sum += losses[counts > 0].double().sum(0).cpu()
+                        loss_samples += int((counts > 0).sum())
+                    bar.update(batch["input_ids"].shape[0])
         finally:
             self.train(was_training)
-        if samples == 0:
-            raise ValueError("select_winner got no validation batch")
         if compute_loss and loss_samples == 0:
             raise ValueError("no validation sample has a target token: cannot compute validation losses")
         by_sim = int(sim_sum.argmax()) if self.selector is not None else None
@@ -348,6 +367,46 @@ class LowMemoryComponentLosses(torch.autograd.Function):
                     loss_k, _ = sequence_losses(cm.model, input_ids, attention_mask, labels, 1, cm.config.loss_reduction)
                 torch.autograd.backward(loss_k[:, 0], grad_losses[:, k])
         return None, None, None, None, None
+
+
+def regroup_by_length(batches: list[dict]) -> list[dict]:
+    """The rows of right-padded batches (input_ids, attention_mask, labels), longest first, in batches of at most as
+    many positions (rows x length) as the largest batch given, each as long as its longest row: the same samples with
+    less padding, and no more memory. Batches with a row that is not right-padded are returned as they are."""
+    rows, pad_id = [], 0
+    for batch in batches:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch.get("labels")
+        lengths = mask.sum(1)
+        if not bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths.unsqueeze(1))).all()):
+            return batches
+        if not bool(mask.all()):
+            pad_id = int(ids[mask == 0][0])
+        rows += [(ids[i, :n], None if labels is None else labels[i, :n]) for i, n in enumerate(lengths.tolist())]
+    if not rows:
+        return batches
+    budget = max(batch["input_ids"].numel() for batch in batches)
+    rows.sort(key=lambda row: -len(row[0]))
+    groups, start = [], 0
+    while start < len(rows):
+        length = len(rows[start][0])          # the group's longest row: the rows are sorted longest first
+        end = start + max(1, min(len(rows) - start, budget // max(1, length)))
+        groups.append(rows[start:end])
+        start = end
+    return [padded(group, pad_id) for group in groups]
+
+
+def padded(rows: list[tuple[torch.Tensor, torch.Tensor | None]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch of (input_ids, labels) rows: padding has attention 0 and label -100."""
+    length, first = len(rows[0][0]), rows[0][0]
+    ids = torch.full((len(rows), length), pad_id, dtype=first.dtype, device=first.device)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=first.device)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=first.dtype, device=first.device)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, :len(row_ids)], mask[i, :len(row_ids)] = row_ids, 1
+        if row_labels is not None:
+            labels[i, :len(row_ids)] = row_labels
+    batch = {"input_ids": ids, "attention_mask": mask}
+    return batch if rows[0][1] is None else batch | {"labels": labels}
 
 
 def get_comlora_model(model: nn.Module, config: ComLoraConfig) -> ComLoraModel:
