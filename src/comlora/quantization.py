@@ -14,6 +14,7 @@ merge after such a forward is a wrong model. ``standard_4bit_layout`` keeps ever
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import sys
 
@@ -47,6 +48,24 @@ def is_quantized(model: nn.Module) -> bool:
     """True when ``model`` was loaded with a bitsandbytes quantization config (and not dequantized since)."""
     return bool(getattr(model, "is_quantized", False)) and getattr(model, "hf_quantizer", None) is not None \
         and (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+# the BitsAndBytesConfig fields that decide the quantized weights and how their layers compute
+RECORDED_FIELDS = {4: ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
+                       "bnb_4bit_quant_storage"),
+                   8: ("load_in_8bit", "llm_int8_threshold")}
+
+
+def quantization_record(model: nn.Module) -> dict | None:
+    """How a quantized ``model`` was quantized, for model cards and winner.json: ``{"bits", "library",
+    "BitsAndBytesConfig": {field: value}}``; None for a model that is not quantized."""
+    if not is_quantized(model):
+        return None
+    config = model.config.quantization_config
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    bits = 4 if values.get("load_in_4bit") else 8
+    return {"bits": bits, "library": f"bitsandbytes=={importlib.metadata.version('bitsandbytes')}",
+            "BitsAndBytesConfig": {name: values[name] for name in RECORDED_FIELDS[bits] if name in values}}
 
 
 def weight_count(parameter: torch.Tensor) -> int:

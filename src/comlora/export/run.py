@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from comlora.provenance import base_model_record, write_model_card
+from comlora.quantization import quantization_record
 from comlora.methods.comlora.model import ComLoraModel
 from comlora.training.runs import reload_method
 
@@ -13,6 +14,7 @@ from comlora.training.runs import reload_method
 def export_run(run: str | Path, out: Path, component: int | None = None, merge: bool = False) -> str:
     """Write the export into the folder ``out`` (with a model card naming the base weights); returns what was exported."""
     method, tokenizer, cfg = reload_method(run)
+    record = base_model_record(cfg.model, quantization_record(method.model))    # before a merge dequantizes it
     if isinstance(method, ComLoraModel):
         component = method.resolve_component(component)
         if merge:
@@ -21,7 +23,7 @@ def export_run(run: str | Path, out: Path, component: int | None = None, merge: 
             tokenizer.save_pretrained(out)
         else:
             method.export_adapter(out, component)
-        write_model_card(out, base_model_record(cfg.model), "transformers" if merge else "peft")
+        write_model_card(out, record, "transformers" if merge else "peft")
         return f"exported component {component}{' merged' if merge else ''}"
     if component not in (None, 0):
         raise ValueError(f"a {cfg.method} run has no components to choose from")
@@ -37,5 +39,5 @@ def export_run(run: str | Path, out: Path, component: int | None = None, merge: 
         tokenizer.save_pretrained(out)
     else:
         method.save(out)
-    write_model_card(out, base_model_record(cfg.model), "transformers" if merge else "peft")
+    write_model_card(out, record, "transformers" if merge else "peft")
     return f"exported {cfg.method}{' merged' if merge else ''}"

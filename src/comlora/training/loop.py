@@ -32,6 +32,7 @@ from comlora.base_models import load_model_and_tokenizer, resolve_device
 from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
 from comlora.data.items import collate
 from comlora.provenance import base_model_record, write_model_card
+from comlora.quantization import quantization_record
 from comlora.methods.comlora.model import ComLoraModel
 from comlora.methods.registry import build_method
 from comlora.storage import json_line, write_json, write_text
@@ -277,7 +278,8 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
     built in RUN/.final-save, fsynced and moved into the run, then complete.json (run_dir.final_save).
     Until then the last step's checkpoint is what a resume starts from."""
     method.eval()
-    record = base_model_record(cfg.model)   # the base weights, named in winner.json and the adapter's card
+    # the base weights (and their quantization), named in winner.json and the adapter's card
+    record = base_model_record(cfg.model, quantization_record(method.model))
     batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
     with final_save(run) as final:
         write_json(final / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
