@@ -36,6 +36,28 @@ def bnb_quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtyp
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def use_exact_4bit_forward(model: nn.Module) -> nn.Module:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on y = x dequant(W0)^T in its compute dtype, in training and
+    in evaluation alike; returns ``model``.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weight the first time it runs in eval mode
+    without gradients and from then on computes in bfloat16 (its ``support_avx512bf16_for_cpu`` path): evaluation
+    then differs from what training computed (0.4% relative on a SmolLM2 q_proj), a deep copy of the model reports
+    bfloat16, and layers narrower than the quantization block (64 inputs) fail to repack. Switching the path off
+    makes every CPU compute what this one does; a layer already repacked is unpacked first.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse   # what bnb's own save uses
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return model
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True when ``model`` was loaded with a bitsandbytes quantization config (and not dequantized since)."""
     return bool(getattr(model, "is_quantized", False)) and getattr(model, "hf_quantizer", None) is not None \

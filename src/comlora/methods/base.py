@@ -16,6 +16,7 @@ from comlora.methods.checkpointing import ActivationCheckpointing
 from comlora.methods.injection import inject_linear_layers
 from comlora.methods.losses import mean_lm_loss
 from comlora.methods.saved_state import check_weights_fit, config_from_file
+from comlora.quantization import use_exact_4bit_forward
 from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
 
 TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against "
@@ -75,7 +76,7 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
 
     def __init__(self, model: nn.Module, config) -> None:
         super().__init__()
-        self.model = model
+        self.model = use_exact_4bit_forward(model)
         self.config = config
         self.injected: dict[str, nn.Module] = {}
 
