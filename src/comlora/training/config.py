@@ -46,6 +46,8 @@ class TrainConfig(ConfigDict):
     train_per_task: int = field(default=25, metadata={"help": "commonsense-mini training items per task."})
     eval_size: int = field(default=100, metadata={"help": "commonsense-mini evaluation items reserved per task (never trained on)."})
     val_size: int = field(default=120, metadata={"help": "Validation items for winner selection (the paper's 120)."})
+    train_size: int = field(default=0, metadata={"help": "Training items used, drawn at random with the data seed "
+                            "from what `data` gives (0 = all); commonsense-mini sizes itself with train_per_task."})
     history_turns: int | None = field(default=None, metadata={"help": "ConvAI2 data: earlier turn pairs in each prompt (None = all)."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training item (prompt + response)."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens (else they are masked with -100)."})
@@ -95,7 +97,7 @@ class TrainConfig(ConfigDict):
         self.validate(self.integer_checks(["num_components", "r", "cutoff_len", "batch_size", "grad_accum", "epochs",
                                            "window", "keep_checkpoints", "val_size", "max_nonfinite_steps"], 1)
                       + self.integer_checks(["max_steps", "save_every", "warmup_steps", "train_per_task", "eval_size",
-                                             "seed"], 0)
+                                             "seed", "train_size"], 0)
                       + [(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}"),
                          (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")])
         for f in fields(self):         # every field with a fixed set of values
@@ -123,6 +125,9 @@ class TrainConfig(ConfigDict):
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
         if not isinstance(self.method_options, dict):
             raise ValueError(f"TrainConfig: method_options must be a mapping, got {self.method_options!r}")
+        if self.train_size and self.data == "commonsense-mini":
+            raise ValueError("TrainConfig: commonsense-mini draws train_per_task items per task; train_size is for "
+                             "the other data sources")
 
 
     @property
