@@ -74,8 +74,8 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
 
 def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop_after: int | None,
            run_lock: ExitStack) -> Path:
-    accelerator = accelerator or Accelerator(
-        cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
+    accelerator = accelerator or Accelerator(     # cpu=True for `auto` on a CPU too: else torchrun's processes run alone
+        cpu=resolve_device(cfg.device).type == "cpu", mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=tracker_logging_dir(cfg.out)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     use_fsdp_on_cpu(accelerator)
