@@ -10,11 +10,32 @@ on a fresh unsharded copy of the method (``unsharded_method``).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
+
+
+def with_launcher_mixed_precision(cfg, environ=os.environ):
+    """``cfg`` with its mixed precision resolved: ``cfg.mixed_precision`` if set, else the launcher's (``accelerate
+    launch`` hands its config's ``mixed_precision`` to the processes as ``ACCELERATE_MIXED_PRECISION``), else ``no``.
+    A set value that contradicts a precision the launcher chose is refused; the launcher's ``no`` is also its default
+    when nothing was chosen, so there a set value stands."""
+    from comlora.training.config import MIXED_PRECISION
+
+    launcher = environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
+    source = f"the launcher's mixed precision {launcher} (accelerate launch's mixed_precision, in " \
+             "ACCELERATE_MIXED_PRECISION)"
+    if cfg.mixed_precision is None:
+        if launcher not in (None, *MIXED_PRECISION):
+            raise ValueError(f"{source} is not supported by comlora train: use one of {', '.join(MIXED_PRECISION)}")
+        return replace(cfg, mixed_precision=launcher or "no")
+    if launcher not in (None, "no", cfg.mixed_precision):
+        raise ValueError(f"--mixed-precision {cfg.mixed_precision} contradicts {source}: give it once, either drop "
+                         f"--mixed-precision (mixed_precision in --config) or change the accelerate config")
+    return cfg
 
 
 def use_fsdp_on_cpu(accelerator: Accelerator) -> None:

@@ -40,7 +40,7 @@ from comlora.training.checkpoints import resume_from_checkpoint, rng_state, save
 from comlora.training.config import TrainConfig
 from comlora.training.data import load_training_data
 from comlora.training.distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options,
-                                          unsharded_method, use_fsdp_on_cpu)
+                                          unsharded_method, use_fsdp_on_cpu, with_launcher_mixed_precision)
 from comlora.training.processes import on_main_process
 from comlora.training.run_dir import CHECKPOINTS, RunError, check_run_dir, checkpoint_dirs, final_save, open_run_dir
 from comlora.training.tracking import TRACKER_PROJECT, tracker_config, tracker_logging_dir, tracker_values
@@ -65,6 +65,7 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
           stop_after: int | None = None) -> Path:
     """Train ``cfg.method`` as configured; returns the run directory. ``stop_after`` ends the loop early
     after that many optimizer steps (as a kill would), leaving the run resumable."""
+    cfg = with_launcher_mixed_precision(cfg)
     if cfg.mixed_precision == "fp16" and resolve_device(cfg.device).type != "cuda":
         raise ValueError("--mixed-precision fp16 needs a CUDA GPU (its loss scaling is for CUDA); on this device use "
                          "--mixed-precision bf16 or no")
@@ -74,7 +75,7 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
 
 def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop_after: int | None,
            run_lock: ExitStack) -> Path:
-    accelerator = accelerator or Accelerator(     # cpu=True for `auto` on a CPU too: else torchrun's processes run alone
+    accelerator = accelerator or Accelerator(     # cpu=True for `auto` on a CPU too, else each process runs alone
         cpu=resolve_device(cfg.device).type == "cpu", mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=tracker_logging_dir(cfg.out)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
