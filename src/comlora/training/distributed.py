@@ -4,7 +4,8 @@ with one of ``examples/accelerate/*.yaml``.
 While sharded, a process holds only its slice of each weight, so the loop cannot save or select a winner on one
 process with the model it trained: at the end every process gathers the trainable tensors whole
 (``full_trainable_state``, a collective) and the main process finishes the run (save, winner selection, export)
-on a fresh unsharded copy of the method (``unsharded_method``).
+on a fresh unsharded copy of the method (``unsharded_method``). Checkpoints are Accelerate's ``save_state``
+(``checkpoints.save_sharded_checkpoint``).
 """
 
 from __future__ import annotations
@@ -58,12 +59,8 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def refuse_unsupported_sharded_options(accelerator: Accelerator, cfg, resume: bool) -> None:
-    """Checkpoints (``--save-every``, ``--resume``) would hold each process's shards: not supported while sharded;
-    under DeepSpeed the loop runs one micro-batch per optimizer step."""
-    if is_sharded(accelerator) and (cfg.save_every or resume):
-        raise ValueError(f"{accelerator.distributed_type.value} training does not write or resume checkpoints yet: "
-                         "run it without --save-every and --resume (the final state/ is still saved)")
+def refuse_unsupported_sharded_options(accelerator: Accelerator, cfg) -> None:
+    """Under DeepSpeed the loop runs one micro-batch per optimizer step."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum != 1:
         raise ValueError("with DeepSpeed, comlora train runs one micro-batch per optimizer step: use --grad-accum 1 "
                          "(and a larger --batch-size)")
