@@ -61,7 +61,8 @@ def test_sft_trainer_trains_comlora_on_chat_data(tmp_path):
 
 
 def test_an_sft_trainer_without_an_eval_dataset_is_refused_before_training(tmp_path):
-    cm = get_comlora_model(make_tiny_llama(vocab=TINY_TEXT_VOCAB), ComLoraConfig(num_components=2, r=4, selector_heads=4))
+    cm = get_comlora_model(make_tiny_llama(vocab=TINY_TEXT_VOCAB),
+                           ComLoraConfig(num_components=2, r=4, selector_heads=4))
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="ComLoraSFTTrainer needs an eval_dataset: ComLoRA selects its winner on it"):
         ComLoraSFTTrainer(model=cm, args=args, train_dataset=chats(4), processing_class=make_tokenizer())

@@ -143,8 +143,8 @@ def resume_from_checkpoint(run: Path, method: nn.Module, optimizer, scheduler, p
     checkpoint that does not fit the method stops the resume (CheckpointMismatch) and nothing is touched."""
     problems = []
     for path in reversed(checkpoint_dirs(run)):
-        if sharding_of(path):
-            raise RunError(f"checkpoint {path} was written by a sharded ({sharding_of(path)}) run: resume it as it was "
+        if sharding := sharding_of(path):
+            raise RunError(f"checkpoint {path} was written by a sharded ({sharding}) run: resume it as it was "
                            f"trained, with accelerate launch and the same accelerate config")
         try:
             step = load_checkpoint(path, method, optimizer, scheduler, process_index)

@@ -18,14 +18,14 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
+from comlora.training.config import MIXED_PRECISION
+
 
 def with_launcher_mixed_precision(cfg, environ=os.environ):
     """``cfg`` with its mixed precision resolved: ``cfg.mixed_precision`` if set, else the launcher's (``accelerate
     launch`` hands its config's ``mixed_precision`` to the processes as ``ACCELERATE_MIXED_PRECISION``), else ``no``.
     A set value that contradicts a precision the launcher chose is refused; the launcher's ``no`` is also its default
     when nothing was chosen, so there a set value stands."""
-    from comlora.training.config import MIXED_PRECISION
-
     launcher = environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
     source = f"the launcher's mixed precision {launcher} (accelerate launch's mixed_precision, in " \
              "ACCELERATE_MIXED_PRECISION)"

@@ -135,8 +135,8 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
         lines = metrics_file.read_text().splitlines() if resume and metrics_file.exists() else []
         write_text(metrics_file, "".join(l + "\n" for l in lines if (seen := _step_of(l)) is not None and seen <= step))
 
-    def checkpoint(at_step: int) -> None:       # every process hands in its random state; the main one writes
-        if is_sharded(accelerator):
+    def checkpoint(at_step: int) -> None:   # every process hands in its random state, the main one writes (sharded:
+        if is_sharded(accelerator):         # Accelerate's save_state, every process writes its part)
             save_sharded_checkpoint(accelerator, run, method, at_step, cfg.keep_checkpoints)
             return
         on_main_process(accelerator, save_checkpoint, run, method, optimizer, scheduler, at_step, cfg.keep_checkpoints,
