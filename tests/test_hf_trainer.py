@@ -100,18 +100,21 @@ class StopAt(TrainerCallback):
 def test_checkpoints_hold_the_trainable_state_and_resume_exactly(tmp_path):
     train_set, val_set = examples(24, seed=1), examples(4, seed=2)
     straight = comlora_model()
-    ComLoraTrainer(model=straight, args=arguments(tmp_path / "a"), train_dataset=train_set).train()
+    ComLoraTrainer(model=straight, args=arguments(tmp_path / "a"), train_dataset=train_set,
+                   eval_dataset=val_set).train()
 
     interrupted = comlora_model()
     args = arguments(tmp_path / "b", save_strategy="steps", save_steps=2)
-    ComLoraTrainer(model=interrupted, args=args, train_dataset=train_set, callbacks=[StopAt(2)]).train()
+    ComLoraTrainer(model=interrupted, args=args, train_dataset=train_set, eval_dataset=val_set,
+                   callbacks=[StopAt(2)]).train()
     checkpoint = tmp_path / "b" / "out" / "checkpoint-2"
     weights = load_file(str(checkpoint / "comlora_model.safetensors"))
     assert set(weights) == set(interrupted.state_tensors())                # trainable state only, no base weight
     assert not list(checkpoint.glob("model*.safetensors"))
 
     resumed = comlora_model()
-    ComLoraTrainer(model=resumed, args=args, train_dataset=train_set).train(resume_from_checkpoint=str(checkpoint))
+    ComLoraTrainer(model=resumed, args=args, train_dataset=train_set,
+                   eval_dataset=val_set).train(resume_from_checkpoint=str(checkpoint))
     a, b = state(straight), state(resumed)
     assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))
     for k in a:
@@ -119,11 +122,12 @@ def test_checkpoints_hold_the_trainable_state_and_resume_exactly(tmp_path):
 
 
 def test_training_arguments_gradient_checkpointing_gives_the_same_training(tmp_path):
-    train_set = examples(8, seed=1)
+    train_set, val_set = examples(8, seed=1), examples(4, seed=2)
     plain, checkpointed = comlora_model(), comlora_model()
-    ComLoraTrainer(model=plain, args=arguments(tmp_path / "p", max_steps=2), train_dataset=train_set).train()
+    ComLoraTrainer(model=plain, args=arguments(tmp_path / "p", max_steps=2), train_dataset=train_set,
+                   eval_dataset=val_set).train()
     ComLoraTrainer(model=checkpointed, args=arguments(tmp_path / "c", max_steps=2, gradient_checkpointing=True),
-                   train_dataset=train_set).train()
+                   train_dataset=train_set, eval_dataset=val_set).train()
     assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
     a, b = state(plain), state(checkpointed)
     for k in a:
@@ -131,14 +135,14 @@ def test_training_arguments_gradient_checkpointing_gives_the_same_training(tmp_p
 
 
 def test_training_arguments_bf16_runs_the_forward_in_bfloat16(tmp_path):
-    train_set = examples(8, seed=1)
+    train_set, val_set = examples(8, seed=1), examples(4, seed=2)
     runs = {}
     for name, options in (("fp32", {}), ("bf16", {"bf16": True})):
         cm = comlora_model()
         dtypes = set()
         cm.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
         trainer = ComLoraTrainer(model=cm, args=arguments(tmp_path / name, max_steps=2, **options),
-                                 train_dataset=train_set)
+                                 train_dataset=train_set, eval_dataset=val_set)
         trainer.train()
         runs[name] = ([e["lm"] for e in trainer.state.log_history if "lm" in e], dtypes)
     assert runs["fp32"][1] == {torch.float32} and runs["bf16"][1] == {torch.bfloat16}
@@ -148,11 +152,16 @@ def test_training_arguments_bf16_runs_the_forward_in_bfloat16(tmp_path):
 
 def test_a_model_that_is_not_comlora_or_a_batch_without_labels_is_a_clear_error(tmp_path):
     with pytest.raises(TypeError, match="trains a ComLoraModel"):
-        ComLoraTrainer(model=make_tiny_llama(), args=arguments(tmp_path))
+        ComLoraTrainer(model=make_tiny_llama(), args=arguments(tmp_path), eval_dataset=examples(4, seed=2))
     unlabeled = Dataset.from_list([{"text": "a"}])
     trainer = ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path, remove_unused_columns=False),
-                             train_dataset=unlabeled)
+                             train_dataset=unlabeled, eval_dataset=unlabeled)
     with pytest.raises(ValueError, match="has no input_ids"):
         trainer.train()
-    with pytest.raises(ValueError, match="eval_dataset"):
-        trainer.save_model(str(tmp_path / "nowhere"))
+
+
+def test_a_trainer_without_an_eval_dataset_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"ComLoraTrainer needs an eval_dataset: ComLoRA selects its winner on it "
+                                         r"\(evaluate\(\), save_model\(\)\); hold out part of your data"):
+        ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), train_dataset=examples(8, seed=1))
+    assert not (tmp_path / "out").exists()

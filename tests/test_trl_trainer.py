@@ -60,8 +60,17 @@ def test_sft_trainer_trains_comlora_on_chat_data(tmp_path):
     assert (tmp_path / "winner" / "adapter_model.safetensors").is_file()
 
 
+def test_an_sft_trainer_without_an_eval_dataset_is_refused_before_training(tmp_path):
+    cm = get_comlora_model(make_tiny_llama(vocab=TINY_TEXT_VOCAB),
+                           ComLoraConfig(num_components=2, r=4, selector_heads=4))
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="ComLoraSFTTrainer needs an eval_dataset: ComLoRA selects its winner on it"):
+        ComLoraSFTTrainer(model=cm, args=args, train_dataset=chats(4), processing_class=make_tokenizer())
+
+
 def test_packing_is_refused_with_a_reason(tmp_path):
     cm = get_comlora_model(make_tiny_llama(vocab=TINY_TEXT_VOCAB), ComLoraConfig(num_components=2, r=4, selector_heads=4))
     args = SFTConfig(output_dir=str(tmp_path), packing=True, use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="does not support packing"):
-        ComLoraSFTTrainer(model=cm, args=args, train_dataset=chats(4), processing_class=make_tokenizer())
+        ComLoraSFTTrainer(model=cm, args=args, train_dataset=chats(4), eval_dataset=chats(2, offset=50),
+                          processing_class=make_tokenizer())

@@ -78,8 +78,10 @@ class TrainConfig(ConfigDict):
     retain_cpu_memory: bool = field(default=True, metadata={"help": "CPU runs on Linux: keep freed memory in the process "
                                     "heap for the next step instead of returning it to the OS (glibc mallopt), which saves "
                                     "re-faulting every step's activations; the resident size stays at its peak."})
-    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision; fp16 is CUDA only (loss "
-                                 "scaling by Accelerate, trainable tensors stay float32).", "choices": MIXED_PRECISION})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "Accelerate mixed precision; None = the launcher's (accelerate launch's mixed_precision) or no, and a "
+                "value contradicting the launcher's is refused (the resolved value goes to config.yaml); fp16 is CUDA "
+                "only (loss scaling by Accelerate, trainable tensors stay float32).", "choices": MIXED_PRECISION})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in the backward pass "
                                          "instead of keeping its activations (non-reentrant): less memory, one more forward."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the frozen base in 4 bits (bitsandbytes nf4, "
@@ -100,8 +102,9 @@ class TrainConfig(ConfigDict):
                                              "seed", "train_size"], 0)
                       + [(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}"),
                          (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")])
-        for f in fields(self):         # every field with a fixed set of values
-            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
+        for f in fields(self):         # every field with a fixed set of values (or None where that is the default)
+            value = getattr(self, f.name)
+            if "choices" in f.metadata and value not in f.metadata["choices"] and (value, f.default) != (None, None):
                 raise ValueError(f"TrainConfig: {f.name} must be one of {', '.join(f.metadata['choices'])}, "
                                  f"got {getattr(self, f.name)!r}")
         if self.data_seed is not None and (not isinstance(self.data_seed, int) or isinstance(self.data_seed, bool)
@@ -109,7 +112,7 @@ class TrainConfig(ConfigDict):
             raise ValueError(f"TrainConfig: data_seed must be None (= seed) or an integer >= 0, got {self.data_seed!r}")
         if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
             raise ValueError(f"TrainConfig: top_n must be None (= K) or an integer >= 1, got {self.top_n!r}")
-        if self.dtype in ("float16", "fp16") and self.mixed_precision != "fp16":
+        if self.dtype in ("float16", "fp16") and self.mixed_precision not in ("fp16", None):   # None: checked resolved
             raise ValueError("TrainConfig: float16 training needs loss scaling: add --mixed-precision fp16 (CUDA), "
                              "or use bfloat16 or float32")
         if self.load_in_4bit and self.load_in_8bit:

@@ -10,8 +10,9 @@ whatever the Trainer wraps it in (DDP, mixed precision, ...) sees one module and
   loss and accumulated similarity; ``eval_loss`` is the winner's validation loss;
 - checkpoints hold the trainable state only (every component and the selector: ``comlora_model.safetensors``)
   and ``train(resume_from_checkpoint=...)`` restores it;
-- ``save_model(dir)`` selects the winner on ``eval_dataset`` and writes it as a PEFT adapter
-  (``adapter_config.json`` + ``adapter_model.safetensors``), with ``winner.json`` and the full ComLoRA state.
+- ``eval_dataset`` is required (refused at construction without one): ``save_model(dir)`` selects the winner on it
+  and writes it as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), with ``winner.json``
+  and the full ComLoRA state.
 """
 
 from __future__ import annotations
@@ -104,10 +105,14 @@ class ComLoraTrainerMixin:
     comlora_model: ComLoraModel
     winner_report: WinnerReport | None = None
 
-    def _start_comlora(self, comlora_model: ComLoraModel) -> None:
+    def _start_comlora(self, comlora_model: ComLoraModel, eval_dataset) -> None:
         if not isinstance(comlora_model, ComLoraModel):
             raise TypeError(f"{type(self).__name__} trains a ComLoraModel (get_comlora_model(base, ComLoraConfig(...))), "
                             f"got {type(comlora_model).__name__}")
+        if eval_dataset is None:      # refused now, not after training, when save_model has nothing to select on
+            raise ValueError(f"{type(self).__name__} needs an eval_dataset: ComLoRA selects its winner on it "
+                             "(evaluate(), save_model()); hold out part of your data for it, e.g. with "
+                             "dataset.train_test_split(test_size=...)")
         self.comlora_model = comlora_model
         self._comlora_parts: dict[str, list] = defaultdict(list)
 
@@ -246,7 +251,7 @@ class ComLoraTrainer(ComLoraTrainerMixin, Trainer):
 
     def __init__(self, model: ComLoraModel, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs) -> None:
-        self._start_comlora(model)
+        self._start_comlora(model, eval_dataset)
         if data_collator is None:
             data_collator = PaddingCollator(pad_token_id_of(model, processing_class))
         super().__init__(model=CompetitionObjective(model), args=args, data_collator=data_collator,

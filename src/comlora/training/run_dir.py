@@ -132,9 +132,14 @@ def commit_folder(tmp: Path, final: Path, replace: bool = True) -> Path:
     return final
 
 
+def temp_folder(final: Path) -> Path:
+    """The ``.tmp-<name>`` folder beside ``final`` in which ``final`` is built."""
+    return final.parent / f".tmp-{final.name}"
+
+
 def new_temp_folder(final: Path) -> Path:
-    """An empty ``.tmp-<name>`` folder beside ``final`` (one a crash left there is removed first)."""
-    tmp = final.parent / f".tmp-{final.name}"
+    """An empty ``temp_folder(final)`` (one a crash left there is removed first)."""
+    tmp = temp_folder(final)
     if tmp.exists():
         remove(tmp)
     tmp.mkdir(parents=True)

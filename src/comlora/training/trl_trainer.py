@@ -24,7 +24,7 @@ class ComLoraSFTTrainer(ComLoraTrainerMixin, SFTTrainer):
 
     def __init__(self, model: ComLoraModel, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs) -> None:
-        self._start_comlora(model)
+        self._start_comlora(model, eval_dataset)
         if args is not None and (getattr(args, "packing", False) or getattr(args, "padding_free", False)):
             raise ValueError("ComLoraSFTTrainer does not support packing or padding_free: the competition runs each "
                              "sample under its own attention mask; set packing=False and padding_free=False")
