@@ -17,9 +17,12 @@ import yaml
 import comlora.study.runner as study_module
 from comlora.cli import main
 from comlora.study.runner import run_study
-from comlora.study.report import (TASKS, Paired, RecordedRun, answer_habits, at_least_k_successes, block_bootstrap,
-                                  fixed_answer_accuracy, load_paper, loss_comparison, p_text, paired_bootstrap,
-                                  sign_test, uniform_choice_accuracy, write_report)
+from comlora.study.cells import p_text
+from comlora.study.comparisons import Paired, loss_comparison
+from comlora.study.records import (TASKS, RecordedRun, answer_habits, fixed_answer_accuracy, load_paper,
+                                   uniform_choice_accuracy)
+from comlora.study.report import write_report
+from comlora.study.statistics import at_least_k_successes, block_bootstrap, paired_bootstrap, sign_test
 from conftest import make_tiny_text_model, write_commonsense_root
 
 PAPER = "experiments/study/paper-numbers.json"

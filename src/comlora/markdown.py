@@ -14,7 +14,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if len(row) != len(header):
-            raise ValueError(f"a table row has {len(row)} cells for {len(header)} columns ({list(header)}): {list(row)}")
+            raise ValueError(f"a table row has {len(row)} cells for {len(header)} columns ({list(header)}): "
+                             f"{list(row)}")
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from comlora.evaluation.results import component_label
 from comlora.storage import write_json, write_text
 from comlora.training.config import TrainConfig, load_yaml
 
@@ -140,7 +140,7 @@ def missing_evaluations(run: Path, exp: Experiment, cfg: TrainConfig) -> list[li
     have = [p.name for p in (run / "eval").glob("commonsense-*.json")]
     if exp.components == "all" and cfg.method == "comlora":
         def done(k: int) -> bool:
-            return any(re.fullmatch(rf"commonsense-{re.escape(run.name)}-component{k}(-winner)?\.json", n) for n in have)
+            return any(f"commonsense-{component_label(run.name, k, winner)}.json" in have for winner in (False, True))
         return [["eval", "--run", str(run), "--components", str(k), *EVAL_FLAGS]
                 for k in range(cfg.num_components) if not done(k)]
     return [] if have else [["eval", "--run", str(run), "--components", exp.components, *EVAL_FLAGS]]
