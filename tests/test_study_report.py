@@ -119,6 +119,23 @@ def test_figure2_loss_comparison_by_hand(tmp_path):
     assert loss_comparison([run("no-metrics", [])], [lora], block=1) is None        # nothing to compare: no verdict
 
 
+def test_figure2_leaves_out_the_steps_skipped_for_a_non_finite_loss(tmp_path):
+    """A skipped step (metrics.jsonl "skipped": true, its losses written as null) updated no weight: Figure 2's d_t
+    leaves it out, as the figures do (plots.read_metrics); steps 1-2 as in the test above, d = -0.1, +0.1."""
+    def run(name, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return RecordedRun(experiment=name, seed=0, path=tmp_path / name, record={}, config=None, parameters=None,
+                           winner=None, decision=None, evals={})
+
+    lora = run("lora", [{"step": 1, "lm": 1.1}, {"step": 2, "lm": None, "skipped": True}, {"step": 3, "lm": 1.0}])
+    comlora = run("comlora", [{"step": 1, "component_loss": [1.0, 1.2]},
+                              {"step": 2, "component_loss": [None, 0.7], "skipped": True},
+                              {"step": 3, "component_loss": [0.8, 0.9]}])
+    c = loss_comparison([comlora], [lora], block=1)
+    assert (c.steps, c.every_lower) == (2, 1) and c.difference == pytest.approx(0.0, abs=1e-12)
+
+
 def test_an_interval_that_rounds_to_zero_is_printed_plus_zero():
     c = Paired(seeds=[0], items=800, accuracy_a=35.0, accuracy_b=35.04, difference=-0.04, ci_low=-1.06, ci_high=0.96,
                p_bootstrap=0.9, a_better=10, b_better=10, p_sign=1.0)
