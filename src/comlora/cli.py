@@ -164,6 +164,7 @@ def evaluation_targets(args: argparse.Namespace):
     """Yield (label, model, tokenizer) for every model the eval command names."""
     from comlora.methods.comlora.model import ComLoraModel
     from comlora.base_models import load_model_and_tokenizer
+    from comlora.evaluation.results import component_label
     from comlora.training.runs import reload_method
 
     if args.backend == "llama.cpp":
@@ -177,7 +178,7 @@ def evaluation_targets(args: argparse.Namespace):
             return
         for k in chosen_components(method, args.components):
             with method.use_component(k):
-                yield f"{name}-component{k}" + ("-winner" if k == method.winner else ""), method, tokenizer
+                yield component_label(name, k, k == method.winner), method, tokenizer
         return
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     if args.adapter:
@@ -199,6 +200,7 @@ def llama_cpp_targets(args: argparse.Namespace):
     """Yield (label, LlamaCppGenerator, None) for ``--backend llama.cpp``: a run's components or LoRA through a
     GGUF adapter on its base GGUF, or ``--model`` (the default or a .gguf file) with an optional GGUF ``--adapter``."""
     from comlora.evaluation.llama_cpp import LlamaCppGenerator, gguf_model_path, run_generator
+    from comlora.evaluation.results import component_label
     from comlora.methods.comlora.model import ComLoraModel
     from comlora.training.runs import reload_method
 
@@ -209,7 +211,7 @@ def llama_cpp_targets(args: argparse.Namespace):
             yield from freed_after_use(f"{name}-llama.cpp", run_generator(method, cfg.model))
             return
         for k in chosen_components(method, args.components):
-            label = f"{name}-component{k}" + ("-winner" if k == method.winner else "") + "-llama.cpp"
+            label = component_label(name, k, k == method.winner) + "-llama.cpp"
             yield from freed_after_use(label, run_generator(method, cfg.model, k))
         return
     if args.adapter and Path(args.adapter).suffix != ".gguf":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from comlora import markdown
 from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.items import format_prompt
 from comlora.evaluation.generation import generate_texts
@@ -64,11 +65,9 @@ def evaluate_commonsense(model, tokenizer, evaluation: dict[str, list[dict]], li
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per evaluated model: accuracy per task and the average (the paper's Table 3 columns)."""
     tasks = list(next(iter(results.values()))["tasks"])
-    lines = ["| model | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
-    for name, result in results.items():
-        cells = [f"{result['tasks'][t]['accuracy']:.1f}" for t in tasks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['average']:.1f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[name, *[f"{result['tasks'][t]['accuracy']:.1f}" for t in tasks], f"{result['average']:.1f}"]
+            for name, result in results.items()]
+    return markdown.table(["model", *tasks, "avg"], rows) + "\n"
 
 
 def add_arguments(group) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from comlora import markdown
 from comlora.data.convai2 import CONVAI2_FILE, SPLIT_NAMES, convai2_examples, load_convai2, split_dialogues
 from comlora.data.items import format_prompt
 from comlora.evaluation.generation import generate_texts
@@ -46,11 +47,9 @@ def markdown_table(results: dict[str, dict]) -> str:
     names = {"bleu": "BLEU", "meteor": "METEOR", "rouge_l": "R-L", "bertscore_f1": "BERT F1", "bertscore_r": "BERT R",
              "bertscore_p": "BERT P", "average": "Average"}
     keys = list(TABLE_METRICS) + ["average"]
-    lines = ["| model | " + " | ".join(names[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, r in results.items():
-        cells = ["-" if r["metrics"][k] is None else f"{r['metrics'][k]:.2f}" for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[name, *["-" if r["metrics"][k] is None else f"{r['metrics'][k]:.2f}" for k in keys]]
+            for name, r in results.items()]
+    return markdown.table(["model", *[names[k] for k in keys]], rows) + "\n"
 
 
 def add_arguments(group) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import yaml
 
+from comlora.evaluation.results import component_label
 from comlora.storage import write_json, write_text
 from comlora.training.config import TrainConfig, load_yaml
 
@@ -176,7 +176,8 @@ def missing_evaluations(run: Path, exp: Experiment, cfg: TrainConfig,
         have = [p.name for p in folder.glob("*.json")]
         if exp.components == "all" and cfg.method == "comlora":
             def done(k: int) -> bool:
-                return any(re.fullmatch(rf"[a-z0-9]+-{re.escape(run.name)}-component{k}(-winner)?\.json", n) for n in have)
+                return any(n.endswith(f"-{component_label(run.name, k, winner)}.json") for n in have
+                           for winner in (False, True))
             commands += [["eval", "--run", str(run), "--components", str(k), *flags, *out]
                          for k in range(cfg.num_components) if not done(k)]
         elif not have:
