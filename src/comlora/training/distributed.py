@@ -16,6 +16,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
+from comlora.training.clipping import refuse_unsupported_clipping
+
 
 def use_fsdp_on_cpu(accelerator: Accelerator) -> None:
     """CPU processes started by ``accelerate launch`` with an FSDP config (``ACCELERATE_USE_FSDP=true``): Accelerate
@@ -39,7 +41,9 @@ def is_sharded(accelerator: Accelerator) -> bool:
 
 def refuse_unsupported_sharded_options(accelerator: Accelerator, cfg, resume: bool) -> None:
     """Checkpoints (``--save-every``, ``--resume``) would hold each process's shards: not supported while sharded;
-    under DeepSpeed the loop runs one micro-batch per optimizer step."""
+    under DeepSpeed the loop runs one micro-batch per optimizer step; per-group clipping needs what
+    ``clipping.refuse_unsupported_clipping`` says."""
+    refuse_unsupported_clipping(accelerator, cfg.clip_grad)
     if is_sharded(accelerator) and (cfg.save_every or resume):
         raise ValueError(f"{accelerator.distributed_type.value} training does not write or resume checkpoints yet: "
                          "run it without --save-every and --resume (the final state/ is still saved)")
