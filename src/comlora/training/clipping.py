@@ -32,13 +32,14 @@ else:                   # a build without torch.distributed has no sharded tenso
 def gradient_groups(method: nn.Module, params: list[nn.Parameter]) -> dict[str, list[nn.Parameter]]:
     """The method's parameter groups with a trainable tensor, each as the sub-list of ``params`` (the trainable
     tensors in the order clipping visits them) that belongs to it; a trainable tensor in no group is an error."""
-    group_of = {id(p): name for name, group in method.parameter_groups().items() for p in group.values()}
+    declared = method.parameter_groups()
+    group_of = {id(p): name for name, group in declared.items() for p in group.values()}
     stray = {id(p) for p in params} - set(group_of)
     if stray:
         names = [n for n, p in method.named_parameters() if id(p) in stray]
         raise ValueError(f"{type(method).__name__}: trainable tensors in no parameter group, which per-group "
                          f"clipping would leave out: {names or f'{len(stray)} tensors'}")
-    groups = {name: [p for p in params if group_of[id(p)] == name] for name in method.parameter_groups()}
+    groups = {name: [p for p in params if group_of[id(p)] == name] for name in declared}
     return {name: group for name, group in groups.items() if group}
 
 

@@ -114,7 +114,8 @@ class ComLoraTrainerMixin:
             raise TypeError(f"{type(self).__name__} trains a ComLoraModel (get_comlora_model(base, ComLoraConfig(...))), "
                             f"got {type(comlora_model).__name__}")
         if clip_grad not in CLIP_GRAD:
-            raise ValueError(f"{type(self).__name__}: clip_grad must be one of {', '.join(CLIP_GRAD)}, got {clip_grad!r}")
+            raise ValueError(f"{type(self).__name__}: clip_grad must be one of {', '.join(CLIP_GRAD)}, "
+                             f"got {clip_grad!r}")
         self.comlora_model = comlora_model
         self.clip_grad = clip_grad
         self._comlora_parts: dict[str, list] = defaultdict(list)
