@@ -11,7 +11,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from comlora import ComLoraConfig, ComLoraTrainer, get_comlora_model
 from comlora.data.items import collate
-from conftest import VOCAB, make_tiny_llama
+from conftest import VOCAB, make_tiny_llama, randomise_lora_B
 
 CONFIG = dict(num_components=2, r=4, lora_alpha=8, top_n=2, selector_heads=4, selector_ffn_dim=32,
               selector_dropout=0.0, noise_alpha=0.1, lora_dropout=0.1, seed=3)
@@ -165,3 +165,34 @@ def test_a_trainer_without_an_eval_dataset_is_refused_before_training(tmp_path):
                                          r"\(evaluate\(\), save_model\(\)\); hold out part of your data"):
         ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), train_dataset=examples(8, seed=1))
     assert not (tmp_path / "out").exists()
+
+
+def one_trainer_step(tmp_path, pairwise_weight: float, clip_grad: str):
+    """One optimizer step of ComLoraTrainer at max_grad_norm 1e-3 (clipping active): (the step's log, the state)."""
+    cm = get_comlora_model(make_tiny_llama(seed=0), ComLoraConfig(**{**CONFIG, "noise_alpha": 0.0, "lora_dropout": 0.0,
+                                                                     "pairwise_weight": pairwise_weight}))
+    randomise_lora_B(cm.adapted.values())
+    trainer = ComLoraTrainer(model=cm, args=arguments(tmp_path / f"{clip_grad}-{pairwise_weight}", max_steps=1,
+                                                      max_grad_norm=1e-3), train_dataset=examples(4, seed=1),
+                             eval_dataset=examples(4, seed=2), clip_grad=clip_grad)
+    trainer.train()
+    return next(e for e in trainer.state.log_history if "lm" in e), state(cm)
+
+
+def test_trainer_clips_per_group_by_default_and_joint_on_request(tmp_path):
+    """Per group (the default), a pairwise weight 100 times larger leaves the components' step bit-identical;
+    joint (the Trainer's own way) shrinks it. Each group's norm before clipping is logged beside grad_norm."""
+    steps = {(w, mode): one_trainer_step(tmp_path, w, mode) for w in (1.0, 100.0) for mode in ("per_group", "joint")}
+    log, _ = steps[(1.0, "per_group")]
+    assert log["grad_norm_adapter"] > 1e-3 and log["grad_norm_router"] > 1e-3
+    assert log["grad_norm"] == pytest.approx((log["grad_norm_adapter"] ** 2 + log["grad_norm_router"] ** 2) ** 0.5,
+                                             rel=1e-5)
+    assert steps[(100.0, "joint")][0]["grad_norm_router"] > 50 * log["grad_norm_router"]
+    components = [k for k in steps[(1.0, "per_group")][1] if ".lora_" in k]
+    for mode, same in (("per_group", True), ("joint", False)):
+        a, b = steps[(1.0, mode)][1], steps[(100.0, mode)][1]
+        assert all(torch.equal(a[k], b[k]) for k in components) is same, mode
+    held_out = examples(4, seed=2)
+    assert ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), eval_dataset=held_out).clip_grad == "per_group"
+    with pytest.raises(ValueError, match="ComLoraTrainer: clip_grad must be one of per_group, joint, got 'all'"):
+        ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), eval_dataset=held_out, clip_grad="all")

@@ -15,6 +15,10 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+CLIP_GRAD = ("per_group", "joint")
+# Fields added after runs were recorded, with the value those runs trained with: a run's config.yaml without the
+# field means this value, not today's default (runs.run_config, resuming a run).
+EARLIER_RUN_VALUES = {"clip_grad": "joint"}
 
 
 @dataclass
@@ -56,6 +60,12 @@ class TrainConfig(ConfigDict):
     lr_scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warm-up.", "choices": SCHEDULERS})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+    clip_grad: str = field(default="per_group", metadata={
+        "help": "What max_grad_norm clips: 'per_group' clips each parameter group (the adapter or components; the "
+                "router or selector) to max_grad_norm on its own; 'joint' clips every trainable tensor together (the "
+                "Trainer's way; Study I), where the selector's much larger gradient sets the factor that scales the "
+                "components' gradient. Methods with one group (LoRA) train the same under both.",
+        "choices": CLIP_GRAD})
     max_nonfinite_steps: int = field(default=1, metadata={
         "help": "Stop training with an error (exit code 2, the checkpoints kept) once this many consecutive optimizer "
                 "steps had a loss or gradient norm that is not finite (NaN or inf); such a step updates no weight. "

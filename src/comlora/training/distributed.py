@@ -18,6 +18,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
+from comlora.training.clipping import refuse_unsupported_clipping
 from comlora.training.config import MIXED_PRECISION
 
 
@@ -60,7 +61,9 @@ def is_sharded(accelerator: Accelerator) -> bool:
 
 
 def refuse_unsupported_sharded_options(accelerator: Accelerator, cfg) -> None:
-    """Under DeepSpeed the loop runs one micro-batch per optimizer step."""
+    """Under DeepSpeed the loop runs one micro-batch per optimizer step; per-group clipping needs what
+    ``clipping.refuse_unsupported_clipping`` says."""
+    refuse_unsupported_clipping(accelerator, cfg.clip_grad)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum != 1:
         raise ValueError("with DeepSpeed, comlora train runs one micro-batch per optimizer step: use --grad-accum 1 "
                          "(and a larger --batch-size)")

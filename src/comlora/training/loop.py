@@ -2,7 +2,8 @@
 
 Run directory (``cfg.out``):
   config.yaml         the resolved TrainConfig
-  metrics.jsonl       one line per optimizer step (loss parts, eta, per-component loss, lr, tokens/s, memory)
+  metrics.jsonl       one line per optimizer step (loss parts, eta, per-component loss, gradient norms before
+                      clipping, whole and per parameter group, lr, tokens/s, memory)
   checkpoints/step-N  trainable tensors, optimizer, scheduler, RNG, position (written atomically, fsynced);
                       a sharded run's: Accelerate's save_state (checkpoints.save_sharded_checkpoint)
   state/              the final method state (ComLoRA: every component + selector; LoRA: the PEFT adapter)
@@ -39,6 +40,7 @@ from comlora.storage import json_line, write_json, write_text
 from comlora.training.batches import micro_batches, validation_batches
 from comlora.training.checkpoints import (resume_from_checkpoint, resume_from_sharded_checkpoint, rng_state,
                                          save_checkpoint, save_sharded_checkpoint)
+from comlora.training.clipping import clip_with_accelerator, gradient_groups
 from comlora.training.config import TrainConfig
 from comlora.training.data import load_training_data
 from comlora.training.distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options,
@@ -117,6 +119,7 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
     if is_sharded(accelerator):     # its checkpoints are accelerator.save_state: the scheduler goes in them too
         accelerator.register_for_checkpointing(scheduler)
     params = [p for p in objective.parameters() if p.requires_grad]
+    groups = gradient_groups(method, params)        # what clip_grad per_group clips one by one
     lock = on_main_process(accelerator, open_run_dir, cfg, resume)    # every check passed: lock --out, write config.yaml
     if lock is not None:
         run_lock.enter_context(lock)
@@ -175,8 +178,8 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
                 else:
                     sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
         means = _mean_over_processes(accelerator, sums)
-        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                          else gradient_norm(params))
+        norms = clip_with_accelerator(accelerator, params, groups, cfg.max_grad_norm, cfg.clip_grad)
+        grad_norm = norms["grad_norm"]
         # fp16: the GradScaler skips a step whose gradients overflowed and lowers its scale; that is no divergence
         finite = math.isfinite(means["loss"]) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
         if finite:                      # a non-finite step updates no weight
@@ -186,7 +189,7 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
-        record = {"step": step, **means, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, **means, **norms, "lr": scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens * accelerator.num_processes / seconds, "step_seconds": seconds,
                   "peak_rss_mb": peak_rss_mb()}
         if not finite:
@@ -250,12 +253,6 @@ def decide_early(accelerator: Accelerator, run: Path, method: ComLoraModel, opti
         write_json(run / "decision.json", report.to_dict())
         print(f"early decision at step {step}: component {report.winner} trains alone from here "
               f"(similarity {report.similarity}, validation loss {report.val_loss})", file=sys.stderr)
-
-
-def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """||g||_2 over every parameter's gradient (what clipping measures), without clipping."""
-    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def diverged_message(run: Path, cfg: TrainConfig, step: int, count: int, loss: float, grad_norm: float) -> str:
