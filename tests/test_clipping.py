@@ -210,7 +210,7 @@ def test_per_group_is_refused_where_a_groups_norm_is_not_whole(kind, fsdp2, mess
     refuse_unsupported_clipping(accelerator, "joint")               # joint runs as before
     cfg = TrainConfig()                                             # the loop's check refuses the default
     with pytest.raises(ValueError, match="clip_grad per_group"):
-        refuse_unsupported_sharded_options(accelerator, cfg, resume=False)
+        refuse_unsupported_sharded_options(accelerator, cfg)
     refuse_unsupported_clipping(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True), "per_group")
 
 
