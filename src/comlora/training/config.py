@@ -15,6 +15,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+ANSWER_FORMATS = ("label", "text")
 
 
 @dataclass
@@ -47,6 +48,10 @@ class TrainConfig(ConfigDict):
     eval_size: int = field(default=100, metadata={"help": "commonsense-mini evaluation items reserved per task (never trained on)."})
     val_size: int = field(default=120, metadata={"help": "Validation items for winner selection (the paper's 120)."})
     history_turns: int | None = field(default=None, metadata={"help": "ConvAI2 data: earlier turn pairs in each prompt (None = all)."})
+    answer_format: str = field(default="label", metadata={
+        "help": "Response of commonsense items (commonsense-mini or LLM-Adapters files): 'label', LLM-Adapters' 'the "
+                "correct answer is answer3'; 'text', the correct option's text parsed from the instruction, what "
+                "`comlora eval --scoring loglik` scores.", "choices": ANSWER_FORMATS})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training item (prompt + response)."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens (else they are masked with -100)."})
     lr: float = field(default=3e-4, metadata={"help": "Peak learning rate of AdamW."})
@@ -110,6 +115,9 @@ class TrainConfig(ConfigDict):
         if self.dtype in ("float16", "fp16") and self.mixed_precision != "fp16":
             raise ValueError("TrainConfig: float16 training needs loss scaling: add --mixed-precision fp16 (CUDA), "
                              "or use bfloat16 or float32")
+        if self.answer_format == "text" and (self.data == "convai2" or self.data.split(":")[0] == "mmlu"):
+            raise ValueError(f"TrainConfig: answer_format text applies to commonsense items with options "
+                             f"(commonsense-mini or LLM-Adapters files), not to data {self.data!r}")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("TrainConfig: choose one of load_in_4bit and load_in_8bit")
         if self.report_to is not None:
