@@ -13,7 +13,7 @@ from comlora.data.items import format_prompt, tokenize_item
 from comlora.data.options import parse_options
 from comlora.evaluation.commonsense import evaluate_commonsense_loglik
 from comlora.evaluation.convai2 import evaluate_convai2_loglik
-from comlora.evaluation.loglik import continuation_logliks, encode_pair, multiple_choice, split_pair
+from comlora.evaluation.loglik import continuation_logliks, encode_pair, multiple_choice, shared_prefix, split_pair
 
 from conftest import make_tiny_llama, option_instruction, train_args, write_commonsense_root
 
@@ -75,8 +75,9 @@ def test_encode_pair_keeps_the_context_tokens_when_the_boundary_merges():
 
 
 def test_continuation_logliks_equal_float64_recomputation():
-    """Groups mixing 1- to 300-token contexts and 1- to 9-token continuations (also a batch where every
-    continuation is one token), batch sizes 1, 3 and 8: every sum equals an unpadded float64 forward pass."""
+    """Groups mixing 1- to 300-token contexts and 1- to 9-token continuations, batch sizes 1, 3 and 8, also
+    groups whose continuations are all one token and contexts that share a header: every sum equals an unpadded
+    float64 forward pass."""
     model = make_tiny_llama(seed=4)
     model64 = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(0)
@@ -91,8 +92,13 @@ def test_continuation_logliks_equal_float64_recomputation():
         for sums, ref in zip(got, reference):
             assert sums == pytest.approx(ref, abs=2e-4, rel=1e-5)
     single = [(x, [c[:1] for c in cs]) for x, cs in groups]              # the second pass has nothing to read
-    got = continuation_logliks(model, single, pad_id=0, batch_size=4)
-    assert got == [pytest.approx([sequence_loglik(model64, x, c) for c in cs], abs=2e-4) for x, cs in single]
+    header = tokens(20)                                                  # read once, then copied to every row
+    shared = [(header + x, cs) for x, cs in groups[1:]] + [(header[:5], [tokens(3)]), (header[:12], [tokens(2)])]
+    assert shared_prefix([x for x, _ in shared]) == header[:4]
+    assert shared_prefix([x for x, _ in shared[:-2]]) == header and shared_prefix([header]) == []
+    for case in (single, shared):
+        got = continuation_logliks(model, case, pad_id=0, batch_size=4)
+        assert got == [pytest.approx([sequence_loglik(model64, x, c) for c in cs], abs=2e-4) for x, cs in case]
 
 
 def test_continuation_logliks_refuse_empty_and_too_long_input():

@@ -3,6 +3,8 @@ forward passes (docs/evaluation.md, "Log-likelihood scoring")."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -36,11 +38,13 @@ def continuation_logliks(model, groups: list[tuple[list[int], list[list[int]]]],
     """log p(c | x) = sum_t log softmax(f(x + c_<t))[c_t] for every continuation c of each group (context ids x,
     [continuation ids c, ...]); the continuations of a group share one pass over its context.
 
-    The groups are sorted by context length (least padding) and taken ``batch_size`` at a time. One forward pass
-    reads the contexts, left-padded (positions counted from the first real token), keeping their key/value cache
-    and the last position's logits, which score every c_0. The cache is copied to one row per continuation, and a
-    second pass reads each c without its last token, right-padded after its context, to score c_1, c_2, ...
-    log_softmax runs in float32, the sums in float64. Returns the sums per group, in the order of ``groups``.
+    The tokens every context starts with (the prompt template's header) are read once, into a key/value cache.
+    The groups are sorted by context length (least padding) and taken ``batch_size`` at a time: one forward pass
+    reads the rest of their contexts on copies of that cache, left-padded after it (positions counted over the
+    real tokens), keeping the cache and the last position's logits, which score every c_0. Then the
+    continuations, longest first, ``batch_size`` at a time, each on a copy of its context's cache, read c without
+    its last token, right-padded after the context, to score c_1, c_2, ... log_softmax runs in float32, the sums
+    in float64. Returns the sums per group, in the order of ``groups``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -52,40 +56,70 @@ def continuation_logliks(model, groups: list[tuple[list[int], list[list[int]]]],
     if limit is not None and longest > limit:
         raise ValueError(f"a context + continuation of {longest} tokens exceeds the model's {limit} positions")
     device = next(model.parameters()).device
+    prefix = shared_prefix([x for x, _ in groups])
+    if prefix:
+        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+        cache_name = "cache" if "cache" in out.keys() else "past_key_values"    # transformers >= 5.25: cache
+        prefix_cache = out[cache_name]
     order = sorted(range(len(groups)), key=lambda g: -len(groups[g][0]))
     sums: list[list[float]] = [[] for _ in groups]
     for start in range(0, len(order), batch_size):
-        chunk = [groups[g] for g in order[start:start + batch_size]]
-        ids, mask = left_padded([x for x, _ in chunk], pad_id)
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
+        chunk = order[start:start + batch_size]
+        ids, mask = left_padded([groups[g][0][len(prefix):] for g in chunk], pad_id)
+        mask = torch.cat([torch.ones((len(chunk), len(prefix)), dtype=torch.long), mask], 1)
+        shared = {}
+        if prefix:
+            shared = {cache_name: copy.deepcopy(prefix_cache)}
+            shared[cache_name].reorder_cache(torch.zeros(len(chunk), dtype=torch.long, device=device))
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, logits_to_keep=1,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):].to(device), **shared)
         first = out.logits[:, -1].float().log_softmax(-1).cpu()
-        rows = [(r, c) for r, (_, cs) in enumerate(chunk) for c in cs]
-        scores = [first[r, c[0]].double() for r, c in rows]
-        width = max(len(c) - 1 for _, c in rows)
-        if width:
-            source = torch.tensor([r for r, _ in rows])
-            cache_name = "cache" if "cache" in out.keys() else "past_key_values"   # transformers >= 5.25: cache
-            cache = out[cache_name]
-            cache.reorder_cache(source.to(device))
-            inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            targets = torch.zeros_like(inputs)
-            scored = torch.zeros_like(inputs, dtype=torch.bool)
-            for i, (_, c) in enumerate(rows):
-                inputs[i, :len(c) - 1], targets[i, :len(c) - 1], scored[i, :len(c) - 1] = (
-                    torch.tensor(c[:-1]), torch.tensor(c[1:]), True)
-            positions = mask.sum(-1)[source, None] + torch.arange(width)
-            full_mask = torch.cat([mask[source], scored.long()], 1)
-            logits = model(input_ids=inputs.to(device), attention_mask=full_mask.to(device),
-                           position_ids=positions.to(device), use_cache=True, **{cache_name: cache}).logits
-            rest = logits.float().log_softmax(-1).gather(-1, targets.to(device)[..., None])[..., 0].cpu()
-            scores = [s + rest[i][scored[i]].double().sum() for i, s in enumerate(scores)]
+        rows = [(r, c) for r, g in enumerate(chunk) for c in groups[g][1]]      # (context row, continuation)
+        scores = [first[r, c[0]].item() for r, c in rows]
+        cache_name = "cache" if "cache" in out.keys() else "past_key_values"
+        longer = sorted((i for i, (_, c) in enumerate(rows) if len(c) > 1), key=lambda i: -len(rows[i][1]))
+        for sub in range(0, len(longer), batch_size):
+            part = longer[sub:sub + batch_size]
+            cache = out[cache_name] if sub + batch_size >= len(longer) else copy.deepcopy(out[cache_name])
+            rest = rest_logliks(model, cache_name, cache, mask, [rows[i] for i in part], pad_id, device)
+            for i, value in zip(part, rest):
+                scores[i] += value
         flat = iter(scores)
-        for g, (_, cs) in zip(order[start:start + batch_size], chunk):
-            sums[g] = [next(flat).item() for _ in cs]
+        for g in chunk:
+            sums[g] = [next(flat) for _ in groups[g][1]]
         if progress is not None:
             progress(len(chunk))
     return sums
+
+
+def rest_logliks(model, cache_name: str, cache, context_mask: torch.Tensor, rows: list[tuple[int, list[int]]],
+                 pad_id: int, device) -> list[float]:
+    """sum_{t>=1} log p(c_t | x, c_<t) of each row (context row r, continuation c) given the contexts' ``cache``
+    (left-padded as ``context_mask``), which is reordered to one row each."""
+    source = torch.tensor([r for r, _ in rows])
+    cache.reorder_cache(source.to(device))
+    width = max(len(c) - 1 for _, c in rows)
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.zeros_like(inputs)
+    scored = torch.zeros_like(inputs, dtype=torch.bool)
+    for i, (_, c) in enumerate(rows):
+        inputs[i, :len(c) - 1], targets[i, :len(c) - 1], scored[i, :len(c) - 1] = (
+            torch.tensor(c[:-1]), torch.tensor(c[1:]), True)
+    positions = context_mask.sum(-1)[source, None] + torch.arange(width)
+    mask = torch.cat([context_mask[source], scored.long()], 1)
+    logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   **{cache_name: cache}).logits
+    logprobs = logits.float().log_softmax(-1).gather(-1, targets.to(device)[..., None])[..., 0].cpu().double()
+    return [logprobs[i][scored[i]].sum().item() for i in range(len(rows))]
+
+
+def shared_prefix(contexts: list[list[int]]) -> list[int]:
+    """The tokens all ``contexts`` start with, leaving each at least one token of its own."""
+    shortest = min(map(len, contexts), default=1)
+    length = 0
+    while length < shortest - 1 and all(x[length] == contexts[0][length] for x in contexts):
+        length += 1
+    return contexts[0][:length] if len(contexts) > 1 else []
 
 
 def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
