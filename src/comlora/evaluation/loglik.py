@@ -59,8 +59,8 @@ def continuation_logliks(model, groups: list[tuple[list[int], list[list[int]]]],
     prefix = shared_prefix([x for x, _ in groups])
     if prefix:
         out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
-        cache_name = "cache" if "cache" in out.keys() else "past_key_values"    # transformers >= 5.25: cache
-        prefix_cache = out[cache_name]
+        key = cache_key(out)
+        prefix_cache = out[key]
     order = sorted(range(len(groups)), key=lambda g: -len(groups[g][0]))
     sums: list[list[float]] = [[] for _ in groups]
     for start in range(0, len(order), batch_size):
@@ -69,19 +69,19 @@ def continuation_logliks(model, groups: list[tuple[list[int], list[list[int]]]],
         mask = torch.cat([torch.ones((len(chunk), len(prefix)), dtype=torch.long), mask], 1)
         shared = {}
         if prefix:
-            shared = {cache_name: copy.deepcopy(prefix_cache)}
-            shared[cache_name].reorder_cache(torch.zeros(len(chunk), dtype=torch.long, device=device))
+            shared = {key: copy.deepcopy(prefix_cache)}
+            shared[key].reorder_cache(torch.zeros(len(chunk), dtype=torch.long, device=device))
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, logits_to_keep=1,
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):].to(device), **shared)
         first = out.logits[:, -1].float().log_softmax(-1).cpu()
+        key = cache_key(out)
         rows = [(r, c) for r, g in enumerate(chunk) for c in groups[g][1]]      # (context row, continuation)
         scores = [first[r, c[0]].item() for r, c in rows]
-        cache_name = "cache" if "cache" in out.keys() else "past_key_values"
         longer = sorted((i for i, (_, c) in enumerate(rows) if len(c) > 1), key=lambda i: -len(rows[i][1]))
         for sub in range(0, len(longer), batch_size):
             part = longer[sub:sub + batch_size]
-            cache = out[cache_name] if sub + batch_size >= len(longer) else copy.deepcopy(out[cache_name])
-            rest = rest_logliks(model, cache_name, cache, mask, [rows[i] for i in part], pad_id, device)
+            cache = out[key] if sub + batch_size >= len(longer) else copy.deepcopy(out[key])   # the last: itself
+            rest = rest_logliks(model, key, cache, mask, [rows[i] for i in part], pad_id, device)
             for i, value in zip(part, rest):
                 scores[i] += value
         flat = iter(scores)
@@ -111,6 +111,12 @@ def rest_logliks(model, cache_name: str, cache, context_mask: torch.Tensor, rows
                    **{cache_name: cache}).logits
     logprobs = logits.float().log_softmax(-1).gather(-1, targets.to(device)[..., None])[..., 0].cpu().double()
     return [logprobs[i][scored[i]].sum().item() for i in range(len(rows))]
+
+
+def cache_key(output) -> str:
+    """The field of a model output, and the forward argument, holding the key/value cache: ``cache`` in
+    transformers 5.25 (``past_key_values``, its deprecated name, in earlier versions)."""
+    return "cache" if "cache" in output.keys() else "past_key_values"
 
 
 def shared_prefix(contexts: list[list[int]]) -> list[int]:
