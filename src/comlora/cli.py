@@ -246,6 +246,8 @@ def evaluate_and_write(args: argparse.Namespace) -> None:
     from comlora.base_models import resolve_device
     from comlora.training.runs import run_config
 
+    if args.scoring == "loglik" and args.backend == "llama.cpp":
+        raise ValueError("--scoring loglik runs on the transformers backend: leave out --backend llama.cpp")
     if args.backend == "llama.cpp" and not (args.greedy or args.num_beams == 1):
         raise ValueError("the llama.cpp backend decodes greedily (llama.cpp has no beam search): add --greedy")
     if args.run:                      # the commonsense subset must be the run's own held-out items
@@ -265,7 +267,8 @@ def evaluate_and_write(args: argparse.Namespace) -> None:
         result = evaluate(model, tokenizer)
         result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed,
                                   backend=args.backend)
-        name = f"{args.task}-{label}" + (f"-limit{args.limit}" if args.limit is not None else "")
+        scoring = "-loglik" if args.scoring == "loglik" else ""
+        name = f"{args.task}{scoring}-{label}" + (f"-limit{args.limit}" if args.limit is not None else "")
         if (out / f"{name}.json").exists():         # never overwrite an earlier evaluation
             name += f"-{time.strftime('%Y%m%d-%H%M%S')}"
         write_results(out, name, result, table)
@@ -363,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="commonsense: items per task (first N of the reserved subset); "
                    "mmlu: rows per subject; convai2: examples.")
     p.add_argument("--seed", type=int, help="Seed of the commonsense subset / the ConvAI2 split (default: the run's data seed, else 0).")
+    p.add_argument("--scoring", default="generate", choices=["generate", "loglik"],
+                   help="commonsense and convai2: generate answers and score them (the paper's protocol), or loglik: "
+                   "score given texts by their log-likelihood (commonsense: each option's text, lm-evaluation-harness "
+                   "acc / acc_norm; convai2: the gold reply's NLL per token and perplexity). Results go to "
+                   "TASK-loglik-*.json.")
     p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of beam search.")
     p.add_argument("--num-beams", type=int, default=4, help="Beam width (LLM-Adapters: 4).")
     p.add_argument("--max-new-tokens", type=int, default=32, help="New tokens per answer (LLM-Adapters: 32).")
@@ -371,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="transformers", choices=["transformers", "llama.cpp"],
                    help="llama.cpp: generate with llama-cpp-python on the GGUF base (--model smollm2-135m or a .gguf "
                    "file) with a GGUF --adapter, or a run's LoRA exported to GGUF; greedy only, MMLU in generate mode.")
-    p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
+    p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (loglik: per forward pass).")
     p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--retain-cpu-memory", action=argparse.BooleanOptionalAction, default=True,

@@ -25,7 +25,8 @@ def run_summary(run: str | Path) -> dict:
     if not (run / "parameters.json").is_file():
         raise FileNotFoundError(f"{run} has no parameters.json: the run did not finish")
     params = read_json_object(run / "parameters.json", "adapter", "router", "base", "mergeable")
-    files = sorted((run / "eval").glob("commonsense-*.json"))
+    files = [f for f in sorted((run / "eval").glob("commonsense-*.json"))   # generation (Table 3), not --scoring loglik
+             if read_json_object(f, "settings")["settings"].get("scoring", "generate") == "generate"]
     if config["method"] == "comlora":
         files = [f for f in files if (name := parse_component_label(f.stem)) is not None and name.winner]
     if len(files) != 1:

@@ -205,6 +205,9 @@ def add_arguments(group) -> None:
 
 def prepare(args, root: Path):
     """evaluate(model, tokenizer) on the test split (``--limit`` rows per subject), ``--shots`` dev examples each."""
+    if args.scoring != "generate":
+        raise ValueError("--scoring applies to commonsense and convai2; MMLU scores by log-likelihood with --mmlu-mode "
+                         "logits (its default)")
     if args.backend == "llama.cpp" and args.mmlu_mode != "generate":
         raise ValueError("the llama.cpp backend scores MMLU by generation: add --mmlu-mode generate")
     subjects = args.subjects.split(",") if args.subjects else None

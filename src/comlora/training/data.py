@@ -10,10 +10,22 @@ from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
 from comlora.data.items import IGNORE_INDEX, data_root, load_items, tokenize_item
 from comlora.data.mmlu import mmlu_training_items
+from comlora.data.options import text_answer_item
 from comlora.training.config import TrainConfig
 
 
 def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(training items, validation items) of ``cfg.data`` (``data_items``), answered as ``cfg.answer_format`` says."""
+    train, validation = data_items(cfg)
+    return with_answer_format(train, cfg), with_answer_format(validation, cfg)
+
+
+def with_answer_format(items: list[dict], cfg: TrainConfig) -> list[dict]:
+    """``items`` as they are (``answer_format`` label) or answered by their correct option's text (text)."""
+    return [text_answer_item(item) for item in items] if cfg.answer_format == "text" else items
+
+
+def data_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     """(training items, validation items) of ``cfg.data``:
 
     - ``commonsense-mini``: the suite of ``data.build_commonsense_mini``;

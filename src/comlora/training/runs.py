@@ -9,7 +9,7 @@ from comlora.data.items import load_items
 from comlora.methods.registry import load_method
 from comlora.training.batches import validation_batches
 from comlora.training.config import EARLIER_RUN_VALUES, TrainConfig, load_yaml
-from comlora.training.data import load_training_data, tokenize_with_targets
+from comlora.training.data import load_training_data, tokenize_with_targets, with_answer_format
 from comlora.training.run_dir import require_complete
 
 
@@ -42,5 +42,5 @@ def run_validation_batches(run: Path, cfg: TrainConfig, tokenizer, device, data:
     if data is None:
         _, val_examples = load_training_data(cfg, tokenizer)
     else:
-        val_examples = tokenize_with_targets(load_items(data), "validation", cfg, tokenizer)
+        val_examples = tokenize_with_targets(with_answer_format(load_items(data), cfg), "validation", cfg, tokenizer)
     return list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, device))
