@@ -207,7 +207,8 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
             folder = evaluation_dir(eval_dir, name)
             if not any(folder.glob("*.json")):
                 argv = ["eval", "--model", base.get("model", "smollm2-135m"), "--seed", str(base.get("data_seed", seed)),
-                        "--eval-size", str(base["eval_size"]), "--out", str(folder), *flags]
+                        *(["--eval-size", str(base["eval_size"])] if "eval_size" in base else []), "--out", str(folder),
+                        *flags]
                 record["commands"].append("comlora " + " ".join(argv))
                 record["eval_seconds"] = record.get("eval_seconds", 0.0) + run_command(argv, log, threads)
     else:
