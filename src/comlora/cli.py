@@ -23,6 +23,8 @@ from comlora.training.config import TrainConfig, apply_overrides, load_yaml
 from comlora.training.processes import MainProcessFailed
 from comlora.training.run_dir import RunError, commit_folder, lock_run, new_temp_folder
 
+STUDY2_EXPERIMENTS, STUDY2_RESULTS = "experiments/study2", "experiments/results/study2"   # study-report's defaults
+
 # What reaches the user as one line "error: ..." and exit code 2 (with --debug, after the traceback): bad values,
 # files that are missing, corrupt or cut short, refusals. Anything else is a bug and shows its traceback.
 USER_ERRORS = (ValueError, OSError, NotImplementedError, ImportError, RunError, MainProcessFailed, SafetensorError, EOFError,
@@ -316,9 +318,13 @@ def cmd_study(args: argparse.Namespace) -> None:
 def cmd_study_report(args: argparse.Namespace) -> None:
     from comlora.study.report import write_report
 
+    study2 = [("--study2-experiments", args.study2_experiments, STUDY2_EXPERIMENTS),   # named only when not the default
+              ("--study2-results", args.study2_results, STUDY2_RESULTS)]
     command = " ".join(["comlora", "study-report", "--experiments", args.experiments, "--results", args.results,
-                        "--out", args.out, "--figures", args.figures] + (["--paper", args.paper] if args.paper else []))
-    page = write_report(args.experiments, args.results, args.out, args.figures, args.paper, command)
+                        "--out", args.out, "--figures", args.figures] + (["--paper", args.paper] if args.paper else [])
+                       + [part for flag, value, default in study2 if value != default for part in (flag, value)])
+    page = write_report(args.experiments, args.results, args.out, args.figures, args.paper, command,
+                        args.study2_experiments, args.study2_results)
     print(f"written: {page} (figures in {args.figures}/)")
 
 
@@ -422,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/reproduction.md", help="The page to write.")
     p.add_argument("--figures", default="docs/figures/reproduction", help="Folder for the figures' PNG files.")
     p.add_argument("--paper", help="The paper's numbers (default: EXPERIMENTS/paper-numbers.json).")
+    p.add_argument("--study2-experiments", default=STUDY2_EXPERIMENTS,
+                   help="Study II's folder: one subfolder per track (base.yaml and experiment files).")
+    p.add_argument("--study2-results", default=STUDY2_RESULTS,
+                   help="Where `comlora study` recorded Study II's runs (read only).")
     p.set_defaults(func=cmd_study_report)
     for command in sub.choices.values():         # --debug also after the command
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show an error's traceback.")

@@ -392,3 +392,143 @@ RUN_LIST_EMPTY = block("""
 
 None yet.
 """)
+
+# ---- Study II -----------------------------------------------------------------------------------------------------
+
+STUDY2_HEADER = block("""
+# Study II: where a 135M model learns
+
+*Computed by the same command from the runs recorded in `$results` for the tracks of `$experiments_dir` ($tracks);
+    every number comes from those files and Study I's.*
+
+Study I's models did not learn the commonsense tasks in the label format, so no claim could be judged there. Study II
+    (issue 26) compares the methods where SmolLM2-135M learns, on two tracks scored by teacher forcing (`comlora eval
+    --scoring loglik`): ConvAI2, the paper's Table 4 task, by the test replies' NLL per token, and the commonsense
+    tasks with the options' texts as answers, by option likelihood as lm-evaluation-harness scores them (`acc_norm`).
+    First a pilot per track, the base model and LoRA r=8 at increasing training sizes, picks the track's regime: the
+    cheapest size at which LoRA r=8 beats the base model by at least $threshold paired standard errors on the primary
+    metric. Then Study II runs, at that size and with $seeds seeds each: $rows.
+
+$recorded
+
+$unplanned
+""")
+STUDY2_RECORDED = block("""
+**$recorded of $planned planned runs recorded** ($experiments experiments in `$experiments_dir`, times their
+    seeds).
+""")
+STUDY2_NOTHING = block("""
+**Nothing of Study II is recorded yet**: $planned runs are planned ($experiments experiments in `$experiments_dir`,
+    times their seeds), the pilot first.
+""")
+CONVAI2_ONLY = block("$row (ConvAI2 only)")
+BASE_SCORED_ONCE = "the base model (scored once: nothing is trained)"
+
+CLIPPING = block("""
+## Clipping
+
+Study I clipped $study1 (`$study1_file`: clip_grad $study1_mode, max_grad_norm $study1_norm). Study II clips
+    $study2. ${exceptions}Clipping everything jointly is the Hugging Face Trainer's default; the paper mentions no
+    clipping. ComLoRA (4, 4) against LoRA r=16 is confounded by rank under either clipping: each of its four
+    components has rank 4, at the same alpha / r as LoRA r=16's one rank-16 adapter, so a gap between the two
+    measures rank as much as competition. ComLoRA (2, 8) against LoRA r=8 compares adapters of the same rank.
+""")
+CLIP_JOINT = block("the whole gradient, the selector's and the components' together, to norm $norm")
+CLIP_PER_GROUP = block("""
+each parameter group (the adapter or the components; the selector or router) to norm $norm on its own
+""")
+CLIP_TRACKS = block("$clipping ($files; per_group is the default where base.yaml does not set clip_grad)")
+CLIP_TRACK = block("on $track $clipping (`$file`)")
+CLIP_EXCEPTION = block("`$experiment` clips $mode (to measure what the choice does).")
+
+PILOT = block("""
+## Pilot: each track's training size
+
+Per track, the base model and LoRA r=8 at increasing training sizes, every run scored on the same test items. Δ vs
+    base: the paired difference against the base model (> 0: the run is better) ± its standard error, and Δ / SE
+    (paired SEs). ConvAI2: per test turn d_i = NLL_base,i − NLL_run,i (nats summed over the reply's tokens, the same
+    tokens in both), Δ = Σ d_i / Σ tokens, SE = sd(d) √n / Σ tokens. Commonsense: per item d_i = correct_run,i −
+    correct_base,i under acc_norm (the option's log-likelihood divided by its length), over the items of all tasks,
+    Δ = 100 mean(d) points, SE = 100 sd(d) / √n. Training and evaluation hours: `run.json`'s measured wall times;
+    training items: the experiment's `train_size` (ConvAI2 turns) or `train_per_task` times the tasks.
+
+$tracks
+""")
+PILOT_TRACK = block("""
+### $title (`$folder`)
+
+$missing
+
+$scored
+
+$table
+""")
+PILOT_SCORED_CONVAI2 = block("Scored on $turns test turns ($tokens reply tokens, EOS included).")
+PILOT_SCORED_COMMONSENSE = block("Scored on $items items ($tasks tasks); acc and acc_norm averaged over the tasks.")
+
+REGIME = block("""
+## Pilot: the regime chosen
+
+The rule (issue 26): the cheapest training size at which LoRA r=8 beats the base model by at least $threshold
+    paired standard errors on the track's primary metric (ConvAI2: test NLL per token; commonsense: acc_norm).
+
+$tracks
+""")
+REGIME_CHOSEN = block("""
+- **$track: $size** (`$experiment`): Δ $difference, $ses paired SEs ≥ $threshold$cheaper.
+""")
+REGIME_CHEAPER = block("; the cheaper sizes do not pass: $sizes")
+REGIME_PASSES_BUT_WAITS = block("""
+- $track: the choice waits. $size passes ($ses paired SEs), but a cheaper size is not compared yet: $waiting.
+""")
+REGIME_WAITS = block("- $track: the choice waits. $recorded; $waiting.")
+REGIME_RECORDED = block("Recorded: $sizes; none passes yet")
+REGIME_NOTHING = "No size is compared yet"
+REGIME_UNRECORDED = block("not yet recorded: $sizes")
+BASE_NOT_RECORDED = "the base model is not recorded yet"
+REGIME_NONE_PASSES = block("""
+- $track: **no size passes**: $sizes. As the issue plans, this track's curve is the pilot table above, and Study II
+    runs on the other track.
+""")
+REGIME_NO_SIZE = block("- $track: no LoRA r=8 experiment is tagged pilot.")
+REGIME_SIZE = block("$size ($ses paired SEs)")
+
+ESTIMATE = block("""
+## Pilot: the cost of Study II
+
+Study II's hours per track at its chosen size, or before a choice at each recorded size. Training: the pilot's LoRA
+    r=8 training time at that size, times each row's training time relative to LoRA r=8 in Study I's recorded runs
+    (mean `train_seconds` over their seeds, in `$study1_results`), times $seeds seeds. Evaluation: the pilot's LoRA
+    r=8 evaluation time at that size, times the evaluations a run makes (every component where Study I's experiment
+    evaluates every component) and the seeds; the base model is scored once (nothing is trained, and scoring is
+    deterministic), in the pilot's base-model evaluation time. Study I trained on commonsense label answers, shorter
+    than these tracks' items, on a shared machine: the relative costs are a guide measured elsewhere. ConvAI2's
+    generated metrics (BLEU, METEOR, ROUGE-L, BERTScore on a fixed subset of test turns) are not in the pilot and not
+    in this estimate.
+
+$costs
+
+$tracks
+
+$budget
+""")
+ESTIMATE_TRACK = block("""
+### $title
+
+$table
+""")
+ESTIMATE_NONE = "No estimate yet: no LoRA r=8 pilot run is recorded."
+ESTIMATE_HEADING = block("$size (the pilot's LoRA r=8: $train h training, $eval h evaluation)")
+BUDGET = block("""
+The budget (issue 26): about $track_budget h of training per track and $budget h for both tracks together. $sizes
+$together
+""")
+BUDGET_SIZE = block("$track at $size: $hours h ($fits)")
+BUDGET_TOGETHER = block("At $basis, both tracks together train for $hours h: $verdict.")
+BUDGET_CHOSEN = block("$track's chosen size ($size)")
+BUDGET_CHEAPEST = block("$track's cheapest recorded size ($size; its choice waits)")
+BUDGET_ONE_TRACK = block("At $track's chosen size, the only track that runs, Study II trains for $hours h: $verdict.")
+WITHIN = block("within the $budget h")
+OVER = block("""
+over the $budget h, so as the issue says, ConvAI2 runs in full first and commonsense's rows are trimmed
+""")

@@ -7,6 +7,9 @@ One pair of runs A, B over the evaluation items both answered and the seeds both
   difference; two-sided p = (1 + #{|d* - d| >= |d|}) / (1 + resamples), the resampled differences shifted to the
   null of no difference;
   sign test: n = #{i: d_i != 0}, k = #{i: d_i > 0}, p = min(1, 2 * sum_{j <= min(k, n-k)} C(n, j) / 2^n).
+
+Study II's pilot compares a run with the base model on the same test items (paired_nll_difference for ConvAI2's
+turns, paired_accuracy_difference for commonsense items) and counts the difference in standard errors.
 """
 
 from __future__ import annotations
@@ -86,6 +89,43 @@ def at_least_k_successes(k: int, chances: list[float]) -> float:
     for p in chances:
         dist = [a * (1 - p) + b * p for a, b in zip(dist + [0.0], [0.0] + dist)]
     return sum(dist[max(k, 0):])
+
+
+class PairedDifference(NamedTuple):
+    """A paired difference over n items (> 0: the run is better) and its standard error."""
+
+    difference: float
+    se: float
+    n: int
+
+    @property
+    def standard_errors(self) -> float:
+        """difference / se: +-inf when se is 0 and the difference is not, 0 when both are."""
+        if self.se > 0:
+            return self.difference / self.se
+        return math.copysign(math.inf, self.difference) if self.difference else 0.0
+
+
+def paired_nll_difference(base_nll, run_nll, tokens) -> PairedDifference:
+    """Per test turn d_i = nll_base_i - nll_run_i (each summed over the turn's T_i tokens, the same in both runs):
+    difference = sum_i d_i / sum_i T_i (nats per token), se = sd(d) * sqrt(n) / sum_i T_i (sd with n - 1)."""
+    base, run, t = (np.asarray(x, dtype=np.float64) for x in (base_nll, run_nll, tokens))
+    if not base.ndim == 1 or base.shape != run.shape or base.shape != t.shape or base.size < 2:
+        raise ValueError(f"paired_nll_difference needs >= 2 turns and one NLL of each run and one token count per "
+                         f"turn, got {base.shape}, {run.shape}, {t.shape}")
+    d, total = base - run, t.sum()
+    return PairedDifference(float(d.sum() / total), float(d.std(ddof=1) * math.sqrt(d.size) / total), int(d.size))
+
+
+def paired_accuracy_difference(run_correct, base_correct) -> PairedDifference:
+    """Per item d_i = correct_run_i - correct_base_i (each 0 or 1): difference = 100 * mean(d) points,
+    se = 100 * sd(d) / sqrt(n) (sd with n - 1)."""
+    run, base = (np.asarray(x, dtype=np.float64) for x in (run_correct, base_correct))
+    if not run.ndim == 1 or run.shape != base.shape or run.size < 2:
+        raise ValueError(f"paired_accuracy_difference needs >= 2 items and one correctness of each run per item, "
+                         f"got {run.shape} and {base.shape}")
+    d = run - base
+    return PairedDifference(float(100 * d.mean()), float(100 * d.std(ddof=1) / math.sqrt(d.size)), int(d.size))
 
 
 def verdict(difference: float, p: float) -> str:

@@ -9,6 +9,7 @@ from comlora.markdown import mean_std
 from comlora.study import prose
 from comlora.study.analysis import FIGURE2_PAIRS, Study
 from comlora.study.figures import RunFigures
+from comlora.study.pilot import Study2
 from comlora.study.prose import fill
 from comlora.study.records import TASKS, RecordedRun
 
@@ -23,6 +24,7 @@ class Page:
     command: str                   # the command that writes the page
     path: Path                     # the page (its figure links are relative to its folder)
     figures: list[RunFigures]      # drawn before the page is rendered (figures.draw_figures)
+    study2: Study2 | None = None   # Study II's records and findings (None: the page has Study I only)
 
 
 def missing_line(study: Study, names: list[str]) -> str:
