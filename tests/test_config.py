@@ -49,6 +49,7 @@ def test_round_trip_and_unknown_field():
 
 def test_numbers_written_as_strings_are_converted_and_bad_ones_named():
     from comlora.training.config import TrainConfig
+    from comlora.training.distributed import with_launcher_mixed_precision
 
     assert TrainConfig.from_dict({"lr": "3e-4"}).lr == 3e-4               # PyYAML reads 3e-4 as a string
     assert ComLoraConfig.from_dict({"noise_alpha": "1e-1"}).noise_alpha == 0.1
@@ -60,7 +61,9 @@ def test_numbers_written_as_strings_are_converted_and_bad_ones_named():
     with pytest.raises(ValueError, match="retain_cpu_memory must be true or false, got 'sometimes'"):
         TrainConfig.from_dict({"retain_cpu_memory": "sometimes"})
     with pytest.raises(ValueError, match="float16 training"):
-        TrainConfig(dtype="float16")
+        TrainConfig(dtype="float16", mixed_precision="no")
+    with pytest.raises(ValueError, match="float16 training"):      # unset: checked once resolved (here: no launcher)
+        with_launcher_mixed_precision(TrainConfig(dtype="float16"), {})
     with pytest.raises(ValueError, match="val_size"):
         TrainConfig(val_size=0)
 

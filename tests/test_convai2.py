@@ -142,3 +142,23 @@ def test_evaluate_on_tiny_model(tiny_model_dir):
     r = evaluate_convai2(model, tok, examples, num_beams=2, max_new_tokens=4, batch_size=2, bertscore=False)
     assert r["n"] == 3 and len(r["items"]) == 3
     assert r["metrics"]["bleu"] is not None and r["metrics"]["rouge_l"] >= 0
+
+
+def test_train_size_draws_a_nested_seeded_subset_of_the_training_turns():
+    from comlora.training.config import TrainConfig
+    from comlora.training.data import training_items
+
+    root = real_file().parents[1]
+    everything, validation = training_items(TrainConfig(data="convai2", data_root=str(root), data_seed=0))
+    small, same_validation = training_items(TrainConfig(data="convai2", data_root=str(root), data_seed=0,
+                                                        train_size=100, seed=5))
+    larger, _ = training_items(TrainConfig(data="convai2", data_root=str(root), data_seed=0, train_size=300))
+    assert len(small) == 100 and len(larger) == 300 and same_validation == validation
+    assert all(item in larger for item in small)                   # nested: the same permutation's prefix
+    positions = [everything.index(item) for item in larger]
+    assert positions == sorted(positions)                          # in the file's order
+    assert len({(i["dialogue"], i["turn"]) for i in larger}) == 300
+    with pytest.raises(ValueError, match=r"train_size=9999 but only \d+ training items"):
+        training_items(TrainConfig(data="convai2", data_root=str(root), train_size=9999))
+    with pytest.raises(ValueError, match="train_size is for the other data sources"):
+        TrainConfig(data="commonsense-mini", train_size=10)

@@ -53,3 +53,16 @@ def test_accuracy_from_known_responses(monkeypatch):
     assert result["tasks"]["piqa"]["accuracy"] == 0.0
     assert result["average"] == pytest.approx(100 / 3)
     assert evaluate_commonsense(None, None, items, limit=1)["tasks"]["boolq"]["n"] == 1
+
+
+def test_component_label_and_its_parse_are_one_pair():
+    from comlora.evaluation.results import ComponentName, component_label, parse_component_label
+
+    assert component_label("run", 0, False) == "run-component0"
+    assert component_label("run", 3, True) == "run-component3-winner"
+    for run, k, winner in [("run", 0, False), ("seed-2", 11, True), ("exp-component1", 0, True)]:
+        label = component_label(run, k, winner)
+        for name in (label, f"commonsense-{label}", f"commonsense-{label}-llama.cpp-limit5"):
+            assert parse_component_label(name) == ComponentName(k, winner)
+    assert parse_component_label("commonsense-base-smollm2-135m") is None
+    assert parse_component_label("commonsense-run-20260101") is None

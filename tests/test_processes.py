@@ -1,5 +1,6 @@
 """Work done by the main process alone: every process learns of its failure; each process resumes its own RNG."""
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,24 @@ def test_a_failure_on_the_main_process_stops_every_process(tmp_path, tiny_model_
     assert "error: run directory" in done.stderr and "is not empty" in done.stderr       # the main process
     assert "error: the main process failed: FileExistsError: run directory" in done.stderr  # the other one
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_torchrun_without_device_trains_one_run_over_both_processes(tmp_path, tiny_model_dir, commonsense_root):
+    """--device auto on a CPU: both processes join one gloo group (they used to run alone, racing into one --out)."""
+    from comlora.training.config import TrainConfig
+    from comlora.training.data import training_items
+
+    out = tmp_path / "run"
+    options = dict(model=str(tiny_model_dir), data_root=str(commonsense_root), train_per_task=2, val_size=4,
+                   eval_size=4, batch_size=2, epochs=1)
+    argv = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "comlora", "train", "--out", str(out),
+            *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (out / "complete.json").is_file()
+    items = len(training_items(TrainConfig(**options))[0])
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, items // (2 * 2) + 1))      # an epoch in steps of 2 items x 2 processes
 
 
 def test_each_process_resumes_its_own_random_state(tmp_path):

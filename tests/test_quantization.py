@@ -270,3 +270,29 @@ def test_a_4bit_base_counts_its_weights_not_its_packed_bytes(method, tiny_model_
     in_float32 = capsys.readouterr().out
     four_bit.print_trainable_parameters()
     assert capsys.readouterr().out == in_float32
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_repacked_weight_is_restored_to_exactly_the_scales_it_held(double_quant):
+    """The repacked weight holds the 4-bit codes and each block's scale in bfloat16. Restored, it must dequantize to
+    exactly code * bfloat16(scale): bitsandbytes' inverse re-quantizes double-quantized scales (another rounding) and
+    leaves single-quantized ones transposed (a wrong weight)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
+
+    from comlora.quantization import use_exact_4bit_forward
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=double_quant)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128) * 0.05, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant)
+    layer = layer.to("cpu")                                                        # quantizes
+    expected = hand_dequantized(layer, bfloat16_scales=True)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                layer.weight.quant_state)
+    use_exact_4bit_forward(torch.nn.Sequential(layer))
+    assert torch.equal(dequantize_4bit(layer.weight.data, layer.weight.quant_state), expected)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        assert (layer(x) - x @ expected.T).abs().max() <= 1e-5

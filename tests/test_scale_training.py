@@ -60,3 +60,33 @@ def test_unsupported_precision_and_tracker_choices_are_clear_errors(argv, messag
               "--out", str(tmp_path / "run"), *argv])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("given, launcher, resolved", [
+    (None, None, "no"),            # neither: no mixed precision
+    (None, "bf16", "bf16"),        # accelerate launch with mixed_precision: bf16 (examples/accelerate/*.yaml)
+    ("bf16", "bf16", "bf16"),
+    ("bf16", None, "bf16"),        # torchrun: no launcher setting
+    ("bf16", "no", "bf16"),        # the launcher's `no` is also its default: the given value stands
+])
+def test_mixed_precision_is_the_launchers_unless_given(given, launcher, resolved):
+    from comlora.training.distributed import with_launcher_mixed_precision
+
+    environ = {} if launcher is None else {"ACCELERATE_MIXED_PRECISION": launcher}
+    cfg = with_launcher_mixed_precision(TrainConfig(mixed_precision=given), environ)
+    assert cfg.mixed_precision == resolved
+
+
+def test_mixed_precision_contradicting_the_launcher_is_refused(tmp_path, tiny_model_dir, commonsense_root, capsys,
+                                                               monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(tiny_model_dir), "--data-root", str(commonsense_root), "--device", "cpu",
+              "--out", str(tmp_path / "run"), "--mixed-precision", "no"])
+    assert ("error: --mixed-precision no contradicts the launcher's mixed precision bf16 (accelerate launch's "
+            "mixed_precision, in ACCELERATE_MIXED_PRECISION)") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="the launcher's mixed precision fp8 .* is not supported by comlora train"):
+        train(run_config(tmp_path, tiny_model_dir, commonsense_root, "fp8"))
+    assert not (tmp_path / "fp8").exists()

@@ -22,7 +22,8 @@ def test_fsdp_over_two_cpu_processes_equals_one_process_with_the_same_global_bat
     common = ["train", "--model", str(tiny_model_dir), "--data-root", str(commonsense_root), "--device", "cpu",
               "--train-per-task", "4", "--val-size", "4", "--eval-size", "4", "--max-steps", "3", "--lr", "0.01",
               "--noise-alpha", "0", "--lora-dropout", "0", "--set", "method_options.selector_dropout=0",
-              "--set", "method_options.selector_heads=4", "--set", "method_options.selector_ffn_dim=32"]
+              "--set", "method_options.selector_heads=4", "--set", "method_options.selector_ffn_dim=32",
+              "--max-grad-norm", "0.05"]          # below both groups' norms: per-group clipping acts on every step
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([str(BIN / "comlora"), *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
                    check=True, env=env)
@@ -38,9 +39,11 @@ def test_fsdp_over_two_cpu_processes_equals_one_process_with_the_same_global_bat
     assert a.keys() == b.keys() and any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
-    one = [json.loads(l)["lm"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(l)["lm"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert one == pytest.approx(two, rel=1e-4)
+    one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("lm", "grad_norm", "grad_norm_adapter", "grad_norm_router"):   # the sharded groups' norms are whole
+        assert [r[key] for r in one] == pytest.approx([r[key] for r in two], rel=1e-4), key
+    assert all(r["grad_norm_adapter"] > 0.05 and r["grad_norm_router"] > 0.05 for r in one[1:])
     assert json.loads((tmp_path / "two" / "winner.json").read_text())["winner"] == \
         json.loads((tmp_path / "one" / "winner.json").read_text())["winner"]
 

@@ -222,3 +222,30 @@ def test_a_killed_evaluation_resumes_at_the_first_component_without_a_result(tmp
         again = json.loads((tmp_path / "all" / name).read_text())
         kept = json.loads((recorded / "eval" / name).read_text())
         assert again["tasks"] == kept["tasks"] and again["average"] == kept["average"]
+
+
+def test_named_evaluations_each_write_and_record_their_own_folder(tmp_path, tiny_model_dir, commonsense_root,
+                                                                  monkeypatch):
+    """Study II's base.yaml names its evaluations: each runs for the base model and for every component of a run,
+    lands in eval/<name>/, is recorded there, and is skipped once its files exist."""
+    monkeypatch.setenv("COMLORA_DATA", str(commonsense_root))
+    study = write_study(tmp_path / "study", tiny_model_dir, commonsense_root)
+    base = yaml.safe_load((study / "base.yaml").read_text())
+    base["evaluations"] = {"short": ["--greedy", "--max-new-tokens", 2], "first": ["--greedy", "--limit", 1]}
+    (study / "base.yaml").write_text(yaml.safe_dump(base))
+    results, work = tmp_path / "results", tmp_path / "work"
+    done = run_study(study, work, results, max_runs=2)
+    assert [p.relative_to(results).as_posix() for p in done] == ["base-model/seed-0", "comlora/seed-0"]
+    for run, files in (("base-model", 1), ("comlora", 2)):          # the base model; both ComLoRA components
+        record = results / run / "seed-0"
+        assert sorted(p.name for p in (record / "eval").iterdir()) == ["first", "short"]
+        assert len(list((record / "eval" / "short").glob("commonsense-*.json"))) == files
+        first = json.loads(next((record / "eval" / "first").glob("*.json")).read_text())
+        assert len(first["tasks"]["boolq"]["items"]) == 1                       # --limit 1 reached the eval
+        assert json.loads((record / "run.json").read_text())["evaluations"]["first"] == ["--greedy", "--limit", "1"]
+    log = (work / "comlora" / "seed-0" / "study.log").read_text()
+    assert log.count("$ comlora eval") == 4
+    bad = yaml.safe_load((study / "base.yaml").read_text()) | {"evaluations": {"Bad Name": []}}
+    (study / "base.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match="evaluations must map names"):
+        load_experiments(study)

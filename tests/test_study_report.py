@@ -17,9 +17,12 @@ import yaml
 import comlora.study.runner as study_module
 from comlora.cli import main
 from comlora.study.runner import run_study
-from comlora.study.report import (TASKS, Paired, RecordedRun, answer_habits, at_least_k_successes, block_bootstrap,
-                                  fixed_answer_accuracy, load_paper, loss_comparison, p_text, paired_bootstrap,
-                                  sign_test, uniform_choice_accuracy, write_report)
+from comlora.study.cells import p_text
+from comlora.study.comparisons import Paired, loss_comparison
+from comlora.study.records import (TASKS, RecordedRun, answer_habits, fixed_answer_accuracy, load_paper,
+                                   uniform_choice_accuracy)
+from comlora.study.report import write_report
+from comlora.study.statistics import at_least_k_successes, block_bootstrap, paired_bootstrap, sign_test
 from conftest import make_tiny_text_model, write_commonsense_root
 
 PAPER = "experiments/study/paper-numbers.json"
@@ -114,6 +117,23 @@ def test_figure2_loss_comparison_by_hand(tmp_path):
     with pytest.raises(ValueError, match="step 1 has 5 and 6 target tokens; the runs did not train on the same batches"):
         loss_comparison([comlora], [other], block=1)
     assert loss_comparison([run("no-metrics", [])], [lora], block=1) is None        # nothing to compare: no verdict
+
+
+def test_figure2_leaves_out_the_steps_skipped_for_a_non_finite_loss(tmp_path):
+    """A skipped step (metrics.jsonl "skipped": true, its losses written as null) updated no weight: Figure 2's d_t
+    leaves it out, as the figures do (plots.read_metrics); steps 1-2 as in the test above, d = -0.1, +0.1."""
+    def run(name, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return RecordedRun(experiment=name, seed=0, path=tmp_path / name, record={}, config=None, parameters=None,
+                           winner=None, decision=None, evals={})
+
+    lora = run("lora", [{"step": 1, "lm": 1.1}, {"step": 2, "lm": None, "skipped": True}, {"step": 3, "lm": 1.0}])
+    comlora = run("comlora", [{"step": 1, "component_loss": [1.0, 1.2]},
+                              {"step": 2, "component_loss": [None, 0.7], "skipped": True},
+                              {"step": 3, "component_loss": [0.8, 0.9]}])
+    c = loss_comparison([comlora], [lora], block=1)
+    assert (c.steps, c.every_lower) == (2, 1) and c.difference == pytest.approx(0.0, abs=1e-12)
 
 
 def test_an_interval_that_rounds_to_zero_is_printed_plus_zero():

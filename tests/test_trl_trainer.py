@@ -47,6 +47,9 @@ def test_sft_trainer_trains_comlora_on_chat_data(tmp_path):
     assert any(k.startswith("selector.") for k in changed) and any(k.endswith("lora_B") for k in changed)
     logs = [e for e in trainer.state.log_history if "lm" in e]
     assert len(logs) == 3 and all({"align", "pairwise", "eta", "lowest_loss_component"} <= set(e) for e in logs)
+    # the mixin's clipping hook ran (per group, the default): each group's norm before clipping is logged
+    assert trainer.clip_grad == "per_group" and all(e["grad_norm"] == pytest.approx(
+        (e["grad_norm_adapter"] ** 2 + e["grad_norm_router"] ** 2) ** 0.5, rel=1e-5) for e in logs)
     assert args.gradient_checkpointing and cm.is_gradient_checkpointing      # TRL's default, through our objective
     checkpoint = tmp_path / "out" / "checkpoint-3"
     assert (checkpoint / "comlora_model.safetensors").is_file()
@@ -60,8 +63,21 @@ def test_sft_trainer_trains_comlora_on_chat_data(tmp_path):
     assert (tmp_path / "winner" / "adapter_model.safetensors").is_file()
 
 
-def test_packing_is_refused_with_a_reason(tmp_path):
+def test_an_sft_trainer_without_an_eval_dataset_is_refused_before_training(tmp_path):
+    cm = get_comlora_model(make_tiny_llama(vocab=TINY_TEXT_VOCAB),
+                           ComLoraConfig(num_components=2, r=4, selector_heads=4))
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="ComLoraSFTTrainer needs an eval_dataset: ComLoRA selects its winner on it"):
+        ComLoraSFTTrainer(model=cm, args=args, train_dataset=chats(4), processing_class=make_tokenizer())
+
+
+def test_packing_and_an_unknown_clip_grad_are_refused_with_a_reason(tmp_path):
     cm = get_comlora_model(make_tiny_llama(vocab=TINY_TEXT_VOCAB), ComLoraConfig(num_components=2, r=4, selector_heads=4))
     args = SFTConfig(output_dir=str(tmp_path), packing=True, use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="does not support packing"):
-        ComLoraSFTTrainer(model=cm, args=args, train_dataset=chats(4), processing_class=make_tokenizer())
+        ComLoraSFTTrainer(model=cm, args=args, train_dataset=chats(4), eval_dataset=chats(2, offset=50),
+                          processing_class=make_tokenizer())
+    with pytest.raises(ValueError, match="ComLoraSFTTrainer: clip_grad must be one of per_group, joint, got 'none'"):
+        ComLoraSFTTrainer(model=cm, args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+                          train_dataset=chats(4), eval_dataset=chats(2, offset=50),
+                          processing_class=make_tokenizer(), clip_grad="none")

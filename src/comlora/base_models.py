@@ -97,7 +97,7 @@ def load_model_and_tokenizer(name: str = DEFAULT_MODEL, device: str | None = Non
                              load_in_4bit: bool = False, load_in_8bit: bool = False):
     """(model, tokenizer) ready for training or evaluation; the tokenizer gets a pad token if it has none.
     ``load_in_4bit`` / ``load_in_8bit`` quantize the linear layers with bitsandbytes (``comlora.quantization``)."""
-    from comlora.quantization import bnb_quantization_config
+    from comlora.quantization import bnb_quantization_config, use_exact_4bit_forward
 
     path = resolve_model_path(name)
     dev = resolve_device(device)
@@ -116,4 +116,4 @@ def load_model_and_tokenizer(name: str = DEFAULT_MODEL, device: str | None = Non
     model.config.pad_token_id = tokenizer.pad_token_id
     if name == DEFAULT_MODEL:                       # what an exported adapter names as its base
         model.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return (model if quantization else model.to(dev)), tokenizer   # a quantized model is placed while loading
+    return (use_exact_4bit_forward(model) if quantization else model.to(dev)), tokenizer   # placed while loading

@@ -23,6 +23,8 @@ from comlora.training.config import TrainConfig, apply_overrides, load_yaml
 from comlora.training.processes import MainProcessFailed
 from comlora.training.run_dir import RunError, commit_folder, lock_run, new_temp_folder
 
+STUDY2_EXPERIMENTS, STUDY2_RESULTS = "experiments/study2", "experiments/results/study2"   # study-report's defaults
+
 # What reaches the user as one line "error: ..." and exit code 2 (with --debug, after the traceback): bad values,
 # files that are missing, corrupt or cut short, refusals. Anything else is a bug and shows its traceback.
 USER_ERRORS = (ValueError, OSError, NotImplementedError, ImportError, RunError, MainProcessFailed, SafetensorError, EOFError,
@@ -164,6 +166,7 @@ def evaluation_targets(args: argparse.Namespace):
     """Yield (label, model, tokenizer) for every model the eval command names."""
     from comlora.methods.comlora.model import ComLoraModel
     from comlora.base_models import load_model_and_tokenizer
+    from comlora.evaluation.results import component_label
     from comlora.training.runs import reload_method
 
     if args.backend == "llama.cpp":
@@ -177,7 +180,7 @@ def evaluation_targets(args: argparse.Namespace):
             return
         for k in chosen_components(method, args.components):
             with method.use_component(k):
-                yield f"{name}-component{k}" + ("-winner" if k == method.winner else ""), method, tokenizer
+                yield component_label(name, k, k == method.winner), method, tokenizer
         return
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     if args.adapter:
@@ -199,6 +202,7 @@ def llama_cpp_targets(args: argparse.Namespace):
     """Yield (label, LlamaCppGenerator, None) for ``--backend llama.cpp``: a run's components or LoRA through a
     GGUF adapter on its base GGUF, or ``--model`` (the default or a .gguf file) with an optional GGUF ``--adapter``."""
     from comlora.evaluation.llama_cpp import LlamaCppGenerator, gguf_model_path, run_generator
+    from comlora.evaluation.results import component_label
     from comlora.methods.comlora.model import ComLoraModel
     from comlora.training.runs import reload_method
 
@@ -209,7 +213,7 @@ def llama_cpp_targets(args: argparse.Namespace):
             yield from freed_after_use(f"{name}-llama.cpp", run_generator(method, cfg.model))
             return
         for k in chosen_components(method, args.components):
-            label = f"{name}-component{k}" + ("-winner" if k == method.winner else "") + "-llama.cpp"
+            label = component_label(name, k, k == method.winner) + "-llama.cpp"
             yield from freed_after_use(label, run_generator(method, cfg.model, k))
         return
     if args.adapter and Path(args.adapter).suffix != ".gguf":
@@ -244,6 +248,8 @@ def evaluate_and_write(args: argparse.Namespace) -> None:
     from comlora.base_models import resolve_device
     from comlora.training.runs import run_config
 
+    if args.scoring == "loglik" and args.backend == "llama.cpp":
+        raise ValueError("--scoring loglik runs on the transformers backend: leave out --backend llama.cpp")
     if args.backend == "llama.cpp" and not (args.greedy or args.num_beams == 1):
         raise ValueError("the llama.cpp backend decodes greedily (llama.cpp has no beam search): add --greedy")
     if args.run:                      # the commonsense subset must be the run's own held-out items
@@ -263,7 +269,8 @@ def evaluate_and_write(args: argparse.Namespace) -> None:
         result = evaluate(model, tokenizer)
         result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed,
                                   backend=args.backend)
-        name = f"{args.task}-{label}" + (f"-limit{args.limit}" if args.limit is not None else "")
+        scoring = "-loglik" if args.scoring == "loglik" else ""
+        name = f"{args.task}{scoring}-{label}" + (f"-limit{args.limit}" if args.limit is not None else "")
         if (out / f"{name}.json").exists():         # never overwrite an earlier evaluation
             name += f"-{time.strftime('%Y%m%d-%H%M%S')}"
         write_results(out, name, result, table)
@@ -311,9 +318,13 @@ def cmd_study(args: argparse.Namespace) -> None:
 def cmd_study_report(args: argparse.Namespace) -> None:
     from comlora.study.report import write_report
 
+    study2 = [("--study2-experiments", args.study2_experiments, STUDY2_EXPERIMENTS),   # named only when not the default
+              ("--study2-results", args.study2_results, STUDY2_RESULTS)]
     command = " ".join(["comlora", "study-report", "--experiments", args.experiments, "--results", args.results,
-                        "--out", args.out, "--figures", args.figures] + (["--paper", args.paper] if args.paper else []))
-    page = write_report(args.experiments, args.results, args.out, args.figures, args.paper, command)
+                        "--out", args.out, "--figures", args.figures] + (["--paper", args.paper] if args.paper else [])
+                       + [part for flag, value, default in study2 if value != default for part in (flag, value)])
+    page = write_report(args.experiments, args.results, args.out, args.figures, args.paper, command,
+                        args.study2_experiments, args.study2_results)
     print(f"written: {page} (figures in {args.figures}/)")
 
 
@@ -361,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="commonsense: items per task (first N of the reserved subset); "
                    "mmlu: rows per subject; convai2: examples.")
     p.add_argument("--seed", type=int, help="Seed of the commonsense subset / the ConvAI2 split (default: the run's data seed, else 0).")
+    p.add_argument("--scoring", default="generate", choices=["generate", "loglik"],
+                   help="commonsense and convai2: generate answers and score them (the paper's protocol), or loglik: "
+                   "score given texts by their log-likelihood (commonsense: each option's text, lm-evaluation-harness "
+                   "acc / acc_norm; convai2: the gold reply's NLL per token and perplexity). Results go to "
+                   "TASK-loglik-*.json.")
     p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of beam search.")
     p.add_argument("--num-beams", type=int, default=4, help="Beam width (LLM-Adapters: 4).")
     p.add_argument("--max-new-tokens", type=int, default=32, help="New tokens per answer (LLM-Adapters: 32).")
@@ -369,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="transformers", choices=["transformers", "llama.cpp"],
                    help="llama.cpp: generate with llama-cpp-python on the GGUF base (--model smollm2-135m or a .gguf "
                    "file) with a GGUF --adapter, or a run's LoRA exported to GGUF; greedy only, MMLU in generate mode.")
-    p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
+    p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (loglik: per forward pass).")
     p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--retain-cpu-memory", action=argparse.BooleanOptionalAction, default=True,
@@ -412,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/reproduction.md", help="The page to write.")
     p.add_argument("--figures", default="docs/figures/reproduction", help="Folder for the figures' PNG files.")
     p.add_argument("--paper", help="The paper's numbers (default: EXPERIMENTS/paper-numbers.json).")
+    p.add_argument("--study2-experiments", default=STUDY2_EXPERIMENTS,
+                   help="Study II's folder: one subfolder per track (base.yaml and experiment files).")
+    p.add_argument("--study2-results", default=STUDY2_RESULTS,
+                   help="Where `comlora study` recorded Study II's runs (read only).")
     p.set_defaults(func=cmd_study_report)
     for command in sub.choices.values():         # --debug also after the command
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show an error's traceback.")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
-import statistics
 from pathlib import Path
 
+from comlora import markdown
+from comlora.evaluation.results import parse_component_label
 from comlora.methods.registry import get_method
 from comlora.storage import read_json_object
 from comlora.training.config import load_yaml
@@ -24,9 +25,10 @@ def run_summary(run: str | Path) -> dict:
     if not (run / "parameters.json").is_file():
         raise FileNotFoundError(f"{run} has no parameters.json: the run did not finish")
     params = read_json_object(run / "parameters.json", "adapter", "router", "base", "mergeable")
-    files = sorted((run / "eval").glob("commonsense-*.json"))
+    files = [f for f in sorted((run / "eval").glob("commonsense-*.json"))   # generation (Table 3), not --scoring loglik
+             if read_json_object(f, "settings")["settings"].get("scoring", "generate") == "generate"]
     if config["method"] == "comlora":
-        files = [f for f in files if "-winner" in f.stem]
+        files = [f for f in files if (name := parse_component_label(f.stem)) is not None and name.winner]
     if len(files) != 1:
         found = ", ".join(f.name for f in files) or "none"
         raise ValueError(f"{run}: expected one commonsense evaluation of the {'winner' if config['method'] == 'comlora' else 'run'} "
@@ -34,12 +36,6 @@ def run_summary(run: str | Path) -> dict:
     result = read_json_object(files[0], "tasks", "average")
     return {"run": str(run), "config": config, "params": params,
             "accuracy": {task: v["accuracy"] for task, v in result["tasks"].items()}, "average": result["average"]}
-
-
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def comparison_rows(summaries: list[dict], group_by: tuple[str, ...] = GROUP_KEYS) -> list[dict]:
@@ -60,8 +56,8 @@ def comparison_rows(summaries: list[dict], group_by: tuple[str, ...] = GROUP_KEY
                "runs": len(members),
                "params % (L/S)": f"{100 * p['adapter'] / p['base']:.2f}/{100 * p['router'] / p['base']:.2f}"}
         for task in tasks:
-            row[task] = _mean_std([m["accuracy"].get(task, float("nan")) for m in members])
-        row["avg"] = _mean_std([m["average"] for m in members])
+            row[task] = markdown.mean_std([m["accuracy"].get(task, float("nan")) for m in members])
+        row["avg"] = markdown.mean_std([m["average"] for m in members])
         row["inference"] = "mergeable (zero overhead)" if p["mergeable"] else "not mergeable (runs its modules)"
         rows.append(row)
     return rows
@@ -69,9 +65,7 @@ def comparison_rows(summaries: list[dict], group_by: tuple[str, ...] = GROUP_KEY
 
 def to_markdown(rows: list[dict]) -> str:
     header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown.table(header, [[r[h] for h in header] for r in rows]) + "\n"
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -1,5 +1,7 @@
-"""Commonsense evaluation exactly as LLM-Adapters does it (docs/evaluation.md): generate after the Alpaca
-prompt, take the text after the last '### Response:', and the first match of the task's keywords."""
+"""Commonsense evaluation (docs/evaluation.md). ``generate``: exactly as LLM-Adapters does it, generate after the
+Alpaca prompt, take the text after the last '### Response:', and the first match of the task's keywords.
+``loglik``: multiple choice as lm-evaluation-harness scores it, each option's text as the continuation of the
+prompt."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from comlora import markdown
 from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.items import format_prompt
+from comlora.data.options import item_options
 from comlora.evaluation.generation import generate_texts
+from comlora.evaluation.loglik import continuation_logliks, encode_pair, multiple_choice, pad_token_id
 
 ANSWER_PATTERNS = {
     "boolq": r"true|false",
@@ -39,8 +44,8 @@ def evaluate_commonsense(model, tokenizer, evaluation: dict[str, list[dict]], li
                          batch_size: int = 8, max_new_tokens: int = 32, num_beams: int = 4) -> dict:
     """Accuracy per task and its average over tasks, with every item's response and prediction."""
     started = time.perf_counter()
-    result = {"settings": {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                           "num_beams": num_beams}, "tasks": {}}
+    result = {"settings": {"scoring": "generate", "limit": limit, "batch_size": batch_size,
+                           "max_new_tokens": max_new_tokens, "num_beams": num_beams}, "tasks": {}}
     total = sum(len(items[:limit]) for items in evaluation.values())
     with tqdm(total=total, desc="evaluate", dynamic_ncols=True) as bar:
         for task, items in evaluation.items():
@@ -61,14 +66,56 @@ def evaluate_commonsense(model, tokenizer, evaluation: dict[str, list[dict]], li
     return result
 
 
+MC_METRICS = ("acc", "acc_norm", "acc_bytes")
+
+
+def evaluate_commonsense_loglik(model, tokenizer, evaluation: dict[str, list[dict]], limit: int | None = None,
+                                batch_size: int = 8) -> dict:
+    """``acc``, ``acc_norm`` and ``acc_bytes`` (0-100, ``loglik.multiple_choice``) per task and averaged over tasks.
+    Each item's context is its Alpaca prompt (what ``answer_format: text`` trains on), each option's text a
+    continuation split as ``loglik.encode_pair`` does; the items keep both strings and every option's loglik."""
+    started = time.perf_counter()
+    tasks = {task: items[:limit] for task, items in evaluation.items()}
+    rows, groups = [], []
+    for task, items in tasks.items():
+        for item in items:
+            options, answer = item_options(dict(item, task=task))
+            prompt = format_prompt(item)
+            encoded = [encode_pair(tokenizer, prompt, text) for text in options.texts]
+            groups.append((encoded[0][0], [continuation for _, continuation in encoded]))
+            rows.append({"task": task, "index": item.get("index"), "answer": item["answer"], "answer_index": answer,
+                         "prompt": prompt, "options": list(options.texts),
+                         "option_tokens": [len(continuation) for _, continuation in encoded]})
+    with tqdm(total=len(groups), desc="evaluate (loglik)", dynamic_ncols=True) as bar:
+        logliks = continuation_logliks(model, groups, pad_token_id(tokenizer), batch_size, progress=bar.update)
+    result = {"settings": {"scoring": "loglik", "limit": limit, "batch_size": batch_size}, "tasks": {}}
+    for row, option_loglik in zip(rows, logliks):
+        row["option_loglik"] = option_loglik
+        row["prediction"] = multiple_choice(option_loglik, row["options"])
+        row["correct"] = {metric: index == row["answer_index"] for metric, index in row["prediction"].items()}
+    for task in tasks:
+        task_rows = [{k: v for k, v in row.items() if k != "task"} for row in rows if row["task"] == task]
+        scores = {m: 100.0 * sum(r["correct"][m] for r in task_rows) / len(task_rows) if task_rows else 0.0
+                  for m in MC_METRICS}
+        result["tasks"][task] = {**scores, "n": len(task_rows), "items": task_rows}
+    for metric in MC_METRICS:
+        values = [t[metric] for t in result["tasks"].values()]
+        result[metric] = sum(values) / len(values) if values else 0.0
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
 def markdown_table(results: dict[str, dict]) -> str:
-    """One row per evaluated model: accuracy per task and the average (the paper's Table 3 columns)."""
+    """One row per evaluated model: accuracy per task and the average (the paper's Table 3 columns); with loglik
+    scoring one row per model and metric (acc, acc_norm)."""
     tasks = list(next(iter(results.values()))["tasks"])
-    lines = ["| model | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
-    for name, result in results.items():
-        cells = [f"{result['tasks'][t]['accuracy']:.1f}" for t in tasks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['average']:.1f} |")
-    return "\n".join(lines) + "\n"
+    if next(iter(results.values()))["settings"].get("scoring") == "loglik":
+        rows = [[name, metric, *[f"{result['tasks'][t][metric]:.1f}" for t in tasks], f"{result[metric]:.1f}"]
+                for name, result in results.items() for metric in ("acc", "acc_norm")]
+        return markdown.table(["model", "metric", *tasks, "avg"], rows) + "\n"
+    rows = [[name, *[f"{result['tasks'][t]['accuracy']:.1f}" for t in tasks], f"{result['average']:.1f}"]
+            for name, result in results.items()]
+    return markdown.table(["model", *tasks, "avg"], rows) + "\n"
 
 
 def add_arguments(group) -> None:
@@ -88,5 +135,7 @@ def prepare(args, root: Path):
     if run is not None and run.data == "commonsense-mini" and (args.seed != run.split_seed or args.eval_size > run.eval_size):
         raise ValueError(f"--seed {args.seed} / --eval-size {args.eval_size} differ from the run's (data seed {run.split_seed}, "
                          f"eval_size {run.eval_size}): the evaluation items could overlap its training items")
+    if args.scoring == "loglik":
+        return lambda model, tok: evaluate_commonsense_loglik(model, tok, suite.evaluation, args.limit, args.batch_size)
     return lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, args.limit, args.batch_size,
                                                    args.max_new_tokens, 1 if args.greedy else args.num_beams)

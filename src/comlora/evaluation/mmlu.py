@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from comlora import markdown
 from comlora.data.items import format_prompt as alpaca_prompt
 from comlora.data.mmlu import (ANSWER_PREFIX, CATEGORIES, LETTERS, SUBJECT_CATEGORIES, UNCATEGORIZED, format_prompt,
                                load_mmlu, mmlu_training_item)
@@ -187,11 +188,9 @@ def evaluate_mmlu(model, tokenizer, items: list[dict], shots_per_subject: int = 
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per evaluated model: accuracy per category, micro and macro average (Table 2 reports one accuracy)."""
     categories = [c for c in CATEGORIES + [UNCATEGORIZED] if any(c in r["categories"] for r in results.values())]
-    lines = ["| model | " + " | ".join(categories) + " | micro avg | macro avg |", "|---" * (len(categories) + 3) + "|"]
-    for name, r in results.items():
-        cells = [f"{r['categories'][c]['accuracy']:.2f}" if c in r["categories"] else "-" for c in categories]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['micro_average']:.2f} | {r['macro_average']:.2f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[name, *[f"{r['categories'][c]['accuracy']:.2f}" if c in r["categories"] else "-" for c in categories],
+             f"{r['micro_average']:.2f}", f"{r['macro_average']:.2f}"] for name, r in results.items()]
+    return markdown.table(["model", *categories, "micro avg", "macro avg"], rows) + "\n"
 
 
 def add_arguments(group) -> None:
@@ -206,6 +205,9 @@ def add_arguments(group) -> None:
 
 def prepare(args, root: Path):
     """evaluate(model, tokenizer) on the test split (``--limit`` rows per subject), ``--shots`` dev examples each."""
+    if args.scoring != "generate":
+        raise ValueError("--scoring applies to commonsense and convai2; MMLU scores by log-likelihood with --mmlu-mode "
+                         "logits (its default)")
     if args.backend == "llama.cpp" and args.mmlu_mode != "generate":
         raise ValueError("the llama.cpp backend scores MMLU by generation: add --mmlu-mode generate")
     subjects = args.subjects.split(",") if args.subjects else None

@@ -16,7 +16,7 @@ from comlora.methods.checkpointing import ActivationCheckpointing
 from comlora.methods.injection import inject_linear_layers
 from comlora.methods.losses import mean_lm_loss
 from comlora.methods.saved_state import check_weights_fit, config_from_file
-from comlora.quantization import standard_4bit_layout, weight_count
+from comlora.quantization import use_exact_4bit_forward, weight_count
 from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
 
 TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against "
@@ -67,7 +67,7 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
     (``inject``) and records each extra one in ``self.injected`` (name inside ``.model`` -> module). Tensors named
     ``lora_*`` count as the adapter, every other tensor the method adds (router, selector, interaction matrix,
     filter) as the router. The saved state is ``<state_name>_config.json`` + ``<state_name>_model.safetensors``.
-    A 4-bit base keeps bitsandbytes' dequantize-and-multiply forward in inference too (``standard_4bit_layout``):
+    A 4-bit base keeps bitsandbytes' dequantize-and-multiply forward in inference too (``use_exact_4bit_forward``):
     evaluation and the merge compute the function that was trained.
     """
 
@@ -78,7 +78,7 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
 
     def __init__(self, model: nn.Module, config) -> None:
         super().__init__()
-        self.model = standard_4bit_layout(model)
+        self.model = use_exact_4bit_forward(model)
         self.config = config
         self.injected: dict[str, nn.Module] = {}
 

@@ -10,6 +10,15 @@ without a result). One experiment file:
     components: all                  # evaluate every component (Table 10) or only the winner
     train: {method: comlora, num_components: 2, r: 8}     # TrainConfig values over base.yaml; null = base model
 
+The folder's base.yaml may name the evaluations every run gets (Study II), each with its ``comlora eval`` flags:
+
+    evaluations:
+      loglik: [--task, convai2, --scoring, loglik]
+      generate: [--task, convai2, --greedy, --limit, 300]
+
+Each writes its result files into its own ``eval/<name>/`` folder. Without the key a run gets Study I's one
+evaluation, ``EVAL_FLAGS`` on the commonsense suite, written into ``eval/``.
+
 Per run, ``RESULTS/<experiment>/seed-<s>/`` receives (atomically, when the run is complete): the resolved
 config.yaml, metrics.jsonl, winner.json / validation.json / decision.json, parameters.json, every
 ``comlora eval`` result file (each item's response, prediction and answer), and run.json (seed, commit,
@@ -34,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from comlora.evaluation.results import component_label
 from comlora.storage import write_json, write_text
 from comlora.training.config import TrainConfig, load_yaml
 
@@ -54,10 +64,31 @@ class Experiment:
     train: dict | None
 
 
+def load_evaluations(folder: str | Path) -> dict[str | None, list[str]]:
+    """{name: ``comlora eval`` flags} of base.yaml's ``evaluations``; Study I's {None: EVAL_FLAGS} without it (the
+    name None writes into ``eval/`` itself)."""
+    path = Path(folder) / BASE_FILE
+    evaluations = load_yaml(path).get("evaluations")
+    if evaluations is None:
+        return {None: EVAL_FLAGS}
+    if not isinstance(evaluations, dict) or not evaluations or not all(
+            isinstance(name, str) and re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) and isinstance(flags, list)
+            and all(isinstance(f, (str, int, float)) for f in flags) for name, flags in evaluations.items()):
+        raise ValueError(f"{path}: evaluations must map names (lower-case letters, digits, - and _) to lists of "
+                         f"`comlora eval` flags, got {evaluations!r}")
+    return {name: [str(f) for f in flags] for name, flags in evaluations.items()}
+
+
+def evaluation_dir(eval_root: Path, name: str | None) -> Path:
+    return eval_root if name is None else eval_root / name
+
+
 def load_experiments(folder: str | Path) -> tuple[dict, list[Experiment]]:
     """(base TrainConfig values, experiments) of a study folder; every file is checked before anything runs."""
     folder = Path(folder)
     base = load_yaml(folder / BASE_FILE)
+    base.pop("evaluations", None)
+    load_evaluations(folder)
     experiments = []
     for path in sorted(folder.glob("*.yaml")):
         if path.name == BASE_FILE:
@@ -133,37 +164,53 @@ def run_command(argv: list[str], log: Path, threads: str | None = None) -> float
     return time.perf_counter() - started
 
 
-def missing_evaluations(run: Path, exp: Experiment, cfg: TrainConfig) -> list[list[str]]:
-    """The ``comlora eval`` commands a trained run still needs: under ``components: all``, one per ComLoRA component
-    without its result file (each file is written whole when its component is done, so a kill loses at most the
-    component being evaluated); otherwise one for the winner (or the run) unless its file exists."""
-    have = [p.name for p in (run / "eval").glob("commonsense-*.json")]
-    if exp.components == "all" and cfg.method == "comlora":
-        def done(k: int) -> bool:
-            return any(re.fullmatch(rf"commonsense-{re.escape(run.name)}-component{k}(-winner)?\.json", n) for n in have)
-        return [["eval", "--run", str(run), "--components", str(k), *EVAL_FLAGS]
-                for k in range(cfg.num_components) if not done(k)]
-    return [] if have else [["eval", "--run", str(run), "--components", exp.components, *EVAL_FLAGS]]
+def missing_evaluations(run: Path, exp: Experiment, cfg: TrainConfig,
+                        evaluations: dict[str | None, list[str]] | None = None) -> list[list[str]]:
+    """The ``comlora eval`` commands a trained run still needs, for each evaluation (default: Study I's): under
+    ``components: all``, one per ComLoRA component without its result file (each file is written whole when its
+    component is done, so a kill loses at most the component being evaluated); otherwise one for the winner (or the
+    run) unless its file exists."""
+    commands = []
+    for name, flags in (evaluations or {None: EVAL_FLAGS}).items():
+        folder = evaluation_dir(run / "eval", name)
+        out = [] if name is None else ["--out", str(folder)]
+        have = [p.name for p in folder.glob("*.json")]
+        if exp.components == "all" and cfg.method == "comlora":
+            def done(k: int) -> bool:
+                return any(n.endswith(f"-{component_label(run.name, k, winner)}.json") for n in have
+                           for winner in (False, True))
+            commands += [["eval", "--run", str(run), "--components", str(k), *flags, *out]
+                         for k in range(cfg.num_components) if not done(k)]
+        elif not have:
+            commands.append(["eval", "--run", str(run), "--components", exp.components, *flags, *out])
+    return commands
 
 
-def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Path, threads: str | None = None) -> Path:
+def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Path, threads: str | None = None,
+            evaluations: dict[str | None, list[str]] | None = None) -> Path:
     """Train (or resume) and evaluate one experiment at one seed in ``work_root/<experiment>/seed-<s>`` (its
-    processes with OMP_NUM_THREADS ``threads``, None to inherit); record it in ``results``."""
+    processes with OMP_NUM_THREADS ``threads``, None to inherit; ``evaluations`` as ``load_evaluations`` gives them,
+    default Study I's); record it in ``results``."""
     work = work_root / exp.name / f"seed-{seed}"
     work.mkdir(parents=True, exist_ok=True)
     log = work / "study.log"
+    evaluations = evaluations or {None: EVAL_FLAGS}
     record = {"experiment": exp.name, "label": exp.label, "seed": seed, "commit": code_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
               "omp_num_threads": threads or os.environ.get("OMP_NUM_THREADS"), "load_average_start": os.getloadavg(),
-              "commands": [], "eval_flags": EVAL_FLAGS}
+              "commands": []}
+    record.update({"eval_flags": EVAL_FLAGS} if None in evaluations else {"evaluations": evaluations})
     timing_file = work / "train_seconds.json"
     if exp.train is None:
         eval_dir = work / "eval"
-        if not any(eval_dir.glob("commonsense-*.json")):
-            argv = ["eval", "--model", base.get("model", "smollm2-135m"), "--seed", str(base.get("data_seed", seed)),
-                    "--eval-size", str(base["eval_size"]), "--out", str(eval_dir), *EVAL_FLAGS]
-            record["commands"].append("comlora " + " ".join(argv))
-            record["eval_seconds"] = run_command(argv, log, threads)
+        for name, flags in evaluations.items():
+            folder = evaluation_dir(eval_dir, name)
+            if not any(folder.glob("*.json")):
+                argv = ["eval", "--model", base.get("model", "smollm2-135m"), "--seed", str(base.get("data_seed", seed)),
+                        *(["--eval-size", str(base["eval_size"])] if "eval_size" in base else []), "--out", str(folder),
+                        *flags]
+                record["commands"].append("comlora " + " ".join(argv))
+                record["eval_seconds"] = record.get("eval_seconds", 0.0) + run_command(argv, log, threads)
     else:
         run = work / "run"
         cfg = train_config(base, exp, seed, run)
@@ -179,7 +226,7 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
         record["train_seconds"] = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else None
         eval_timing = work / "eval_seconds.json"
         evaluated = json.loads(eval_timing.read_text()) if eval_timing.is_file() else {"seconds": 0.0, "commands": []}
-        for argv in missing_evaluations(run, exp, cfg):
+        for argv in missing_evaluations(run, exp, cfg, evaluations):
             evaluated["seconds"] += run_command(argv, log, threads)
             evaluated["commands"].append("comlora " + " ".join(argv))
             write_json(eval_timing, evaluated)
@@ -199,8 +246,9 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
         for name in RUN_FILES:
             if (work / "run" / name).is_file():
                 record_file(work / "run" / name, tmp / name, work_root)
-    for f in sorted(eval_dir.glob("commonsense-*.json")):
-        record_file(f, tmp / "eval" / f.name, work_root)
+    for name in evaluations:
+        for f in sorted(evaluation_dir(eval_dir, name).glob("commonsense-*.json" if name is None else "*.json")):
+            record_file(f, evaluation_dir(tmp / "eval", name) / f.name, work_root)
     record["commands"] = [portable(command, work_root) for command in record["commands"]]
     write_json(tmp / "run.json", record)
     if final.exists():
@@ -217,6 +265,7 @@ def run_study(folder: str | Path, work: str | Path, results: str | Path, only: l
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1 (runs at a time), got {jobs!r}")
     base, experiments = load_experiments(folder)
+    evaluations = load_evaluations(folder)
     if only:
         unknown = sorted(set(only) - {e.name for e in experiments})
         if unknown:
@@ -242,7 +291,7 @@ def run_study(folder: str | Path, work: str | Path, results: str | Path, only: l
             return None
         say(f"study: {exp.name} seed {seed} ({exp.label}) started {time.strftime('%H:%M:%S')}")
         try:
-            recorded = run_one(base, exp, seed, work, results, threads)
+            recorded = run_one(base, exp, seed, work, results, threads, evaluations)
         except BaseException:
             stop.set()
             raise

@@ -15,6 +15,11 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+CLIP_GRAD = ("per_group", "joint")
+# Fields added after runs were recorded, with the value those runs trained with: a run's config.yaml without the
+# field means this value, not today's default (runs.run_config, resuming a run).
+EARLIER_RUN_VALUES = {"clip_grad": "joint"}
+ANSWER_FORMATS = ("label", "text")
 
 
 @dataclass
@@ -46,7 +51,13 @@ class TrainConfig(ConfigDict):
     train_per_task: int = field(default=25, metadata={"help": "commonsense-mini training items per task."})
     eval_size: int = field(default=100, metadata={"help": "commonsense-mini evaluation items reserved per task (never trained on)."})
     val_size: int = field(default=120, metadata={"help": "Validation items for winner selection (the paper's 120)."})
+    train_size: int = field(default=0, metadata={"help": "Training items used, drawn at random with the data seed "
+                            "from what `data` gives (0 = all); commonsense-mini sizes itself with train_per_task."})
     history_turns: int | None = field(default=None, metadata={"help": "ConvAI2 data: earlier turn pairs in each prompt (None = all)."})
+    answer_format: str = field(default="label", metadata={
+        "help": "Response of commonsense items (commonsense-mini or LLM-Adapters files): 'label', LLM-Adapters' 'the "
+                "correct answer is answer3'; 'text', the correct option's text parsed from the instruction, what "
+                "`comlora eval --scoring loglik` scores.", "choices": ANSWER_FORMATS})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training item (prompt + response)."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens (else they are masked with -100)."})
     lr: float = field(default=3e-4, metadata={"help": "Peak learning rate of AdamW."})
@@ -54,6 +65,12 @@ class TrainConfig(ConfigDict):
     lr_scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warm-up.", "choices": SCHEDULERS})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+    clip_grad: str = field(default="per_group", metadata={
+        "help": "What max_grad_norm clips: 'per_group' clips each parameter group (the adapter or components; the "
+                "router or selector) to max_grad_norm on its own; 'joint' clips every trainable tensor together (the "
+                "Trainer's way; Study I), where the selector's much larger gradient sets the factor that scales the "
+                "components' gradient. Methods with one group (LoRA) train the same under both.",
+        "choices": CLIP_GRAD})
     max_nonfinite_steps: int = field(default=1, metadata={
         "help": "Stop training with an error (exit code 2, the checkpoints kept) once this many consecutive optimizer "
                 "steps had a loss or gradient norm that is not finite (NaN or inf); such a step updates no weight. "
@@ -76,8 +93,10 @@ class TrainConfig(ConfigDict):
     retain_cpu_memory: bool = field(default=True, metadata={"help": "CPU runs on Linux: keep freed memory in the process "
                                     "heap for the next step instead of returning it to the OS (glibc mallopt), which saves "
                                     "re-faulting every step's activations; the resident size stays at its peak."})
-    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision; fp16 is CUDA only (loss "
-                                 "scaling by Accelerate, trainable tensors stay float32).", "choices": MIXED_PRECISION})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "Accelerate mixed precision; None = the launcher's (accelerate launch's mixed_precision) or no, and a "
+                "value contradicting the launcher's is refused (the resolved value goes to config.yaml); fp16 is CUDA "
+                "only (loss scaling by Accelerate, trainable tensors stay float32).", "choices": MIXED_PRECISION})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in the backward pass "
                                          "instead of keeping its activations (non-reentrant): less memory, one more forward."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the frozen base in 4 bits (bitsandbytes nf4, "
@@ -95,11 +114,12 @@ class TrainConfig(ConfigDict):
         self.validate(self.integer_checks(["num_components", "r", "cutoff_len", "batch_size", "grad_accum", "epochs",
                                            "window", "keep_checkpoints", "val_size", "max_nonfinite_steps"], 1)
                       + self.integer_checks(["max_steps", "save_every", "warmup_steps", "train_per_task", "eval_size",
-                                             "seed"], 0)
+                                             "seed", "train_size"], 0)
                       + [(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}"),
                          (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")])
-        for f in fields(self):         # every field with a fixed set of values
-            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
+        for f in fields(self):         # every field with a fixed set of values (or None where that is the default)
+            value = getattr(self, f.name)
+            if "choices" in f.metadata and value not in f.metadata["choices"] and (value, f.default) != (None, None):
                 raise ValueError(f"TrainConfig: {f.name} must be one of {', '.join(f.metadata['choices'])}, "
                                  f"got {getattr(self, f.name)!r}")
         if self.data_seed is not None and (not isinstance(self.data_seed, int) or isinstance(self.data_seed, bool)
@@ -107,9 +127,12 @@ class TrainConfig(ConfigDict):
             raise ValueError(f"TrainConfig: data_seed must be None (= seed) or an integer >= 0, got {self.data_seed!r}")
         if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
             raise ValueError(f"TrainConfig: top_n must be None (= K) or an integer >= 1, got {self.top_n!r}")
-        if self.dtype in ("float16", "fp16") and self.mixed_precision != "fp16":
+        if self.dtype in ("float16", "fp16") and self.mixed_precision not in ("fp16", None):   # None: checked resolved
             raise ValueError("TrainConfig: float16 training needs loss scaling: add --mixed-precision fp16 (CUDA), "
                              "or use bfloat16 or float32")
+        if self.answer_format == "text" and (self.data == "convai2" or self.data.split(":")[0] == "mmlu"):
+            raise ValueError(f"TrainConfig: answer_format text applies to commonsense items with options "
+                             f"(commonsense-mini or LLM-Adapters files), not to data {self.data!r}")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("TrainConfig: choose one of load_in_4bit and load_in_8bit")
         if self.report_to is not None:
@@ -123,6 +146,9 @@ class TrainConfig(ConfigDict):
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
         if not isinstance(self.method_options, dict):
             raise ValueError(f"TrainConfig: method_options must be a mapping, got {self.method_options!r}")
+        if self.train_size and self.data == "commonsense-mini":
+            raise ValueError("TrainConfig: commonsense-mini draws train_per_task items per task; train_size is for "
+                             "the other data sources")
 
 
     @property

@@ -10,10 +10,22 @@ from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
 from comlora.data.items import IGNORE_INDEX, data_root, load_items, tokenize_item
 from comlora.data.mmlu import mmlu_training_items
+from comlora.data.options import text_answer_item
 from comlora.training.config import TrainConfig
 
 
 def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(training items, validation items) of ``cfg.data`` (``data_items``), answered as ``cfg.answer_format`` says."""
+    train, validation = data_items(cfg)
+    return with_answer_format(train, cfg), with_answer_format(validation, cfg)
+
+
+def with_answer_format(items: list[dict], cfg: TrainConfig) -> list[dict]:
+    """``items`` as they are (``answer_format`` label) or answered by their correct option's text (text)."""
+    return [text_answer_item(item) for item in items] if cfg.answer_format == "text" else items
+
+
+def data_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     """(training items, validation items) of ``cfg.data``:
 
     - ``commonsense-mini``: the suite of ``data.build_commonsense_mini``;
@@ -22,7 +34,25 @@ def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     - ``convai2``: turns of the dialogues of the train split, validation turns from the validation split
       (``convai2.split_dialogues``, by dialogue);
     - a LLM-Adapters JSON file or folder, ``val_size`` items held out at random.
+
+    ``train_size`` > 0 keeps that many training items, drawn at random with the data seed (``subset``).
     """
+    train, validation = _training_items(cfg)
+    return subset(train, cfg.train_size, cfg.split_seed, cfg.data), validation
+
+
+def subset(items: list[dict], size: int, seed: int, source: str) -> list[dict]:
+    """``size`` of ``items`` drawn without replacement by a permutation seeded with ``seed``, in their original
+    order (all of them for ``size`` 0)."""
+    if not size:
+        return items
+    if size > len(items):
+        raise ValueError(f"{source}: train_size={size} but only {len(items)} training items are available")
+    keep = sorted(torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:size].tolist())
+    return [items[i] for i in keep]
+
+
+def _training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     root = lambda: data_root(cfg.data_root)  # noqa: E731
     if cfg.data == "commonsense-mini":
         suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size, cfg.split_seed)

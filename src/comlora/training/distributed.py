@@ -4,17 +4,40 @@ with one of ``examples/accelerate/*.yaml``.
 While sharded, a process holds only its slice of each weight, so the loop cannot save or select a winner on one
 process with the model it trained: at the end every process gathers the trainable tensors whole
 (``full_trainable_state``, a collective) and the main process finishes the run (save, winner selection, export)
-on a fresh unsharded copy of the method (``unsharded_method``).
+on a fresh unsharded copy of the method (``unsharded_method``). Checkpoints are Accelerate's ``save_state``
+(``checkpoints.save_sharded_checkpoint``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
+
+from comlora.training.clipping import refuse_unsupported_clipping
+from comlora.training.config import MIXED_PRECISION
+
+
+def with_launcher_mixed_precision(cfg, environ=os.environ):
+    """``cfg`` with its mixed precision resolved: ``cfg.mixed_precision`` if set, else the launcher's (``accelerate
+    launch`` hands its config's ``mixed_precision`` to the processes as ``ACCELERATE_MIXED_PRECISION``), else ``no``.
+    A set value that contradicts a precision the launcher chose is refused; the launcher's ``no`` is also its default
+    when nothing was chosen, so there a set value stands."""
+    launcher = environ.get("ACCELERATE_MIXED_PRECISION", "").lower() or None
+    source = f"the launcher's mixed precision {launcher} (accelerate launch's mixed_precision, in " \
+             "ACCELERATE_MIXED_PRECISION)"
+    if cfg.mixed_precision is None:
+        if launcher not in (None, *MIXED_PRECISION):
+            raise ValueError(f"{source} is not supported by comlora train: use one of {', '.join(MIXED_PRECISION)}")
+        return replace(cfg, mixed_precision=launcher or "no")
+    if launcher not in (None, "no", cfg.mixed_precision):
+        raise ValueError(f"--mixed-precision {cfg.mixed_precision} contradicts {source}: give it once, either drop "
+                         f"--mixed-precision (mixed_precision in --config) or change the accelerate config")
+    return cfg
 
 
 def use_fsdp_on_cpu(accelerator: Accelerator) -> None:
@@ -37,12 +60,10 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def refuse_unsupported_sharded_options(accelerator: Accelerator, cfg, resume: bool) -> None:
-    """Checkpoints (``--save-every``, ``--resume``) would hold each process's shards: not supported while sharded;
-    under DeepSpeed the loop runs one micro-batch per optimizer step."""
-    if is_sharded(accelerator) and (cfg.save_every or resume):
-        raise ValueError(f"{accelerator.distributed_type.value} training does not write or resume checkpoints yet: "
-                         "run it without --save-every and --resume (the final state/ is still saved)")
+def refuse_unsupported_sharded_options(accelerator: Accelerator, cfg) -> None:
+    """Under DeepSpeed the loop runs one micro-batch per optimizer step; per-group clipping needs what
+    ``clipping.refuse_unsupported_clipping`` says."""
+    refuse_unsupported_clipping(accelerator, cfg.clip_grad)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum != 1:
         raise ValueError("with DeepSpeed, comlora train runs one micro-batch per optimizer step: use --grad-accum 1 "
                          "(and a larger --batch-size)")

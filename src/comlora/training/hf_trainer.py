@@ -6,12 +6,16 @@ whatever the Trainer wraps it in (DDP, mixed precision, ...) sees one module and
 
 - the loss parts lm / align / pairwise / eta and each component's loss go through the Trainer's ``log`` (so
   ``report_to`` sees them), averaged over the steps since the last log;
+- ``args.max_grad_norm`` clips as ``clip_grad`` says (``clipping.py``): ``"per_group"`` (the default) the components
+  and the selector each on their own, ``"joint"`` all together as the Trainer does; the last step's norm of each
+  group before clipping is logged beside ``grad_norm`` (``grad_norm_adapter``, ``grad_norm_router``);
 - ``evaluate`` selects the winner on the evaluation set (Eq. 11-12) and reports each component's validation
   loss and accumulated similarity; ``eval_loss`` is the winner's validation loss;
 - checkpoints hold the trainable state only (every component and the selector: ``comlora_model.safetensors``)
   and ``train(resume_from_checkpoint=...)`` restores it;
-- ``save_model(dir)`` selects the winner on ``eval_dataset`` and writes it as a PEFT adapter
-  (``adapter_config.json`` + ``adapter_model.safetensors``), with ``winner.json`` and the full ComLoRA state.
+- ``eval_dataset`` is required (refused at construction without one): ``save_model(dir)`` selects the winner on it
+  and writes it as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), with ``winner.json``
+  and the full ComLoRA state.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from transformers import Trainer
 from comlora.data.items import IGNORE_INDEX
 from comlora.methods.comlora.model import ComLoraModel, WinnerReport
 from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json
+from comlora.training.clipping import clip_with_accelerator, gradient_groups, refuse_unsupported_clipping
+from comlora.training.config import CLIP_GRAD
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
@@ -104,14 +110,32 @@ class ComLoraTrainerMixin:
     comlora_model: ComLoraModel
     winner_report: WinnerReport | None = None
 
-    def _start_comlora(self, comlora_model: ComLoraModel) -> None:
+    def _start_comlora(self, comlora_model: ComLoraModel, eval_dataset, clip_grad: str) -> None:
         if not isinstance(comlora_model, ComLoraModel):
             raise TypeError(f"{type(self).__name__} trains a ComLoraModel (get_comlora_model(base, ComLoraConfig(...))), "
                             f"got {type(comlora_model).__name__}")
+        if eval_dataset is None:      # refused now, not after training, when save_model has nothing to select on
+            raise ValueError(f"{type(self).__name__} needs an eval_dataset: ComLoRA selects its winner on it "
+                             "(evaluate(), save_model()); hold out part of your data for it, e.g. with "
+                             "dataset.train_test_split(test_size=...)")
+        if clip_grad not in CLIP_GRAD:
+            raise ValueError(f"{type(self).__name__}: clip_grad must be one of {', '.join(CLIP_GRAD)}, "
+                             f"got {clip_grad!r}")
         self.comlora_model = comlora_model
+        self.clip_grad = clip_grad
         self._comlora_parts: dict[str, list] = defaultdict(list)
+        self._group_grad_norms: dict[str, float] = {}
 
     # ---- training ------------------------------------------------------------------------
+    def _clip_grad_norm(self, model):
+        """The Trainer's clipping hook: ``args.max_grad_norm`` applied as ``clip_grad`` says; returns the norm of the
+        whole gradient before clipping, and keeps each group's for the next log."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        norms = clip_with_accelerator(self.accelerator, params, gradient_groups(self.comlora_model, params),
+                                      self.args.max_grad_norm, self.clip_grad)
+        self._group_grad_norms = {k: v for k, v in norms.items() if k != "grad_norm"}
+        return norms["grad_norm"]
+
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         """The competition loss of ``ComLoraModel.competition_step`` (through the wrapped objective)."""
         missing = [k for k in ("input_ids", "labels") if k not in inputs]
@@ -137,8 +161,11 @@ class ComLoraTrainerMixin:
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """A training log gets the mean of lm / align / pairwise / eta, each component's loss and the lowest-loss
-        component over the steps since the last log."""
+        component over the steps since the last log, and the last step's gradient norm of each group."""
         parts = self._comlora_parts
+        if "loss" in logs:
+            logs.update(self._group_grad_norms)
+            self._group_grad_norms = {}
         if "loss" in logs and parts.get("component_loss"):
             for key in ("lm", "align", "pairwise", "eta"):
                 if parts.get(key):
@@ -242,13 +269,15 @@ class ComLoraTrainerMixin:
 
 class ComLoraTrainer(ComLoraTrainerMixin, Trainer):
     """``transformers.Trainer`` for a ComLoraModel on a dataset of input_ids / attention_mask / labels
-    (default collator: right padding, labels -100 on padding). Every other Trainer argument works as usual."""
+    (default collator: right padding, labels -100 on padding). ``clip_grad``: how ``args.max_grad_norm`` clips,
+    ``"per_group"`` or ``"joint"`` (``clipping.py``). Every other Trainer argument works as usual."""
 
     def __init__(self, model: ComLoraModel, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, **kwargs) -> None:
-        self._start_comlora(model)
+                 processing_class=None, clip_grad: str = "per_group", **kwargs) -> None:
+        self._start_comlora(model, eval_dataset, clip_grad)
         if data_collator is None:
             data_collator = PaddingCollator(pad_token_id_of(model, processing_class))
         super().__init__(model=CompetitionObjective(model), args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
+        refuse_unsupported_clipping(self.accelerator, clip_grad)

@@ -2,8 +2,10 @@
 
 Run directory (``cfg.out``):
   config.yaml         the resolved TrainConfig
-  metrics.jsonl       one line per optimizer step (loss parts, eta, per-component loss, lr, tokens/s, memory)
-  checkpoints/step-N  trainable tensors, optimizer, scheduler, RNG, position (written atomically, fsynced)
+  metrics.jsonl       one line per optimizer step (loss parts, eta, per-component loss, gradient norms before
+                      clipping, whole and per parameter group, lr, tokens/s, memory)
+  checkpoints/step-N  trainable tensors, optimizer, scheduler, RNG, position (written atomically, fsynced);
+                      a sharded run's: Accelerate's save_state (checkpoints.save_sharded_checkpoint)
   state/              the final method state (ComLoRA: every component + selector; LoRA: the PEFT adapter)
   winner.json         ComLoRA winner selection on the validation set; validation.json for other methods
   adapter/            the winner (or the LoRA) as a standard PEFT adapter, when the method is mergeable
@@ -37,11 +39,13 @@ from comlora.methods.comlora.model import ComLoraModel
 from comlora.methods.registry import build_method
 from comlora.storage import json_line, write_json, write_text
 from comlora.training.batches import micro_batches, validation_batches
-from comlora.training.checkpoints import resume_from_checkpoint, rng_state, save_checkpoint
+from comlora.training.checkpoints import (resume_from_checkpoint, resume_from_sharded_checkpoint, rng_state,
+                                         save_checkpoint, save_sharded_checkpoint)
+from comlora.training.clipping import clip_with_accelerator, gradient_groups
 from comlora.training.config import TrainConfig
 from comlora.training.data import load_training_data
 from comlora.training.distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options,
-                                          unsharded_method, use_fsdp_on_cpu)
+                                          unsharded_method, use_fsdp_on_cpu, with_launcher_mixed_precision)
 from comlora.training.processes import on_main_process
 from comlora.training.run_dir import CHECKPOINTS, RunError, check_run_dir, checkpoint_dirs, final_save, open_run_dir
 from comlora.training.tracking import TRACKER_PROJECT, tracker_config, tracker_logging_dir, tracker_values
@@ -66,6 +70,7 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
           stop_after: int | None = None) -> Path:
     """Train ``cfg.method`` as configured; returns the run directory. ``stop_after`` ends the loop early
     after that many optimizer steps (as a kill would), leaving the run resumable."""
+    cfg = with_launcher_mixed_precision(cfg)
     if cfg.mixed_precision == "fp16" and resolve_device(cfg.device).type != "cuda":
         raise ValueError("--mixed-precision fp16 needs a CUDA GPU (its loss scaling is for CUDA); on this device use "
                          "--mixed-precision bf16 or no")
@@ -75,12 +80,12 @@ def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | Non
 
 def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop_after: int | None,
            run_lock: ExitStack) -> Path:
-    accelerator = accelerator or Accelerator(
-        cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
+    accelerator = accelerator or Accelerator(     # cpu=True for `auto` on a CPU too, else each process runs alone
+        cpu=resolve_device(cfg.device).type == "cpu", mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=tracker_logging_dir(cfg.out)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     use_fsdp_on_cpu(accelerator)
-    refuse_unsupported_sharded_options(accelerator, cfg, resume)
+    refuse_unsupported_sharded_options(accelerator, cfg)
     main = accelerator.is_main_process
     if cfg.method == "comlora" and cfg.method_options.get("competition") == "low_memory" and accelerator.num_processes > 1:
         raise ValueError("competition='low_memory' runs its own backward passes inside autograd, which DDP cannot "
@@ -112,21 +117,32 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
                               num_training_steps=total_steps)
     # together: FSDP2 and DeepSpeed swap the parameters the optimizer holds, fp16 loss scaling steps through it
     objective, optimizer = accelerator.prepare(TrainingObjective(method), optimizer)
+    if is_sharded(accelerator):     # its checkpoints are accelerator.save_state: the scheduler goes in them too
+        accelerator.register_for_checkpointing(scheduler)
     params = [p for p in objective.parameters() if p.requires_grad]
+    groups = gradient_groups(method, params)        # what clip_grad per_group clips one by one
     lock = on_main_process(accelerator, open_run_dir, cfg, resume)    # every check passed: lock --out, write config.yaml
     if lock is not None:
         run_lock.enter_context(lock)
     if cfg.report_to:
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(cfg.to_dict()))
 
-    step = resume_from_checkpoint(run, method, optimizer, scheduler, accelerator.process_index) if resume else 0
+    if not resume:
+        step = 0
+    elif is_sharded(accelerator):
+        step = resume_from_sharded_checkpoint(accelerator, run, method)
+    else:
+        step = resume_from_checkpoint(run, method, optimizer, scheduler, accelerator.process_index)
     start_step, nonfinite_steps = step, 0
     metrics_file = run / "metrics.jsonl"
     if main:   # keep only the lines of steps the restored state has seen
         lines = metrics_file.read_text().splitlines() if resume and metrics_file.exists() else []
         write_text(metrics_file, "".join(l + "\n" for l in lines if (seen := _step_of(l)) is not None and seen <= step))
 
-    def checkpoint(at_step: int) -> None:       # every process hands in its random state; the main one writes
+    def checkpoint(at_step: int) -> None:   # every process hands in its random state, the main one writes (sharded:
+        if is_sharded(accelerator):         # Accelerate's save_state, every process writes its part)
+            save_sharded_checkpoint(accelerator, run, method, at_step, cfg.keep_checkpoints)
+            return
         on_main_process(accelerator, save_checkpoint, run, method, optimizer, scheduler, at_step, cfg.keep_checkpoints,
                         gather_object([rng_state()]))
 
@@ -163,8 +179,8 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
                 else:
                     sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
         means = _mean_over_processes(accelerator, sums)
-        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                          else gradient_norm(params))
+        norms = clip_with_accelerator(accelerator, params, groups, cfg.max_grad_norm, cfg.clip_grad)
+        grad_norm = norms["grad_norm"]
         # fp16: the GradScaler skips a step whose gradients overflowed and lowers its scale; that is no divergence
         finite = math.isfinite(means["loss"]) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
         if finite:                      # a non-finite step updates no weight
@@ -174,7 +190,7 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
-        record = {"step": step, **means, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, **means, **norms, "lr": scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens * accelerator.num_processes / seconds, "step_seconds": seconds,
                   "peak_rss_mb": peak_rss_mb()}
         if not finite:
@@ -200,8 +216,8 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
     if step < total_steps:              # stopped early on purpose: leave a checkpoint to resume from
         checkpoint(step)
         return run
-    if step > start_step and not is_sharded(accelerator):               # the last step's checkpoint: a crash in the final save resumes from it
-        checkpoint(step)
+    if step > start_step and (cfg.save_every or not is_sharded(accelerator)):
+        checkpoint(step)                # the last step's: a crash in the final save resumes from it
     if is_sharded(accelerator):         # finish on a whole copy of what was trained (distributed.py)
         state = full_trainable_state(method, accelerator)
         method, tokenizer = on_main_process(accelerator, unsharded_method, cfg, state) or (None, tokenizer)
@@ -238,12 +254,6 @@ def decide_early(accelerator: Accelerator, run: Path, method: ComLoraModel, opti
         write_json(run / "decision.json", report.to_dict())
         print(f"early decision at step {step}: component {report.winner} trains alone from here "
               f"(similarity {report.similarity}, validation loss {report.val_loss})", file=sys.stderr)
-
-
-def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """||g||_2 over every parameter's gradient (what clipping measures), without clipping."""
-    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def diverged_message(run: Path, cfg: TrainConfig, step: int, count: int, loss: float, grad_norm: float) -> str:

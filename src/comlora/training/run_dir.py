@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from comlora.storage import fsync_path, write_json, write_text
-from comlora.training.config import load_yaml
+from comlora.training.config import EARLIER_RUN_VALUES, load_yaml
 
 LOCK_FILE = ".lock"
 COMPLETE_FILE = "complete.json"
@@ -132,9 +132,14 @@ def commit_folder(tmp: Path, final: Path, replace: bool = True) -> Path:
     return final
 
 
+def temp_folder(final: Path) -> Path:
+    """The ``.tmp-<name>`` folder beside ``final`` in which ``final`` is built."""
+    return final.parent / f".tmp-{final.name}"
+
+
 def new_temp_folder(final: Path) -> Path:
-    """An empty ``.tmp-<name>`` folder beside ``final`` (one a crash left there is removed first)."""
-    tmp = final.parent / f".tmp-{final.name}"
+    """An empty ``temp_folder(final)`` (one a crash left there is removed first)."""
+    tmp = temp_folder(final)
     if tmp.exists():
         remove(tmp)
     tmp.mkdir(parents=True)
@@ -220,12 +225,14 @@ def check_run_dir(cfg, resume: bool) -> None:
     config_file = run / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"--resume: {run} holds no run (config.yaml is missing)")
-    given = cfg.to_dict()
-    saved = {**type(cfg)().to_dict(), **load_yaml(config_file)}     # an option newer than the run: its default
+    given, written = cfg.to_dict(), load_yaml(config_file)
+    earlier = {k: v for k, v in EARLIER_RUN_VALUES.items() if k not in written}    # what the run trained with
+    saved = {**type(cfg)().to_dict(), **earlier, **written}     # any other option newer than the run: its default
     diff = sorted(k for k in set(saved) | set(given) if k != "out" and saved.get(k) != given.get(k))
     if diff:
+        keep = "".join(f" --set {k}={v}" for k, v in earlier.items())
         raise ValueError(f"--resume: the options differ from the run's config.yaml in {diff}; resume with the run's "
-                         f"own options: comlora train --resume --config {config_file} --out {run}")
+                         f"own options: comlora train --resume --config {config_file}{keep} --out {run}")
     if is_complete(run):
         raise ValueError(f"--resume: the run in {run} is already complete (it has {COMPLETE_FILE})")
 

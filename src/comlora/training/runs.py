@@ -8,8 +8,8 @@ from comlora.base_models import load_model_and_tokenizer
 from comlora.data.items import load_items
 from comlora.methods.registry import load_method
 from comlora.training.batches import validation_batches
-from comlora.training.config import TrainConfig, load_yaml
-from comlora.training.data import load_training_data, tokenize_with_targets
+from comlora.training.config import EARLIER_RUN_VALUES, TrainConfig, load_yaml
+from comlora.training.data import load_training_data, tokenize_with_targets, with_answer_format
 from comlora.training.run_dir import require_complete
 
 
@@ -24,12 +24,13 @@ def reload_method(run: str | Path, device: str | None = None):
 
 
 def run_config(run: Path) -> TrainConfig:
-    """The TrainConfig of a run directory; a missing, corrupt or invalid config.yaml is an error naming it."""
+    """The TrainConfig of a run directory (an option its config.yaml predates: what the run trained with,
+    ``EARLIER_RUN_VALUES``); a missing, corrupt or invalid config.yaml is an error naming it."""
     config_file = Path(run) / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run} is not a run directory (config.yaml is missing)")
     try:
-        return TrainConfig.from_dict(load_yaml(config_file))
+        return TrainConfig.from_dict({**EARLIER_RUN_VALUES, **load_yaml(config_file)})
     except TypeError as err:
         raise ValueError(f"{config_file}: {err}") from err
     except ValueError as err:
@@ -41,5 +42,5 @@ def run_validation_batches(run: Path, cfg: TrainConfig, tokenizer, device, data:
     if data is None:
         _, val_examples = load_training_data(cfg, tokenizer)
     else:
-        val_examples = tokenize_with_targets(load_items(data), "validation", cfg, tokenizer)
+        val_examples = tokenize_with_targets(with_answer_format(load_items(data), cfg), "validation", cfg, tokenizer)
     return list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, device))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers import Trainer
 
+from comlora.training.clipping import refuse_unsupported_clipping
 from comlora.training.hf_trainer import CompetitionObjective, ComLoraTrainerMixin
 from comlora.methods.comlora.model import ComLoraModel
 
@@ -20,11 +21,12 @@ except ImportError as err:       # the optional extra
 
 class ComLoraSFTTrainer(ComLoraTrainerMixin, SFTTrainer):
     """``trl.SFTTrainer`` for a ComLoraModel: SFTTrainer's data preparation and collator, ComLoRA's competition loss.
-    Packing and padding-free batches are refused (the competition needs one attention mask per sample)."""
+    Packing and padding-free batches are refused (the competition needs one attention mask per sample).
+    ``clip_grad``: how ``args.max_grad_norm`` clips, ``"per_group"`` or ``"joint"`` (``clipping.py``)."""
 
     def __init__(self, model: ComLoraModel, args=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, **kwargs) -> None:
-        self._start_comlora(model)
+                 processing_class=None, clip_grad: str = "per_group", **kwargs) -> None:
+        self._start_comlora(model, eval_dataset, clip_grad)
         if args is not None and (getattr(args, "packing", False) or getattr(args, "padding_free", False)):
             raise ValueError("ComLoraSFTTrainer does not support packing or padding_free: the competition runs each "
                              "sample under its own attention mask; set packing=False and padding_free=False")
@@ -38,6 +40,7 @@ class ComLoraSFTTrainer(ComLoraTrainerMixin, SFTTrainer):
         self.model_accepts_loss_kwargs = False          # the competition loss is a per-batch mean
         if self.place_model_on_device:
             self._move_model_to_device(self.model, self.args.device)
+        refuse_unsupported_clipping(self.accelerator, clip_grad)
 
     def _prepare_eval_dataset(self, dataset):
         """A dataset given to ``evaluate`` / ``save_model`` is prepared (tokenised, labelled) as SFTTrainer does."""
