@@ -124,7 +124,7 @@ def select_winner_again(args: argparse.Namespace) -> None:
     if not isinstance(method, ComLoraModel):
         raise ValueError(f"{args.run} is a {cfg.method} run; winner selection applies to comlora runs")
     batches = run_validation_batches(Path(args.run), cfg, tokenizer, method.model.device, args.data)
-    report = method.select_winner(batches)
+    report = method.select_winner(batches, progress=True)
     name = "winner-reselected" if args.data is None else f"winner-{Path(args.data).stem}"
     out = Path(args.out) if args.out else Path(args.run) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if out.exists():
