@@ -27,16 +27,34 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0666 less the process's umask (read by setting it and putting
+    it back, as there is no other portable way)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def give_new_file_modes(folder: str | Path) -> None:
+    """Give every file below ``folder`` the mode a plain ``open()`` gives: libraries that write through their own
+    temporary file leave it private (safetensors' ``save_file``, and so ``save_pretrained``, writes 0600)."""
+    mode = new_file_mode()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(Path(root) / name, mode)
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` on a new temporary file beside ``path``, fsync it, rename it onto ``path`` and
     fsync the folder: after a crash ``path`` holds the old content or the new one, whole. The file gets the
-    mode a plain ``open()`` gives (0666 less the umask)."""
+    mode a plain ``open()`` gives (0666 less the umask), whatever mode ``write`` left it with."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(str(tmp))
+        os.chmod(tmp, new_file_mode())
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
