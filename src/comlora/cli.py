@@ -43,37 +43,45 @@ def field_default(f) -> object:
     return f.default_factory() if callable(f.default_factory) else f.default
 
 
+def train_flags(f) -> tuple[str, ...]:
+    """The flags of TrainConfig field ``f``: its name with hyphens (``--num-components``), or its own ``flags``, the
+    first one shown by --help-method (r: ``--rank``, as torchrun reads ``--r`` as an abbreviation of its own options
+    even after the module's name; ``--r`` still works without torchrun)."""
+    return f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--num-components`` for num_components): its help, allowed values and default
-    from the field. The parsed default is None, so that a value from --config or --set is not overridden."""
+    """One flag per TrainConfig field (``train_flags``): its help, allowed values and default from the field. The
+    parsed default is None, so that a value from --config or --set is not overridden."""
     for f in fields(TrainConfig):
         if f.name == "method_options":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        common = {"dest": f.name, "default": None}
         help_text = f.metadata["help"] + f" (default: {field_default(f)})"
         kind = str(f.type)
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*train_flags(f), action=argparse.BooleanOptionalAction, help=help_text, **common)
         elif "list" in kind:
-            parser.add_argument(flag, type=lambda v: [x for x in v.split(",") if x], default=None,
+            parser.add_argument(*train_flags(f), type=lambda v: [x for x in v.split(",") if x], **common,
                                 help=f.metadata["help"] + f" Comma-separated. (default: {field_default(f)})")
         else:
             cast = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(flag, type=cast, default=None, choices=f.metadata.get("choices"), help=help_text)
+            parser.add_argument(*train_flags(f), type=cast, choices=f.metadata.get("choices"), help=help_text, **common)
 
 
 def method_help(name: str) -> str:
     """The options of method ``name``: its config's fields with their help and defaults, and which train flag fills
     each shared one (the rest are set as method_options)."""
     method = get_method(name)
-    from_flags = {f.name for f in fields(TrainConfig)} | ({method.components_field} - {None})
+    flag_of = {f.name: train_flags(f)[0] for f in fields(TrainConfig)}
+    from_flags = set(flag_of) | ({method.components_field} - {None})
     lines = [f"{name}: {method.description} ({method.config_class.__name__}; "
              f"{'mergeable into the base weights' if method.mergeable else 'not mergeable'})", ""]
     for f in fields(method.config_class):
         if f.name in method.fixed:
             continue
         if f.name in from_flags:
-            flag = "--num-components" if f.name == method.components_field else "--" + f.name.replace("_", "-")
+            flag = "--num-components" if f.name == method.components_field else flag_of[f.name]
             how = f"train flag {flag}"
         else:
             how = f"--set method_options.{f.name}=VALUE"
