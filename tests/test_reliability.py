@@ -231,10 +231,10 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 def test_a_full_disk_stops_with_one_line_and_the_run_resumes_to_the_same_bits(tiny, tmp_path, capsys, monkeypatch,
                                                                                where):
     """ENOSPC from the writer of safetensors files inside the first checkpoint, or inside the final save."""
-    import comlora.storage
+    import safetensors.torch               # what comlora.storage.write_safetensors calls
 
     model_dir, data, reference = tiny
-    real_save = comlora.storage.save_file
+    real_save = safetensors.torch.save_file
 
     def full_disk(tensors, path, metadata=None):
         if f"/{where}/" in path:
@@ -242,9 +242,9 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_to_the_same_bits(ti
         return real_save(tensors, path, metadata=metadata)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(comlora.storage, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     assert "No space left on device" in cli_error(train_args(model_dir, data, run), capsys)
-    monkeypatch.setattr(comlora.storage, "save_file", real_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     assert not (run / COMPLETE_FILE).exists()
     assert not list((run / "checkpoints").glob(".tmp-*")) and not list(run.glob(".*.tmp"))
     assert not (run / ".final-save").exists()              # what the failed write took is freed

@@ -106,12 +106,17 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from comlora.training.loop import train
+    from comlora.base_models import local_model_folder
+    from comlora.training.data import check_data_source
 
     if args.help_method:
         print(method_help(args.method or train_config_from_args(args).method))
         return
     cfg = train_config_from_args(args)
+    local_model_folder(cfg.model)          # a missing --model folder or --data fails here, before torch loads
+    check_data_source(cfg)
+    from comlora.training.loop import train
+
     run = train(cfg, resume=args.resume)
     print(f"run finished: {run}")
 
@@ -124,12 +129,13 @@ def cmd_select(args: argparse.Namespace) -> None:
 def select_winner_again(args: argparse.Namespace) -> None:
     from comlora.methods.comlora.model import ComLoraModel
     from comlora.storage import write_json
-    from comlora.training.runs import reload_method, run_validation_batches
+    from comlora.training.runs import reload_method, run_config, run_validation_batches, run_validation_items
 
+    items = run_validation_items(run_config(Path(args.run)), args.data)     # read before the model loads
     method, tokenizer, cfg = reload_method(args.run)
     if not isinstance(method, ComLoraModel):
         raise ValueError(f"{args.run} is a {cfg.method} run; winner selection applies to comlora runs")
-    batches = run_validation_batches(Path(args.run), cfg, tokenizer, method.model.device, args.data)
+    batches = run_validation_batches(cfg, items, tokenizer, method.model.device)
     report = method.select_winner(batches)
     name = "winner-reselected" if args.data is None else f"winner-{Path(args.data).stem}"
     out = Path(args.out) if args.out else Path(args.run) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -187,6 +193,8 @@ def evaluation_targets(args: argparse.Namespace):
             with method.use_component(k):
                 yield f"{name}-component{k}" + ("-winner" if k == method.winner else ""), method, tokenizer
         return
+    if args.adapter and not Path(args.adapter).is_dir():          # before the model loads
+        raise FileNotFoundError(f"--adapter {args.adapter}: no such folder (a PEFT adapter folder)")
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     if args.adapter:
         from comlora.methods.saved_state import load_peft_adapter

@@ -1,5 +1,6 @@
 """Atomic, durable file writes (a reader or a crash never sees a half-written file) and checked reads
-(a corrupt or truncated file is a ValueError naming it, never a library's traceback)."""
+(a corrupt or truncated file is a ValueError naming it, never a library's traceback). torch is imported by the
+functions that hold tensors, so that the command line's start (the run directory's errors) does not load it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import math
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    import torch
 
 
 def fsync_path(path: str | Path) -> None:
@@ -91,6 +94,8 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors only (no pickle); tensors are made contiguous and moved to the CPU first."""
+    from safetensors.torch import save_file
+
     cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
 
     def write(tmp: str) -> None:
@@ -124,6 +129,8 @@ def read_json_object(path: str | Path, *keys: str) -> dict:
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (on the CPU); a corrupt or truncated file is a ValueError naming it."""
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except SafetensorError as err:
@@ -156,12 +163,14 @@ def summarize(problems: list[str], shown: int = 40) -> str:
     return "; ".join(problems[:shown]) + more
 
 
-@torch.no_grad()
 def load_state_tensors(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor],
                        source: str = "state") -> None:
     """Copy ``saved`` into ``expected``; every missing, unexpected or wrongly shaped tensor is named in one error."""
+    import torch
+
     problems = state_fit_problems({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in saved.items()})
     if problems:
         raise ValueError(f"{source} does not fit this base model (was it saved from another one?): {summarize(problems)}")
-    for k, v in expected.items():
-        v.copy_(saved[k])
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(saved[k])
