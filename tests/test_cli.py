@@ -81,7 +81,7 @@ def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, ca
 
 def test_lora_baseline_run_exports_a_peft_adapter(tmp_path, tiny_model_dir, commonsense_root):
     run = tmp_path / "lora"
-    main(train_args(tiny_model_dir, commonsense_root, run, "--method", "lora", "--r", "4"))
+    main(train_args(tiny_model_dir, commonsense_root, run, "--method", "lora", "--rank", "4"))
     assert json.loads((run / "validation.json").read_text())["num_samples"] == 6
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -126,6 +126,39 @@ def test_bad_training_input_is_a_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_rank_flag_is_rank_and_r_still_works():
+    from comlora.cli import build_parser, train_config_from_args
+
+    for flag in ("--rank", "--r"):
+        assert train_config_from_args(build_parser().parse_args(["train", flag, "16"])).r == 16
+
+
+def launcher_parsers():
+    """(name, parser, its arguments before ``-m comlora``) of torchrun and accelerate launch."""
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    return [("torchrun", get_args_parser(), ["--nproc-per-node", "2"]),
+            ("accelerate launch", launch_command_parser(), ["--num_processes", "2"])]
+
+
+def test_launchers_pass_every_train_flag_on_to_comlora():
+    """torchrun's parser reads an abbreviation of its own options anywhere on the line (``--r`` could be --rdzv-*,
+    --role, --run-path, --redirects) and refuses the line; every flag of ``comlora train`` but the old ``--r`` reaches
+    comlora untouched through both launchers."""
+    from comlora.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = [flag for action in train_parser._actions for flag in action.option_strings if flag.startswith("--")]
+    assert "--rank" in flags and len(flags) > 40
+    for name, parser, launch_args in launcher_parsers():
+        for flag in (f for f in flags if f != "--r"):
+            args = parser.parse_args([*launch_args, "-m", "comlora", "train", flag, "8"])
+            assert (args.training_script, args.training_script_args) == ("comlora", ["train", flag, "8"]), (name, flag)
+    with pytest.raises(SystemExit):
+        launcher_parsers()[0][1].parse_args(["--nproc-per-node", "2", "-m", "comlora", "train", "--r", "8"])
 
 
 def test_every_method_trains_evaluates_and_compares(tmp_path, tiny_model_dir, commonsense_root, capsys):

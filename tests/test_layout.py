@@ -9,7 +9,8 @@ import pytest
 
 from comlora.cli import build_parser, method_help
 from comlora.evaluation.registry import TASKS
-from comlora.methods.base import AdapterConfig, AdapterModel
+from comlora.methods.adapter_config import AdapterConfig
+from comlora.methods.base import AdapterModel
 from comlora.methods.registry import METHODS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -20,7 +21,8 @@ def module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """comlora module -> the comlora modules it imports anywhere in its source (lazy imports included)."""
+    """comlora module -> the comlora modules it imports anywhere in its source (lazy imports included, and the
+    registries' ``"comlora.module:Class"`` references, which are imported when first used)."""
     modules = {module_name(p): p for p in (SRC / "comlora").rglob("*.py")}
     graph = {}
     for name, path in modules.items():
@@ -31,6 +33,11 @@ def import_graph() -> dict[str, set[str]]:
                 targets.add(next(c for c in candidates if c in modules))
             elif isinstance(node, ast.Import):
                 targets.update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("comlora."):
+                module, colon, _ = node.value.partition(":")
+                if colon:
+                    assert module in modules, f"{name} names {node.value}: no such module"
+                    targets.add(module)
         graph[name] = targets - {name}
     return graph
 

@@ -231,10 +231,10 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 def test_a_full_disk_stops_with_one_line_and_the_run_resumes_to_the_same_bits(tiny, tmp_path, capsys, monkeypatch,
                                                                                where):
     """ENOSPC from the writer of safetensors files inside the first checkpoint, or inside the final save."""
-    import comlora.storage
+    import safetensors.torch               # what comlora.storage.write_safetensors calls
 
     model_dir, data, reference = tiny
-    real_save = comlora.storage.save_file
+    real_save = safetensors.torch.save_file
 
     def full_disk(tensors, path, metadata=None):
         if f"/{where}/" in path:
@@ -242,9 +242,9 @@ def test_a_full_disk_stops_with_one_line_and_the_run_resumes_to_the_same_bits(ti
         return real_save(tensors, path, metadata=metadata)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(comlora.storage, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     assert "No space left on device" in cli_error(train_args(model_dir, data, run), capsys)
-    monkeypatch.setattr(comlora.storage, "save_file", real_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     assert not (run / COMPLETE_FILE).exists()
     assert not list((run / "checkpoints").glob(".tmp-*")) and not list(run.glob(".*.tmp"))
     assert not (run / ".final-save").exists()              # what the failed write took is freed
@@ -554,6 +554,36 @@ def test_json_never_holds_nan_and_files_get_normal_permissions(tmp_path):
         {"x": None, "y": [1.0, None], "z": {"w": None}}
     for name in ("a.json", "b.txt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_written_files_get_the_mode_of_a_plain_open(tiny, tmp_path):
+    """safetensors writes 0600 through its own temporary file (so does save_pretrained, with it): every file comlora
+    writes, or has PEFT and transformers write into a run or an export, gets 0666 less the umask, as a plain open()
+    gives it, and every folder 0777 less the umask."""
+    from conftest import train_args as short_run_args
+    from safetensors.torch import save_file as library_save_file
+    from comlora.storage import write_safetensors
+
+    model_dir, data, _ = tiny
+    library_save_file({"x": torch.zeros(2)}, str(tmp_path / "library.safetensors"))
+    assert (tmp_path / "library.safetensors").stat().st_mode & 0o777 == 0o600     # what is being fixed
+    old = os.umask(0o027)
+    try:
+        write_safetensors(tmp_path / "ours.safetensors", {"x": torch.zeros(2)})
+        run = tmp_path / "lora-run"
+        main(short_run_args(model_dir, data, run, "--method", "lora", "--save-every", "2"))
+        main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")])
+        main(["export", str(run), "--out", str(tmp_path / "adapter")])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ours.safetensors").stat().st_mode & 0o777 == 0o640
+    written = [p for folder in (run, tmp_path / "merged", tmp_path / "adapter") for p in [folder, *folder.rglob("*")]]
+    assert {p.relative_to(tmp_path).as_posix() for p in written} >= {
+        "lora-run/state/adapter_model.safetensors", "lora-run/adapter/adapter_model.safetensors",
+        "merged/model.safetensors", "adapter/adapter_model.safetensors"}
+    wrong = [f"{p}: {oct(p.stat().st_mode & 0o777)}" for p in written
+             if p.stat().st_mode & 0o777 != (0o750 if p.is_dir() else 0o640)]
+    assert not wrong, wrong
 
 
 # ---- refusals: one line, exit code 2 ----------------------------------------------------------------

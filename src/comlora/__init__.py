@@ -1,21 +1,27 @@
-"""comlora: competitive LoRA (ComLoRA, ICLR 2025) for Hugging Face causal language models."""
+"""comlora: competitive LoRA (ComLoRA, ICLR 2025) for Hugging Face causal language models.
 
-from comlora.methods.comlora.config import ComLoraConfig
-from comlora.methods.comlora.model import CompetitionOutput, ComLoraModel, WinnerReport, get_comlora_model
+Each public name is imported from its module when first used (PEP 562): ``import comlora`` and the command line's
+``--help`` load no torch, transformers or peft."""
 
-__all__ = ["ComLoraConfig", "ComLoraModel", "ComLoraSFTTrainer", "ComLoraTrainer", "CompetitionOutput", "WinnerReport",
-           "get_comlora_model"]
+import pkgutil
+
+PUBLIC = {"ComLoraConfig": "comlora.methods.comlora.config:ComLoraConfig",
+          "ComLoraModel": "comlora.methods.comlora.model:ComLoraModel",
+          "CompetitionOutput": "comlora.methods.comlora.model:CompetitionOutput",
+          "WinnerReport": "comlora.methods.comlora.model:WinnerReport",
+          "get_comlora_model": "comlora.methods.comlora.model:get_comlora_model",
+          "ComLoraTrainer": "comlora.training.hf_trainer:ComLoraTrainer",
+          "ComLoraSFTTrainer": "comlora.training.trl_trainer:ComLoraSFTTrainer"}
+__all__ = sorted(PUBLIC)
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """The Trainer integrations load transformers.Trainer (and TRL) only when asked for."""
-    if name == "ComLoraTrainer":
-        from comlora.training.hf_trainer import ComLoraTrainer
+    if name not in PUBLIC:
+        raise AttributeError(f"module 'comlora' has no attribute {name!r}")
+    value = globals()[name] = pkgutil.resolve_name(PUBLIC[name])
+    return value
 
-        return ComLoraTrainer
-    if name == "ComLoraSFTTrainer":
-        from comlora.training.trl_trainer import ComLoraSFTTrainer
 
-        return ComLoraSFTTrainer
-    raise AttributeError(f"module 'comlora' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *PUBLIC})

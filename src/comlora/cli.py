@@ -45,37 +45,45 @@ def field_default(f) -> object:
     return f.default_factory() if callable(f.default_factory) else f.default
 
 
+def train_flags(f) -> tuple[str, ...]:
+    """The flags of TrainConfig field ``f``: its name with hyphens (``--num-components``), or its own ``flags``, the
+    first one shown by --help-method (r: ``--rank``, as torchrun reads ``--r`` as an abbreviation of its own options
+    even after the module's name; ``--r`` still works without torchrun)."""
+    return f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--num-components`` for num_components): its help, allowed values and default
-    from the field. The parsed default is None, so that a value from --config or --set is not overridden."""
+    """One flag per TrainConfig field (``train_flags``): its help, allowed values and default from the field. The
+    parsed default is None, so that a value from --config or --set is not overridden."""
     for f in fields(TrainConfig):
         if f.name == "method_options":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        common = {"dest": f.name, "default": None}
         help_text = f.metadata["help"] + f" (default: {field_default(f)})"
         kind = str(f.type)
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*train_flags(f), action=argparse.BooleanOptionalAction, help=help_text, **common)
         elif "list" in kind:
-            parser.add_argument(flag, type=lambda v: [x for x in v.split(",") if x], default=None,
+            parser.add_argument(*train_flags(f), type=lambda v: [x for x in v.split(",") if x], **common,
                                 help=f.metadata["help"] + f" Comma-separated. (default: {field_default(f)})")
         else:
             cast = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(flag, type=cast, default=None, choices=f.metadata.get("choices"), help=help_text)
+            parser.add_argument(*train_flags(f), type=cast, choices=f.metadata.get("choices"), help=help_text, **common)
 
 
 def method_help(name: str) -> str:
     """The options of method ``name``: its config's fields with their help and defaults, and which train flag fills
     each shared one (the rest are set as method_options)."""
     method = get_method(name)
-    from_flags = {f.name for f in fields(TrainConfig)} | ({method.components_field} - {None})
+    flag_of = {f.name: train_flags(f)[0] for f in fields(TrainConfig)}
+    from_flags = set(flag_of) | ({method.components_field} - {None})
     lines = [f"{name}: {method.description} ({method.config_class.__name__}; "
              f"{'mergeable into the base weights' if method.mergeable else 'not mergeable'})", ""]
     for f in fields(method.config_class):
         if f.name in method.fixed:
             continue
         if f.name in from_flags:
-            flag = "--num-components" if f.name == method.components_field else "--" + f.name.replace("_", "-")
+            flag = "--num-components" if f.name == method.components_field else flag_of[f.name]
             how = f"train flag {flag}"
         else:
             how = f"--set method_options.{f.name}=VALUE"
@@ -100,12 +108,17 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from comlora.training.loop import train
+    from comlora.base_models import local_model_folder
+    from comlora.training.data import check_data_source
 
     if args.help_method:
         print(method_help(args.method or train_config_from_args(args).method))
         return
     cfg = train_config_from_args(args)
+    local_model_folder(cfg.model)          # a missing --model folder or --data fails here, before torch loads
+    check_data_source(cfg)
+    from comlora.training.loop import train
+
     run = train(cfg, resume=args.resume)
     print(f"run finished: {run}")
 
@@ -118,12 +131,13 @@ def cmd_select(args: argparse.Namespace) -> None:
 def select_winner_again(args: argparse.Namespace) -> None:
     from comlora.methods.comlora.model import ComLoraModel
     from comlora.storage import write_json
-    from comlora.training.runs import reload_method, run_validation_batches
+    from comlora.training.runs import reload_method, run_config, run_validation_batches, run_validation_items
 
+    items = run_validation_items(run_config(Path(args.run)), args.data)     # read before the model loads
     method, tokenizer, cfg = reload_method(args.run)
     if not isinstance(method, ComLoraModel):
         raise ValueError(f"{args.run} is a {cfg.method} run; winner selection applies to comlora runs")
-    batches = run_validation_batches(Path(args.run), cfg, tokenizer, method.model.device, args.data)
+    batches = run_validation_batches(cfg, items, tokenizer, method.model.device)
     report = method.select_winner(batches, progress=True)
     name = "winner-reselected" if args.data is None else f"winner-{Path(args.data).stem}"
     out = Path(args.out) if args.out else Path(args.run) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -182,6 +196,8 @@ def evaluation_targets(args: argparse.Namespace):
             with method.use_component(k):
                 yield component_label(name, k, k == method.winner), method, tokenizer
         return
+    if args.adapter and not Path(args.adapter).is_dir():          # before the model loads
+        raise FileNotFoundError(f"--adapter {args.adapter}: no such folder (a PEFT adapter folder)")
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     if args.adapter:
         from comlora.methods.saved_state import load_peft_adapter

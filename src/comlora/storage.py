@@ -1,5 +1,6 @@
 """Atomic, durable file writes (a reader or a crash never sees a half-written file) and checked reads
-(a corrupt or truncated file is a ValueError naming it, never a library's traceback)."""
+(a corrupt or truncated file is a ValueError naming it, never a library's traceback). torch is imported by the
+functions that hold tensors, so that the command line's start (the run directory's errors) does not load it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import math
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    import torch
 
 
 def fsync_path(path: str | Path) -> None:
@@ -27,16 +30,34 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0666 less the process's umask (read by setting it and putting
+    it back, as there is no other portable way)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def give_new_file_modes(folder: str | Path) -> None:
+    """Give every file below ``folder`` the mode a plain ``open()`` gives: libraries that write through their own
+    temporary file leave it private (safetensors' ``save_file``, and so ``save_pretrained``, writes 0600)."""
+    mode = new_file_mode()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(Path(root) / name, mode)
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` on a new temporary file beside ``path``, fsync it, rename it onto ``path`` and
     fsync the folder: after a crash ``path`` holds the old content or the new one, whole. The file gets the
-    mode a plain ``open()`` gives (0666 less the umask)."""
+    mode a plain ``open()`` gives (0666 less the umask), whatever mode ``write`` left it with."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(str(tmp))
+        os.chmod(tmp, new_file_mode())
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -73,6 +94,8 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors only (no pickle); tensors are made contiguous and moved to the CPU first."""
+    from safetensors.torch import save_file
+
     cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
 
     def write(tmp: str) -> None:
@@ -106,6 +129,8 @@ def read_json_object(path: str | Path, *keys: str) -> dict:
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (on the CPU); a corrupt or truncated file is a ValueError naming it."""
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except SafetensorError as err:
@@ -138,12 +163,14 @@ def summarize(problems: list[str], shown: int = 40) -> str:
     return "; ".join(problems[:shown]) + more
 
 
-@torch.no_grad()
 def load_state_tensors(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor],
                        source: str = "state") -> None:
     """Copy ``saved`` into ``expected``; every missing, unexpected or wrongly shaped tensor is named in one error."""
+    import torch
+
     problems = state_fit_problems({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in saved.items()})
     if problems:
         raise ValueError(f"{source} does not fit this base model (was it saved from another one?): {summarize(problems)}")
-    for k, v in expected.items():
-        v.copy_(saved[k])
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(saved[k])

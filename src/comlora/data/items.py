@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100      # the label of a token that is not a target (prompt, padding)
 
@@ -90,6 +92,8 @@ def tokenize_item(tokenizer, item: dict, cutoff_len: int, train_on_inputs: bool 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding gets attention 0 and label -100."""
+    import torch          # here, not at the top: the command line's options load this module
+
     length = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": [], "attention_mask": [], "labels": []}
     for e in examples:

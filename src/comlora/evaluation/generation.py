@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import torch
 
-
-@torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 32,
                    num_beams: int = 1, progress=None, **generate_kwargs) -> list[str]:
     """Decode only the new tokens of each prompt's continuation; greedy when ``num_beams == 1``.
@@ -17,6 +14,8 @@ def generate_texts(model, tokenizer, prompts: list[str], batch_size: int = 8, ma
     if hasattr(model, "generate_texts"):
         return model.generate_texts(prompts, max_new_tokens=max_new_tokens, num_beams=num_beams, progress=progress,
                                     **generate_kwargs)
+    import torch          # here, not at the top: the command line's options load this module (comlora eval --help)
+
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
@@ -25,8 +24,9 @@ def generate_texts(model, tokenizer, prompts: list[str], batch_size: int = 8, ma
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            generated = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                       do_sample=False, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+            with torch.no_grad():
+                generated = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                           do_sample=False, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
             new_tokens = generated[:, enc["input_ids"].shape[1]:]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             if progress is not None:

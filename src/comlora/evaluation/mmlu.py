@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm.auto import tqdm
 
 from comlora import markdown
@@ -15,6 +15,9 @@ from comlora.data.items import format_prompt as alpaca_prompt
 from comlora.data.mmlu import (ANSWER_PREFIX, CATEGORIES, LETTERS, SUBJECT_CATEGORIES, UNCATEGORIZED, format_prompt,
                                load_mmlu, mmlu_training_item)
 from comlora.evaluation.generation import generate_texts
+
+if TYPE_CHECKING:
+    import torch
 
 MODES = ("logits", "generate")
 PROMPT_STYLES = ("harness", "alpaca")
@@ -42,9 +45,10 @@ def _continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[
     return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]  # a merge across the boundary
 
 
-@torch.no_grad()
 def _last_logprobs(model, sequences: list[list[int]], keep: int, pad_id: int) -> torch.Tensor:
     """Log-softmax over the vocabulary at the last ``keep`` positions of each left-padded sequence."""
+    import torch          # here, not at the top: the command line's options load this module (comlora eval --help)
+
     device = next(model.parameters()).device
     length = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -53,8 +57,9 @@ def _last_logprobs(model, sequences: list[list[int]], keep: int, pad_id: int) ->
         ids[row, length - len(seq):] = torch.tensor(seq)
         mask[row, length - len(seq):] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-                logits_to_keep=keep)
+    with torch.no_grad():
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                    logits_to_keep=keep)
     return out.logits[:, -keep:].float().log_softmax(-1).cpu()
 
 

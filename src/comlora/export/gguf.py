@@ -113,10 +113,9 @@ class GgufLayout:
 def adapted_weights(method, component: int | None = None) -> tuple[list[AdaptedWeight], float, str]:
     """(every adapted layer, lora_alpha, a label) of ComLoRA's ``component`` (default: the winner) or of a plain
     PEFT LoRA; the other methods have no LoRA form."""
-    from peft.tuners.lora import LoraLayer
-
     from comlora.methods.lora import PeftLoraModel
     from comlora.methods.comlora.model import ComLoraModel
+    from comlora.peft_import import peft
 
     if isinstance(method, ComLoraModel):
         k = method.resolve_component(component)
@@ -134,7 +133,7 @@ def adapted_weights(method, component: int | None = None) -> tuple[list[AdaptedW
         weights = [AdaptedWeight(module_name, module.get_base_layer().weight, module.lora_A[name].weight,
                                  module.lora_B[name].weight, module.scaling[name])
                    for module_name, module in method.model.named_modules()
-                   if isinstance(module, LoraLayer) and name in module.lora_A]
+                   if isinstance(module, peft.tuners.lora.LoraLayer) and name in module.lora_A]
         return weights, float(config.lora_alpha), "lora"
     raise ValueError(f"{type(method).__name__} keeps its own modules at inference: it has no GGUF LoRA form")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from comlora.base_models import without_transformers_bars
 from comlora.provenance import base_model_record, write_model_card
 from comlora.quantization import quantization_record
 from comlora.methods.comlora.model import ComLoraModel
@@ -19,7 +20,8 @@ def export_run(run: str | Path, out: Path, component: int | None = None, merge: 
         component = method.resolve_component(component)
         if merge:
             merged = method.merge(component, inplace=True)
-            merged.save_pretrained(out)
+            with without_transformers_bars():
+                merged.save_pretrained(out)
             tokenizer.save_pretrained(out)
         else:
             method.export_adapter(out, component)
@@ -35,7 +37,8 @@ def export_run(run: str | Path, out: Path, component: int | None = None, merge: 
                              "would re-quantize the merged weights); export the adapter and merge it with PEFT onto "
                              "the full-precision base")
         merged = method.peft_model.merge_and_unload()
-        merged.save_pretrained(out)
+        with without_transformers_bars():
+            merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
     else:
         method.save(out)

@@ -1,2 +1,2 @@
 """Training methods: one module each (``lora``, ``moelora``, ``teamlora``, ``loratrf``; ComLoRA in ``comlora/``), all
-built on ``base`` (AdapterConfig, AdapterModel), registered by name in ``registry``."""
+built on ``adapter_config.AdapterConfig`` and ``base.AdapterModel``, registered by name in ``registry``."""

@@ -1,55 +1,21 @@
-"""What every method builds on: AdapterConfig (the LoRA fields and their checks) and AdapterModel (injection
-under a seed, parameter counts, save / load of the trainable tensors, the LM-only training loss)."""
+"""What every method model builds on: AdapterModel (injection under a seed, parameter counts, save / load of the
+trainable tensors, the LM-only training loss). Every method's config builds on ``adapter_config.AdapterConfig``."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from comlora.config_base import ConfigDict
 from comlora.methods.checkpointing import ActivationCheckpointing
 from comlora.methods.injection import inject_linear_layers
 from comlora.methods.losses import mean_lm_loss
 from comlora.methods.saved_state import check_weights_fit, config_from_file
 from comlora.quantization import use_exact_4bit_forward, weight_count
 from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json, write_safetensors
-
-TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against "
-                       "the full module name; None = the architecture's default (the paper's q,k,v,up,down where the "
-                       "model's names fit, e.g. Llama, Qwen, Mistral, Gemma, Phi-3; otherwise PEFT's default for the "
-                       "model type, e.g. c_attn on GPT-2). Resolved against the model when the adapter is built.")
-
-
-@dataclass
-class AdapterConfig(ConfigDict):
-    """The fields every method's config shares; a method's config adds its own after them."""
-
-    r: int = field(default=8, metadata={"help": "Rank of every LoRA pair A (d_in x r), B (r x d_out)."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: each update is scaled by lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input x (0 = off)."})
-    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
-    seed: int = field(default=0, metadata={"help": "Seed of the adapter's initialisation."})
-
-    def adapter_checks(self, *positive_ints: str) -> list[tuple[bool, str]]:
-        """The shared checks: r and the named integer fields >= 1, lora_alpha > 0, lora_dropout in [0, 1),
-        target_modules None (the architecture's default) or at least one module (a tuple becomes a list)."""
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        return self.integer_checks(positive_ints + ("r",), 1) + self.integer_checks(["seed"], 0) + [
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}"),
-            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"),
-            (self.target_modules is None or bool(self.target_modules),
-             "target_modules must name at least one module, or be None for the architecture's default"),
-        ]
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r
 
 
 @contextmanager

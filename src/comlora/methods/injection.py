@@ -7,10 +7,10 @@ import dataclasses
 import re
 from typing import Callable, Sequence
 
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from comlora.methods.lora_layer import ADAPTABLE_LAYERS
+from comlora.peft_import import peft
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]   # the paper's choice, Llama names
 
@@ -52,7 +52,8 @@ def default_target_modules(model: nn.Module,
         if all(any(matches_target(n, [t]) for n in names) for t in candidate):
             return list(candidate)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    mapped = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) if use_peft_mapping else None
+    peft_defaults = peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    mapped = peft_defaults.get(model_type) if use_peft_mapping else None
     if mapped is not None:
         return mapped if isinstance(mapped, str) else list(mapped)
     tried = " or ".join(str(c) for c in preferred)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from comlora.methods.base import AdapterConfig, AdapterModel, seeded
+from comlora.methods.adapter_config import AdapterConfig
+from comlora.methods.base import AdapterModel, seeded
 from comlora.methods.injection import find_target_modules, resolve_target_modules
 from comlora.methods.saved_state import load_peft_adapter
+from comlora.peft_import import peft, peft_quietly
 
 
 @dataclass
@@ -33,16 +34,16 @@ class PeftLoraModel(AdapterModel):
     state_name = "lora"
     mergeable = True
 
-    def __init__(self, model: nn.Module, config: PeftLoraConfig, peft_model: PeftModel | None = None) -> None:
+    def __init__(self, model: nn.Module, config: PeftLoraConfig, peft_model: peft.PeftModel | None = None) -> None:
         super().__init__(model, config)
         if peft_model is None:
             targets = resolve_target_modules(model, config.target_modules)
             conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in find_target_modules(model, targets))
-            lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                              target_modules=targets, bias="none", task_type="CAUSAL_LM", use_dora=config.use_dora,
-                              fan_in_fan_out=conv1d)
-            with seeded(config.seed):
-                peft_model = get_peft_model(model, lora)
+            lora = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                   target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                                   use_dora=config.use_dora, fan_in_fan_out=conv1d)
+            with seeded(config.seed), peft_quietly():
+                peft_model = peft.get_peft_model(model, lora)
         self.peft_model = peft_model
         self.model = peft_model.base_model.model
 

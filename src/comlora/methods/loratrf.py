@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comlora.methods.base import AdapterConfig, AdapterModel, seeded
+from comlora.methods.adapter_config import AdapterConfig
+from comlora.methods.base import AdapterModel, seeded
 from comlora.methods.injection import with_resolved_targets
 from comlora.methods.lora_layer import LoraLinear, uniform_fan_in_
 

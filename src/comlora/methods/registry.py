@@ -7,29 +7,35 @@ Every method model builds on ``methods.base.AdapterModel``: ``.model`` (the caus
 
 from __future__ import annotations
 
+import pkgutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from comlora.methods.comlora.config import ComLoraConfig
-from comlora.methods.comlora.model import ComLoraModel
-from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
-from comlora.methods.loratrf import LoraTrfConfig, LoraTrfModel
-from comlora.methods.moelora import MoeLoraConfig, MoeLoraModel
-from comlora.methods.teamlora import TeamLoraConfig, TeamLoraModel
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
 class Method:
-    """One training method. ``components_field`` is the config field that ``--num-components`` (K) fills (None: the
-    method has no K); ``fixed`` are config values its name implies (dora: use_dora=True)."""
+    """One training method. ``config`` and ``model`` name its config dataclass and its model class as
+    ``module:Class``, imported when first used (``config_class``, ``model_class``): listing the methods (the command
+    line's choices) loads no model code. ``components_field`` is the config field that ``--num-components`` (K)
+    fills (None: the method has no K); ``fixed`` are config values its name implies (dora: use_dora=True)."""
 
-    config_class: type
-    model_class: type
+    config: str
+    model: str
     description: str
     components_field: str | None = None
     fixed: dict = field(default_factory=dict)
+
+    @property
+    def config_class(self) -> type:
+        return pkgutil.resolve_name(self.config)
+
+    @property
+    def model_class(self) -> type:
+        return pkgutil.resolve_name(self.model)
 
     @property
     def mergeable(self) -> bool:
@@ -37,14 +43,18 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "comlora": Method(ComLoraConfig, ComLoraModel, "Competitive LoRA: K components compete under a selector; the "
-                      "winner is exported as one LoRA", "num_components"),
-    "lora": Method(PeftLoraConfig, PeftLoraModel, "Plain LoRA (PEFT)"),
-    "dora": Method(PeftLoraConfig, PeftLoraModel, "DoRA (PEFT's use_dora)", fixed={"use_dora": True}),
-    "moelora": Method(MoeLoraConfig, MoeLoraModel, "Mixture of K LoRA experts with a per-token router", "num_experts"),
-    "teamlora": Method(TeamLoraConfig, TeamLoraModel, "TeamLoRA: K experts sharing one A, routed through an "
-                       "interaction matrix", "num_experts"),
-    "loratrf": Method(LoraTrfConfig, LoraTrfModel, "LoRATRF: LoRA plus a task-aware filter on every decoder layer"),
+    "comlora": Method("comlora.methods.comlora.config:ComLoraConfig", "comlora.methods.comlora.model:ComLoraModel",
+                      "Competitive LoRA: K components compete under a selector; the winner is exported as one LoRA",
+                      "num_components"),
+    "lora": Method("comlora.methods.lora:PeftLoraConfig", "comlora.methods.lora:PeftLoraModel", "Plain LoRA (PEFT)"),
+    "dora": Method("comlora.methods.lora:PeftLoraConfig", "comlora.methods.lora:PeftLoraModel",
+                   "DoRA (PEFT's use_dora)", fixed={"use_dora": True}),
+    "moelora": Method("comlora.methods.moelora:MoeLoraConfig", "comlora.methods.moelora:MoeLoraModel",
+                      "Mixture of K LoRA experts with a per-token router", "num_experts"),
+    "teamlora": Method("comlora.methods.teamlora:TeamLoraConfig", "comlora.methods.teamlora:TeamLoraModel",
+                       "TeamLoRA: K experts sharing one A, routed through an interaction matrix", "num_experts"),
+    "loratrf": Method("comlora.methods.loratrf:LoraTrfConfig", "comlora.methods.loratrf:LoraTrfModel",
+                      "LoRATRF: LoRA plus a task-aware filter on every decoder layer"),
 }
 
 

@@ -69,7 +69,7 @@ def load_peft_adapter(model: nn.Module, path: str | Path, is_trainable: bool = F
     """``PeftModel.from_pretrained(model, path)`` once the adapter's config and weights agree with each other and
     with ``model``: every weight PEFT would create is in the file with its shape, and nothing else. PEFT itself
     only warns about missing keys (and keeps their random initialisation) and fails on a shape mid-load."""
-    from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from comlora.peft_import import peft, peft_quietly
 
     path = Path(path)
     config_file, weights_file = path / PEFT_CONFIG, path / PEFT_WEIGHTS
@@ -80,20 +80,21 @@ def load_peft_adapter(model: nn.Module, path: str | Path, is_trainable: bool = F
         raise FileNotFoundError(f"{path} is not a PEFT adapter folder: {PEFT_WEIGHTS} is missing{pickled}")
     read_json_object(config_file, "peft_type")
     try:
-        config = PeftConfig.from_pretrained(str(path))
+        config = peft.PeftConfig.from_pretrained(str(path))
     except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{config_file}: not a valid PEFT config ({err})") from err
     saved = safetensors_shapes(weights_file)
     twin = meta_twin(model)
     if twin is not None:
         try:
-            with warnings.catch_warnings(), torch.device("meta"):
+            with warnings.catch_warnings(), torch.device("meta"), peft_quietly():
                 warnings.simplefilter("ignore")
-                state = get_peft_model_state_dict(get_peft_model(twin, copy.deepcopy(config)))
+                state = peft.get_peft_model_state_dict(peft.get_peft_model(twin, copy.deepcopy(config)))
         except ValueError as err:
             raise ValueError(f"{config_file}: {err}") from err
         problems = state_fit_problems({k: list(v.shape) for k, v in state.items()}, saved)
         if problems:
             raise ValueError(f"{weights_file} does not fit {PEFT_CONFIG} on this base model (an adapter of another "
                              f"model, or its r / target_modules were edited): {summarize(problems)}")
-    return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+    with peft_quietly():
+        return peft.PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)

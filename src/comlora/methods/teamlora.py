@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from comlora.methods.base import AdapterConfig, AdapterModel, seeded
+from comlora.methods.adapter_config import AdapterConfig
+from comlora.methods.base import AdapterModel, seeded
 from comlora.methods.injection import with_resolved_targets
 from comlora.methods.lora_layer import AdaptedLinear, uniform_fan_in_
 

@@ -31,7 +31,7 @@ class TrainConfig(ConfigDict):
     method: str = field(default="comlora", metadata={"help": "Training method (its own options: --help-method).",
                                                      "choices": tuple(METHODS)})
     num_components: int = field(default=2, metadata={"help": "K: competing components (comlora) or experts (moelora, teamlora)."})
-    r: int = field(default=8, metadata={"help": "LoRA rank (per component / expert)."})
+    r: int = field(default=8, metadata={"help": "LoRA rank (per component / expert).", "flags": ("--rank", "--r")})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by lora_alpha / r."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     target_modules: list[str] | None = field(default=None, metadata={

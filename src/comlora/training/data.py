@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import sys
-
-import torch
+from pathlib import Path
 
 from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
@@ -12,6 +11,20 @@ from comlora.data.items import IGNORE_INDEX, data_root, load_items, tokenize_ite
 from comlora.data.mmlu import mmlu_training_items
 from comlora.data.options import text_answer_item
 from comlora.training.config import TrainConfig
+
+
+ROOT_DATA = ("commonsense-mini", "convai2", "mmlu", "mmlu:dev", "mmlu:test")    # read from the data root
+
+
+def check_data_source(cfg: TrainConfig) -> None:
+    """The data root, file or folder ``cfg.data`` reads exists: a missing one is an error in a moment, before the
+    training stack and the model load (``training_items`` reads and checks the content)."""
+    if cfg.data in ROOT_DATA:
+        data_root(cfg.data_root)
+        return
+    path = Path(cfg.data.removeprefix("mmlu:"))
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such data file or folder")
 
 
 def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -68,13 +81,17 @@ def _training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
         items = load_items(cfg.data)
     if cfg.val_size >= len(items):
         raise ValueError(f"{cfg.data}: {len(items)} items cannot hold out val_size={cfg.val_size} for validation")
+    import torch          # here, not at the top: the command line checks the data before torch loads
+
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
     return [items[i] for i in order[cfg.val_size:]], [items[i] for i in order[:cfg.val_size]]
 
 
-def load_training_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
-    """Tokenised (training, validation) examples of ``cfg.data``."""
-    train_items, val_items = training_items(cfg)
+def load_training_data(cfg: TrainConfig, tokenizer, items: tuple[list[dict], list[dict]] | None = None
+                       ) -> tuple[list[dict], list[dict]]:
+    """Tokenised (training, validation) examples of ``cfg.data`` (``items``: what ``training_items`` returned, when
+    the data was read before the model was loaded)."""
+    train_items, val_items = training_items(cfg) if items is None else items
     return tokenize_with_targets(train_items, "training", cfg, tokenizer), \
         tokenize_with_targets(val_items, "validation", cfg, tokenizer)
 

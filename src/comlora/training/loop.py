@@ -28,6 +28,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
 from torch import nn
 from tqdm.auto import tqdm
+
+import comlora.peft_import  # noqa: F401  (before transformers' get_scheduler, which imports peft: peft_import.py)
 from transformers import get_scheduler
 
 from comlora.base_models import load_model_and_tokenizer, resolve_device
@@ -43,7 +45,7 @@ from comlora.training.checkpoints import (resume_from_checkpoint, resume_from_sh
                                          save_checkpoint, save_sharded_checkpoint)
 from comlora.training.clipping import clip_with_accelerator, gradient_groups
 from comlora.training.config import TrainConfig
-from comlora.training.data import load_training_data
+from comlora.training.data import load_training_data, training_items
 from comlora.training.distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options,
                                           unsharded_method, use_fsdp_on_cpu, with_launcher_mixed_precision)
 from comlora.training.processes import on_main_process
@@ -96,9 +98,10 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
         retain_freed_memory()
 
     torch.manual_seed(cfg.seed)
+    items = training_items(cfg)           # a missing or bad --data fails here, before the model is loaded
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=str(accelerator.device), dtype=cfg.dtype,
                                                 load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
-    train_examples, val_examples = load_training_data(cfg, tokenizer)
+    train_examples, val_examples = load_training_data(cfg, tokenizer, items)
     method = build_method(cfg, model).to(model.device)
     if cfg.gradient_checkpointing:
         method.gradient_checkpointing_enable()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from comlora.storage import fsync_path, write_json, write_text
+from comlora.storage import fsync_path, give_new_file_modes, write_json, write_text
 from comlora.training.config import EARLIER_RUN_VALUES, load_yaml
 
 LOCK_FILE = ".lock"
@@ -123,7 +123,9 @@ def remove(path: Path) -> None:
 def commit_folder(tmp: Path, final: Path, replace: bool = True) -> Path:
     """Make the fully written folder ``tmp`` the folder ``final``: fsync it, put it in the place of ``final`` (an
     older copy with ``replace``, else only an empty folder), fsync the parent. A crash never leaves a mix under
-    the name ``final``: the old folder, the new one, or (while an older copy is being replaced) none."""
+    the name ``final``: the old folder, the new one, or (while an older copy is being replaced) none. Its files get
+    the mode a plain ``open()`` gives, whatever library wrote them."""
+    give_new_file_modes(tmp)
     fsync_tree(tmp)
     if final.exists():
         remove(final) if replace else final.rmdir()
@@ -166,8 +168,9 @@ def final_save(run: Path):
 
 def commit_final_save(run: Path) -> None:
     """Move every entry of ``RUN/.final-save`` into the run (replacing older copies), fsynced, then write the
-    completion marker: only from that moment is the run complete."""
+    completion marker: only from that moment is the run complete. The files get the mode a plain ``open()`` gives."""
     folder = run / FINAL_SAVE
+    give_new_file_modes(folder)
     fsync_tree(folder)
     names = sorted(p.name for p in folder.iterdir())
     for name in names:

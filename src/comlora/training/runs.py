@@ -9,7 +9,7 @@ from comlora.data.items import load_items
 from comlora.methods.registry import load_method
 from comlora.training.batches import validation_batches
 from comlora.training.config import EARLIER_RUN_VALUES, TrainConfig, load_yaml
-from comlora.training.data import load_training_data, tokenize_with_targets, with_answer_format
+from comlora.training.data import tokenize_with_targets, training_items, with_answer_format
 from comlora.training.run_dir import require_complete
 
 
@@ -37,10 +37,12 @@ def run_config(run: Path) -> TrainConfig:
         raise ValueError(str(err) if str(config_file) in str(err) else f"{config_file}: {err}") from err
 
 
-def run_validation_batches(run: Path, cfg: TrainConfig, tokenizer, device, data: str | None = None):
-    """Validation batches of a run (or of another LLM-Adapters file/folder given as ``data``)."""
-    if data is None:
-        _, val_examples = load_training_data(cfg, tokenizer)
-    else:
-        val_examples = tokenize_with_targets(with_answer_format(load_items(data), cfg), "validation", cfg, tokenizer)
+def run_validation_items(cfg: TrainConfig, data: str | None = None) -> list[dict]:
+    """The validation items of a run (or the items of another LLM-Adapters file/folder given as ``data``)."""
+    return training_items(cfg)[1] if data is None else with_answer_format(load_items(data), cfg)
+
+
+def run_validation_batches(cfg: TrainConfig, items: list[dict], tokenizer, device):
+    """``run_validation_items`` tokenised as the run's validation batches."""
+    val_examples = tokenize_with_targets(items, "validation", cfg, tokenizer)
     return list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, device))

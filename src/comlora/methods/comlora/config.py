@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from comlora.methods.base import AdapterConfig
+from comlora.methods.adapter_config import AdapterConfig
 
 ANNEAL_SCHEDULES = ("constant", "cosine", "exponential", "linear")
 LOSS_REDUCTIONS = ("mean", "sum")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 import torch
-from peft import LoraConfig
 from torch import nn
 
+from comlora.peft_import import peft
 from comlora.quantization import merged_base
 from comlora.storage import write_json, write_safetensors
 
@@ -15,15 +15,15 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 
 
-def peft_lora_config(cm) -> LoraConfig:
+def peft_lora_config(cm) -> peft.LoraConfig:
     """The PEFT LoraConfig that places an r-rank adapter on exactly the modules ComLoRA adapted (named in
     full: a suffix or regex could also match modules that are not nn.Linear, which PEFT would adapt too);
     ``fan_in_fan_out`` when they are GPT-2 ``Conv1D`` layers (weight ``[d_in, d_out]``), as PEFT sets it."""
     cfg = cm.config
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=sorted(cm.adapted), bias="none", task_type="CAUSAL_LM",
-                      fan_in_fan_out=any(layer.fan_in_fan_out for layer in cm.adapted.values()),
-                      base_model_name_or_path=getattr(cm.model, "name_or_path", None) or None)
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=sorted(cm.adapted), bias="none", task_type="CAUSAL_LM",
+                           fan_in_fan_out=any(layer.fan_in_fan_out for layer in cm.adapted.values()),
+                           base_model_name_or_path=getattr(cm.model, "name_or_path", None) or None)
 
 
 def peft_adapter_state(cm, component: int) -> dict[str, torch.Tensor]:
