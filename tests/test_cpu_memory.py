@@ -10,7 +10,7 @@ import resource, sys, torch
 from comlora.cpu_memory import retain_freed_memory
 
 def faults_of_reallocating():
-    for _ in range(3):                                         # steady state first (the heap settles)
+    for _ in range(10):            # steady state first: the heap settles (a small one, right after start-up, takes ~8)
         torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)    # 64 MiB: above glibc's largest mmap threshold
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):

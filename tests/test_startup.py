@@ -94,8 +94,10 @@ def no_model_loading(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad path was noticed")
 
-    for module in ("comlora.base_models", "comlora.training.loop", "comlora.training.runs"):
-        monkeypatch.setattr(f"{module}.load_model_and_tokenizer", load)
+    modules = [importlib.import_module(name) for name in ("comlora.base_models", "comlora.training.loop",
+                                                          "comlora.training.runs")]
+    for module in modules:          # imported first: one imported while another is patched would keep the patch
+        monkeypatch.setattr(module, "load_model_and_tokenizer", load)
 
 
 def test_missing_data_and_paths_fail_before_a_model_loads(tmp_path, tiny_model_dir, commonsense_root, capsys,
@@ -109,7 +111,8 @@ def test_missing_data_and_paths_fail_before_a_model_loads(tmp_path, tiny_model_d
               "cannot load model '/nonexistent/model': no such folder"),
              (["select", str(run), "--data", "/nonexistent.json"], "/nonexistent.json: no such data file or folder"),
              (["eval", "--model", str(tiny_model_dir), "--adapter", "/nonexistent-adapter", "--data-root",
-               str(commonsense_root), "--eval-size", "4", "--limit", "1"], "--adapter /nonexistent-adapter: no such folder")]
+               str(commonsense_root), "--eval-size", "4", "--limit", "1"],
+              "--adapter /nonexistent-adapter: no such folder")]
     for argv, message in cases:
         with pytest.raises(SystemExit):
             main(argv)
@@ -159,11 +162,13 @@ def test_an_unreachable_hub_fails_within_seconds_naming_hf_hub_offline_and_a_cac
     (tmp_path / "items.json").write_text(json.dumps([{"instruction": f"q{i}", "input": "", "output": "a"}
                                                      for i in range(200)]))
     cases = [str(tiny_model_dir), "nonexistent-org/nonexistent-model", "tiny-org/tiny-llama", "/nonexistent/model"]
-    done = run_python(["-c", HUB_CASES, *cases], tmp_path, HF_ENDPOINT=UNREACHABLE_HUB, HF_HUB_CACHE=str(tmp_path / "hub"))
+    done = run_python(["-c", HUB_CASES, *cases], tmp_path, HF_ENDPOINT=UNREACHABLE_HUB,
+                      HF_HUB_CACHE=str(tmp_path / "hub"))
     assert done.returncode == 0, done.stderr[-3000:]
-    missing, cached, no_folder = [json.loads(line[5:]) for line in done.stdout.splitlines() if line.startswith("CASE ")]
-    assert no_folder["error"] == "FileNotFoundError: cannot load model '/nonexistent/model': no such folder (and not a " \
-                                 "Hub id such as org/name)"
+    missing, cached, no_folder = [json.loads(line.removeprefix("CASE ")) for line in done.stdout.splitlines()
+                                  if line.startswith("CASE ")]
+    assert no_folder["error"] == ("FileNotFoundError: cannot load model '/nonexistent/model': no such folder (and not "
+                                  "a Hub id such as org/name)")
     assert missing["seconds"] < 10 and "the Hugging Face Hub cannot be reached" in missing["error"]
     assert "HF_HUB_OFFLINE" in missing["error"]
     assert cached["error"] is None and cached["seconds"] < 10

@@ -16,7 +16,6 @@ from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.items import format_prompt
 from comlora.data.options import item_options
 from comlora.evaluation.generation import generate_texts
-from comlora.evaluation.loglik import continuation_logliks, encode_pair, multiple_choice, pad_token_id
 
 ANSWER_PATTERNS = {
     "boolq": r"true|false",
@@ -74,6 +73,7 @@ def evaluate_commonsense_loglik(model, tokenizer, evaluation: dict[str, list[dic
     """``acc``, ``acc_norm`` and ``acc_bytes`` (0-100, ``loglik.multiple_choice``) per task and averaged over tasks.
     Each item's context is its Alpaca prompt (what ``answer_format: text`` trains on), each option's text a
     continuation split as ``loglik.encode_pair`` does; the items keep both strings and every option's loglik."""
+    from comlora.evaluation.loglik import continuation_logliks, encode_pair, multiple_choice, pad_token_id  # torch
     started = time.perf_counter()
     tasks = {task: items[:limit] for task, items in evaluation.items()}
     rows, groups = [], []

@@ -13,7 +13,6 @@ from comlora import markdown
 from comlora.data.convai2 import CONVAI2_FILE, SPLIT_NAMES, convai2_examples, load_convai2, split_dialogues
 from comlora.data.items import format_prompt
 from comlora.evaluation.generation import generate_texts
-from comlora.evaluation.loglik import continuation_logliks, pad_token_id
 from comlora.evaluation.text_metrics import TABLE_METRICS, text_metrics
 
 
@@ -58,6 +57,7 @@ def evaluate_convai2_loglik(model, tokenizer, examples: list[dict], batch_size: 
     """Per turn, the gold reply's summed NLL -sum_t log p(y_t | prompt, y_<t) over its ``tokens`` (EOS included)
     after the Alpaca prompt; ``nll_per_token`` = sum of NLLs / sum of tokens over the turns, ``perplexity`` = its
     exp."""
+    from comlora.evaluation.loglik import continuation_logliks, pad_token_id   # imports torch
     started = time.perf_counter()
     prompts = [format_prompt({"instruction": ex["prompt"], "input": ""}) for ex in examples]
     pairs = [response_pair(tokenizer, prompt, ex["response"]) for prompt, ex in zip(prompts, examples)]
