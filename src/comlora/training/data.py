@@ -61,6 +61,8 @@ def subset(items: list[dict], size: int, seed: int, source: str) -> list[dict]:
         return items
     if size > len(items):
         raise ValueError(f"{source}: train_size={size} but only {len(items)} training items are available")
+    import torch
+
     keep = sorted(torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:size].tolist())
     return [items[i] for i in keep]
 
