@@ -2,7 +2,7 @@
 registered method and task has what the CLI needs, and the CLI's choices come from the registries."""
 
 import ast
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -82,7 +82,8 @@ def test_every_method_builds_on_the_bases_and_documents_its_fields(name):
 @pytest.mark.parametrize("name", list(TASKS))
 def test_every_task_brings_its_options_its_evaluation_and_its_table(name):
     task = TASKS[name]
-    assert all(callable(getattr(task, f)) for f in ("add_arguments", "prepare", "markdown_table"))
+    assert all(callable(getattr(task, f)) for f in ("prepare", "markdown_table"))
+    assert is_dataclass(task.Options) and all(f.metadata.get("help") for f in fields(task.Options))
 
 
 def subcommand(parser, name):

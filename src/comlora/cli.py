@@ -18,6 +18,7 @@ import yaml
 from safetensors import SafetensorError
 
 from comlora.evaluation.registry import TASKS
+from comlora.evaluation.settings import EvalSettings, add_flags, from_flags
 from comlora.methods.registry import METHODS, get_method
 from comlora.training.config import TrainConfig, apply_overrides, load_yaml
 from comlora.training.processes import MainProcessFailed
@@ -245,48 +246,40 @@ def freed_after_use(label: str, generator):
     generator.close()
 
 
+def eval_settings(args: argparse.Namespace) -> tuple[EvalSettings, object]:
+    """``comlora eval``'s flags as the settings every task shares and the ``Options`` of ``--task``."""
+    return from_flags(EvalSettings, args), from_flags(TASKS[args.task].Options, args)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
-    if args.adapter and args.run:
-        raise ValueError("give --adapter or --run, not both")
-    if args.components not in ("all", "winner") and not args.components.isdigit():
-        raise ValueError(f"--components must be all, winner or a component index (0, 1, ...), got {args.components!r}")
-    args.run_config = None
-    if not args.run:
-        return evaluate_and_write(args)
-    with lock_run(args.run, "eval", optional=args.out is not None):   # RUN/eval is the run's
-        evaluate_and_write(args)
+    settings, options = eval_settings(args)
+    if not settings.run:
+        return evaluate_and_write(settings, options)
+    with lock_run(settings.run, "eval", optional=settings.out is not None):   # RUN/eval is the run's
+        evaluate_and_write(settings, options)
 
 
-def evaluate_and_write(args: argparse.Namespace) -> None:
+def evaluate_and_write(settings: EvalSettings, options) -> None:
+    """Evaluate every model ``settings`` names on its task (with the task's ``options``) and write each result."""
     from comlora.cpu_memory import retain_freed_memory
     from comlora.data.items import data_root
     from comlora.evaluation.results import write_results
     from comlora.base_models import resolve_device
-    from comlora.training.runs import run_config
 
-    if args.scoring == "loglik" and args.backend == "llama.cpp":
-        raise ValueError("--scoring loglik runs on the transformers backend: leave out --backend llama.cpp")
-    if args.backend == "llama.cpp" and not (args.greedy or args.num_beams == 1):
-        raise ValueError("the llama.cpp backend decodes greedily (llama.cpp has no beam search): add --greedy")
-    if args.run:                      # the commonsense subset must be the run's own held-out items
-        args.run_config = run_config(Path(args.run))
-        args.model = args.run_config.model
-        args.seed = args.run_config.split_seed if args.seed is None else args.seed
-        args.eval_size = args.run_config.eval_size if args.eval_size is None else args.eval_size
-    args.seed = 0 if args.seed is None else args.seed
-    args.eval_size = 100 if args.eval_size is None else args.eval_size
-    if args.retain_cpu_memory and resolve_device(args.device).type == "cpu":
+    settings = settings.with_run_defaults()
+    if settings.retain_cpu_memory and resolve_device(settings.device).type == "cpu":
         retain_freed_memory()
-    task = TASKS[args.task]
-    evaluate, table = task.prepare(args, data_root(args.data_root)), task.markdown_table
-    out = Path(args.out) if args.out else (Path(args.run) / "eval" if args.run else Path("eval-results"))
+    task = TASKS[settings.task]
+    evaluate, table = task.prepare(settings, options, data_root(settings.data_root)), task.markdown_table
+    default_out = Path(settings.run) / "eval" if settings.run else Path("eval-results")
+    out = Path(settings.out) if settings.out else default_out
     results = {}
-    for label, model, tokenizer in evaluation_targets(args):
+    for label, model, tokenizer in evaluation_targets(settings):
         result = evaluate(model, tokenizer)
-        result["settings"].update(task=args.task, model=args.model, adapter=args.adapter, run=args.run, seed=args.seed,
-                                  backend=args.backend)
-        scoring = "-loglik" if args.scoring == "loglik" else ""
-        name = f"{args.task}{scoring}-{label}" + (f"-limit{args.limit}" if args.limit is not None else "")
+        result["settings"].update(task=settings.task, model=settings.model, adapter=settings.adapter, run=settings.run,
+                                  seed=settings.seed, backend=settings.backend)
+        scoring = "-loglik" if settings.scoring == "loglik" else ""
+        name = f"{settings.task}{scoring}-{label}" + (f"-limit{settings.limit}" if settings.limit is not None else "")
         if (out / f"{name}.json").exists():         # never overwrite an earlier evaluation
             name += f"-{time.strftime('%Y%m%d-%H%M%S')}"
         write_results(out, name, result, table)
@@ -380,33 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="Evaluate a base model, a PEFT adapter or a run's components.")
-    p.add_argument("--model", default="smollm2-135m", help="Base model (ignored with --run: the run's own).")
-    p.add_argument("--adapter", help="A PEFT adapter folder to evaluate on --model.")
-    p.add_argument("--run", help="A run directory to evaluate.")
-    p.add_argument("--components", default="winner", help="With --run (comlora): all, winner, or an index.")
-    p.add_argument("--task", default="commonsense", choices=list(TASKS), help="Evaluation suite (default: commonsense).")
-    p.add_argument("--limit", type=int, help="commonsense: items per task (first N of the reserved subset); "
-                   "mmlu: rows per subject; convai2: examples.")
-    p.add_argument("--seed", type=int, help="Seed of the commonsense subset / the ConvAI2 split (default: the run's data seed, else 0).")
-    p.add_argument("--scoring", default="generate", choices=["generate", "loglik"],
-                   help="commonsense and convai2: generate answers and score them (the paper's protocol), or loglik: "
-                   "score given texts by their log-likelihood (commonsense: each option's text, lm-evaluation-harness "
-                   "acc / acc_norm; convai2: the gold reply's NLL per token and perplexity). Results go to "
-                   "TASK-loglik-*.json.")
-    p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of beam search.")
-    p.add_argument("--num-beams", type=int, default=4, help="Beam width (LLM-Adapters: 4).")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="New tokens per answer (LLM-Adapters: 32).")
+    add_flags(p, EvalSettings, choices={"task": list(TASKS)})
     for name, task in TASKS.items():            # each task's own options
-        task.add_arguments(p.add_argument_group(name))
-    p.add_argument("--backend", default="transformers", choices=["transformers", "llama.cpp"],
-                   help="llama.cpp: generate with llama-cpp-python on the GGUF base (--model smollm2-135m or a .gguf "
-                   "file) with a GGUF --adapter, or a run's LoRA exported to GGUF; greedy only, MMLU in generate mode.")
-    p.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (loglik: per forward pass).")
-    p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--retain-cpu-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="On a CPU: keep freed memory for reuse instead of returning it to the OS (see train's option).")
-    p.add_argument("--out", help="Output folder (default RUN/eval or ./eval-results).")
+        add_flags(p.add_argument_group(name), task.Options)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="Table of evaluated runs: params %% (L/S), accuracy per task, average, inference cost.")

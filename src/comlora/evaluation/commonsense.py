@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -16,6 +17,7 @@ from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.items import format_prompt
 from comlora.data.options import item_options
 from comlora.evaluation.generation import generate_texts
+from comlora.evaluation.settings import EvalSettings, option
 
 ANSWER_PATTERNS = {
     "boolq": r"true|false",
@@ -118,24 +120,30 @@ def markdown_table(results: dict[str, dict]) -> str:
     return markdown.table(["model", *tasks, "avg"], rows) + "\n"
 
 
-def add_arguments(group) -> None:
-    """``comlora eval --task commonsense`` options."""
-    group.add_argument("--tasks", help="Comma-separated commonsense tasks (default: all 8).")
-    group.add_argument("--eval-size", type=int, help="Reserved evaluation items per task (default: the run's, else 100).")
+@dataclass(frozen=True)
+class Options:
+    """``comlora eval --task commonsense``'s own options."""
+
+    tasks: str | None = option(None, "Comma-separated commonsense tasks (default: all 8).")
+    eval_size: int | None = option(None, "Reserved evaluation items per task (default: the run's, else 100).")
 
 
-def prepare(args, root: Path):
+def prepare(settings: EvalSettings, options: Options, root: Path):
     """evaluate(model, tokenizer) on the reserved evaluation items of commonsense-mini (a run's own held-out items:
     the same data seed and no larger eval_size, else its training items could be among them)."""
-    if args.limit is not None and args.limit > args.eval_size:
-        raise ValueError(f"--limit {args.limit} exceeds --eval-size {args.eval_size} (the reserved subset)")
-    tasks = args.tasks.split(",") if args.tasks else None
-    suite = build_commonsense_mini(root, tasks, eval_size=args.eval_size, train_per_task=0, val_size=0, seed=args.seed)
-    run = args.run_config
-    if run is not None and run.data == "commonsense-mini" and (args.seed != run.split_seed or args.eval_size > run.eval_size):
-        raise ValueError(f"--seed {args.seed} / --eval-size {args.eval_size} differ from the run's (data seed {run.split_seed}, "
-                         f"eval_size {run.eval_size}): the evaluation items could overlap its training items")
-    if args.scoring == "loglik":
-        return lambda model, tok: evaluate_commonsense_loglik(model, tok, suite.evaluation, args.limit, args.batch_size)
-    return lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, args.limit, args.batch_size,
-                                                   args.max_new_tokens, 1 if args.greedy else args.num_beams)
+    run = settings.run_config
+    eval_size = options.eval_size if options.eval_size is not None else run.eval_size if run is not None else 100
+    if settings.limit is not None and settings.limit > eval_size:
+        raise ValueError(f"--limit {settings.limit} exceeds --eval-size {eval_size} (the reserved subset)")
+    tasks = options.tasks.split(",") if options.tasks else None
+    suite = build_commonsense_mini(root, tasks, eval_size=eval_size, train_per_task=0, val_size=0, seed=settings.seed)
+    trained_on_suite = run is not None and run.data == "commonsense-mini"
+    if trained_on_suite and (settings.seed != run.split_seed or eval_size > run.eval_size):
+        raise ValueError(f"--seed {settings.seed} / --eval-size {eval_size} differ from the run's (data seed "
+                         f"{run.split_seed}, eval_size {run.eval_size}): the evaluation items could overlap its "
+                         f"training items")
+    if settings.scoring == "loglik":
+        return lambda model, tok: evaluate_commonsense_loglik(model, tok, suite.evaluation, settings.limit,
+                                                              settings.batch_size)
+    return lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, settings.limit, settings.batch_size,
+                                                   settings.max_new_tokens, settings.effective_num_beams)

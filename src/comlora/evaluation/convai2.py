@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -13,6 +14,7 @@ from comlora import markdown
 from comlora.data.convai2 import CONVAI2_FILE, SPLIT_NAMES, convai2_examples, load_convai2, split_dialogues
 from comlora.data.items import format_prompt
 from comlora.evaluation.generation import generate_texts
+from comlora.evaluation.settings import EvalSettings, option
 from comlora.evaluation.text_metrics import TABLE_METRICS, text_metrics
 
 
@@ -91,21 +93,24 @@ def markdown_table(results: dict[str, dict]) -> str:
     return markdown.table(["model", *[names[k] for k in keys]], rows) + "\n"
 
 
-def add_arguments(group) -> None:
-    """``comlora eval --task convai2`` options."""
-    group.add_argument("--split", default="test", choices=SPLIT_NAMES, help="Dialogue split to evaluate.")
-    group.add_argument("--history-turns", type=int, help="Earlier turn pairs in the prompt (default: all).")
-    group.add_argument("--length-penalty", type=float, default=1.0, help="Beam-search length penalty.")
-    group.add_argument("--no-repeat-ngram-size", type=int, default=0, help="Forbid repeating n-grams of this size (0 = off).")
-    group.add_argument("--no-bertscore", action="store_true", help="Skip BERTScore (the slowest metric).")
+@dataclass(frozen=True)
+class Options:
+    """``comlora eval --task convai2``'s own options."""
+
+    split: str = option("test", "Dialogue split to evaluate.", choices=SPLIT_NAMES)
+    history_turns: int | None = option(None, "Earlier turn pairs in the prompt (default: all).")
+    length_penalty: float = option(1.0, "Beam-search length penalty.")
+    no_repeat_ngram_size: int = option(0, "Forbid repeating n-grams of this size (0 = off).")
+    no_bertscore: bool = option(False, "Skip BERTScore (the slowest metric).")
 
 
-def prepare(args, root: Path):
+def prepare(settings: EvalSettings, options: Options, root: Path):
     """evaluate(model, tokenizer) on every turn of the ``--split`` dialogues (the first ``--limit`` turns)."""
-    dialogues = split_dialogues(load_convai2(root / CONVAI2_FILE), seed=args.seed)[args.split]
-    examples = convai2_examples(dialogues, args.history_turns)[:args.limit]
-    if args.scoring == "loglik":
-        return lambda model, tok: evaluate_convai2_loglik(model, tok, examples, args.batch_size)
-    return lambda model, tok: evaluate_convai2(model, tok, examples, 1 if args.greedy else args.num_beams,
-                                               args.length_penalty, args.no_repeat_ngram_size, args.max_new_tokens,
-                                               args.batch_size, bertscore=not args.no_bertscore)
+    dialogues = split_dialogues(load_convai2(root / CONVAI2_FILE), seed=settings.seed)[options.split]
+    examples = convai2_examples(dialogues, options.history_turns)[:settings.limit]
+    if settings.scoring == "loglik":
+        return lambda model, tok: evaluate_convai2_loglik(model, tok, examples, settings.batch_size)
+    return lambda model, tok: evaluate_convai2(model, tok, examples, settings.effective_num_beams,
+                                               options.length_penalty, options.no_repeat_ngram_size,
+                                               settings.max_new_tokens, settings.batch_size,
+                                               bertscore=not options.no_bertscore)

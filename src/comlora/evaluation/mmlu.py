@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from comlora.data.items import format_prompt as alpaca_prompt
 from comlora.data.mmlu import (ANSWER_PREFIX, CATEGORIES, LETTERS, SUBJECT_CATEGORIES, UNCATEGORIZED, format_prompt,
                                load_mmlu, mmlu_training_item)
 from comlora.evaluation.generation import generate_texts
+from comlora.evaluation.settings import EvalSettings, option
 
 if TYPE_CHECKING:
     import torch
@@ -198,25 +200,27 @@ def markdown_table(results: dict[str, dict]) -> str:
     return markdown.table(["model", *categories, "micro avg", "macro avg"], rows) + "\n"
 
 
-def add_arguments(group) -> None:
-    """``comlora eval --task mmlu`` options."""
-    group.add_argument("--subjects", help="Comma-separated MMLU subjects (default: all 57).")
-    group.add_argument("--shots", type=int, default=0, help="Dev-split examples per subject in the prompt (0 = zero-shot).")
-    group.add_argument("--mmlu-mode", default="logits", choices=MODES,
-                       help="logits: compare the log-probabilities of ' A'..' D'; generate: generate and take the first letter.")
-    group.add_argument("--prompt-style", default="harness", choices=PROMPT_STYLES,
-                       help="harness: lm-evaluation-harness prompt; alpaca: the form of MMLU training items.")
+@dataclass(frozen=True)
+class Options:
+    """``comlora eval --task mmlu``'s own options."""
+
+    subjects: str | None = option(None, "Comma-separated MMLU subjects (default: all 57).")
+    shots: int = option(0, "Dev-split examples per subject in the prompt (0 = zero-shot).")
+    mmlu_mode: str = option("logits", "logits: compare the log-probabilities of ' A'..' D'; generate: generate and "
+                            "take the first letter.", choices=MODES)
+    prompt_style: str = option("harness", "harness: lm-evaluation-harness prompt; alpaca: the form of MMLU training "
+                               "items.", choices=PROMPT_STYLES)
 
 
-def prepare(args, root: Path):
+def prepare(settings: EvalSettings, options: Options, root: Path):
     """evaluate(model, tokenizer) on the test split (``--limit`` rows per subject), ``--shots`` dev examples each."""
-    if args.scoring != "generate":
+    if settings.scoring != "generate":
         raise ValueError("--scoring applies to commonsense and convai2; MMLU scores by log-likelihood with --mmlu-mode "
                          "logits (its default)")
-    if args.backend == "llama.cpp" and args.mmlu_mode != "generate":
+    if settings.backend == "llama.cpp" and options.mmlu_mode != "generate":
         raise ValueError("the llama.cpp backend scores MMLU by generation: add --mmlu-mode generate")
-    subjects = args.subjects.split(",") if args.subjects else None
-    items = load_mmlu(root, "test", subjects, args.limit)
-    dev = load_mmlu(root, "dev", subjects) if args.shots else None
-    return lambda model, tok: evaluate_mmlu(model, tok, items, args.shots, dev, args.mmlu_mode, args.prompt_style,
-                                            args.batch_size, args.max_new_tokens)
+    subjects = options.subjects.split(",") if options.subjects else None
+    items = load_mmlu(root, "test", subjects, settings.limit)
+    dev = load_mmlu(root, "dev", subjects) if options.shots else None
+    return lambda model, tok: evaluate_mmlu(model, tok, items, options.shots, dev, options.mmlu_mode,
+                                            options.prompt_style, settings.batch_size, settings.max_new_tokens)
