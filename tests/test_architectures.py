@@ -15,7 +15,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
-from comlora import ComLoraConfig, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 from comlora.methods.injection import default_target_modules
 from comlora.methods.comlora.layer import ComLoraLinear
 from comlora.methods.loratrf import LORATRF_DEFAULT_TARGETS, LoraTrfConfig, LoraTrfModel
@@ -84,7 +84,7 @@ def reference_per_sample_loss(full_logits, labels):
 @pytest.mark.parametrize("name", NAMES)
 def test_comlora_trains_with_default_targets_and_losses_equal_a_float64_recomputation(name):
     model = make_model(name)
-    cm = get_comlora_model(model, comlora_config())
+    cm = ComLoraModel(model, comlora_config())
     assert cm.config.target_modules == EXPECTED_TARGETS.get(name, LLAMA_NAMES)
     if name in PEFT_DEFAULT:
         assert cm.config.target_modules == TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model.config.model_type]
@@ -117,7 +117,7 @@ def test_comlora_trains_with_default_targets_and_losses_equal_a_float64_recomput
 def test_exported_winner_loads_in_peft_and_merges_into_the_base(name, tmp_path):
     base = make_model(name)
     reference_base = copy.deepcopy(base)
-    cm = get_comlora_model(base, comlora_config())
+    cm = ComLoraModel(base, comlora_config())
     randomise_lora_B(cm.adapted.values())
     batch = make_batch()
     winner = cm.select_winner([batch]).winner
@@ -213,10 +213,10 @@ def test_a_model_type_without_a_default_lists_its_linear_layers():
     model = transformers.Starcoder2ForCausalLM(config)
     listing = r"'c_fc', 'c_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'v_proj'"
     with pytest.raises(ValueError, match=r"no default target_modules for Starcoder2ForCausalLM.*'starcoder2'.*" + listing):
-        get_comlora_model(model, comlora_config())
+        ComLoraModel(model, comlora_config())
     with pytest.raises(ValueError, match=r"no default target_modules.*" + listing):
         LoraTrfModel(model, LoraTrfConfig())
-    cm = get_comlora_model(model, comlora_config(target_modules=["q_proj", "v_proj", "c_fc"]))   # explicit works
+    cm = ComLoraModel(model, comlora_config(target_modules=["q_proj", "v_proj", "c_fc"]))   # explicit works
     assert len(cm.adapted) == 6
 
 

@@ -100,17 +100,6 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
               f"L/S = {adapter:.2f}/{router:.2f}")
 
     # ---- save / load ---------------------------------------------------------------------
-    @classmethod
-    def upgrade_saved_config(cls, values: dict) -> dict:
-        """A saved config as an earlier comlora wrote it, with this version's field names. Identity by default."""
-        return values
-
-    @classmethod
-    def upgrade_saved_tensors(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors of a state or checkpoint as an earlier comlora wrote them, renamed or reshaped to this version's
-        layout (meta tensors too: the shapes are checked before loading). Identity unless a method changed its own."""
-        return tensors
-
     def training_state(self) -> dict:
         """What a saved state or checkpoint carries besides tensors and the config (ComLoRA: winner, decision)."""
         return {}
@@ -143,16 +132,12 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
                 raise FileNotFoundError(f"{path} is not a saved {cls.__name__}: {f.name} is missing")
         key = f"{cls.state_name}_config"
         meta = read_json_object(config_file)
-        if key not in meta and meta.get("method") == cls.state_name and "config" in meta:
-            key = "config"              # the name before the method packages (MoE of LoRA, TeamLoRA, LoRATRF)
         if key not in meta:
             raise ValueError(f"{config_file}: {key} missing (the file is corrupt or not what comlora wrote)")
-        values = cls.upgrade_saved_config(meta[key]) if isinstance(meta[key], dict) else meta[key]
-        config = config_from_file(cls.config_class, values, config_file)
-        check_weights_fit(lambda m: cls(m, config), model, weights_file, config_file, cls.upgrade_saved_tensors)
+        config = config_from_file(cls.config_class, meta[key], config_file)
+        check_weights_fit(lambda m: cls(m, config), model, weights_file, config_file)
         method = cls(model, config)
-        load_state_tensors(method.state_tensors(), cls.upgrade_saved_tensors(read_safetensors(weights_file)),
-                           source=str(path))
+        load_state_tensors(method.state_tensors(), read_safetensors(weights_file), source=str(path))
         try:
             method.load_training_state(meta)
         except ValueError as err:

@@ -1,4 +1,4 @@
-"""LoRATRF (loratrf.txt; docs/method.md): plain LoRA plus a task-aware filter on every decoder layer's output.
+"""LoRATRF (docs/method.md): plain LoRA plus a task-aware filter on every decoder layer's output.
 
 Reading of the paper ("Task-Aware Filters", Eq. 4-5 and footnote 1):
 
@@ -124,14 +124,3 @@ class LoraTrfModel(AdapterModel):
                                                        next(decoder_layer.parameters()).device)
                 decoder_layer.register_forward_hook(filter_decoder_output)
                 self.injected[f"{layers_prefix}.{i}.task_filter"] = decoder_layer.task_filter
-
-    @classmethod
-    def upgrade_saved_tensors(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Before the method packages, LoRATRF's A and B were (1, d_in, r) and (1, r, d_out): squeeze that axis."""
-        legacy = lambda k, v: k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and v.dim() == 3 and v.shape[0] == 1  # noqa: E731
-        return {k: v[0] if legacy(k, v) else v for k, v in tensors.items()}
-
-
-def get_loratrf_model(model: nn.Module, config: LoraTrfConfig) -> LoraTrfModel:
-    """Freeze ``model``, put a LoRA on every target module and a task-aware filter on every decoder layer."""
-    return LoraTrfModel(model, config)

@@ -211,8 +211,3 @@ class MoeLoraModel(AdapterModel):
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         pick = torch.randperm(len(real_rows), generator=generator)[: self.config.contrastive_tokens]
         return real_rows[pick.to(real_rows.device)].sort().values
-
-
-def get_moelora_model(model: nn.Module, config: MoeLoraConfig) -> MoeLoraModel:
-    """Freeze ``model`` and put K LoRA experts and a router on every target module."""
-    return MoeLoraModel(model, config)

@@ -1,4 +1,4 @@
-"""TeamLoRA (teamlora.txt Sec. 3.3; docs/method.md): one shared A, K expert matrices B_i, and a
+"""TeamLoRA (the paper's Sec. 3.3; docs/method.md): one shared A, K expert matrices B_i, and a
 competition module that mixes the experts per token through a learnable interaction matrix M.
 
 Not mergeable: the expert weights omega depend on the input token, so no fixed weight update reproduces a layer.
@@ -183,15 +183,3 @@ class TeamLoraModel(AdapterModel):
                 linear, config.num_experts, config.r, config.lora_alpha, config.lora_dropout,
                 config.interaction_init_range, config.interaction_matrix, config.share_A,
                 config.router_hidden_size, config.router_activation))
-
-    @classmethod
-    def upgrade_saved_config(cls, values: dict) -> dict:
-        """Before the method packages the experts' rank was saved as ``r_B``; it is ``r`` now."""
-        if "r_B" in values and "r" not in values:
-            values = {("r" if k == "r_B" else k): v for k, v in values.items()}
-        return values
-
-
-def get_teamlora_model(model: nn.Module, config: TeamLoraConfig) -> TeamLoraModel:
-    """Freeze ``model`` and put a shared A, K experts B_i, a router and M on every target module."""
-    return TeamLoraModel(model, config)

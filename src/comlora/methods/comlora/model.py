@@ -407,8 +407,3 @@ def padded(rows: list[tuple[torch.Tensor, torch.Tensor | None]], pad_id: int) ->
             labels[i, :len(row_ids)] = row_labels
     batch = {"input_ids": ids, "attention_mask": mask}
     return batch if rows[0][1] is None else batch | {"labels": labels}
-
-
-def get_comlora_model(model: nn.Module, config: ComLoraConfig) -> ComLoraModel:
-    """Freeze ``model`` and inject K LoRA components into every target module, plus the selector."""
-    return ComLoraModel(model, config)
