@@ -1,6 +1,6 @@
 """Every method on the causal LMs PEFT users fine-tune, each as a tiny random model built here (no Hub):
 default targets, Conv1D and fused projections, the target-only LM head (softcapping, logit scale),
-PEFT export and merge. ``python tests/test_architectures.py`` prints the README's table of default targets."""
+PEFT export and merge. ``python tests/test_architectures.py`` prints docs/architecture.md's table of default targets."""
 
 import copy
 import json
@@ -244,8 +244,8 @@ def test_conv1d_component_matches_a_float64_recomputation():
     assert layer.delta_weight(1).shape == base.weight.shape == (16, 12)
 
 
-def readme_table() -> str:
-    """The README's table of architectures and default targets, from the code's own resolution."""
+def architecture_table() -> str:
+    """docs/architecture.md's table of architectures and default targets, from the code's own resolution."""
     rows = ["| architecture (tested) | model_type | layers | ComLoRA, LoRA, DoRA, MoELoRA, TeamLoRA | LoRATRF | logits |",
             "| --- | --- | --- | --- | --- | --- |"]
     for name in NAMES:
@@ -263,10 +263,10 @@ def readme_table() -> str:
     return "\n".join(rows)
 
 
-def test_readme_table_matches_the_code():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert readme_table() in readme, "regenerate the README table: python tests/test_architectures.py"
+def test_the_docs_table_of_architectures_matches_the_code():
+    page = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    assert architecture_table() in page, "regenerate the table in docs/architecture.md: python tests/test_architectures.py"
 
 
 if __name__ == "__main__":
-    print(readme_table())
+    print(architecture_table())
