@@ -1,5 +1,6 @@
 """What every method model builds on: AdapterModel (injection under a seed, parameter counts, save / load of the
-trainable tensors, the LM-only training loss). Every method's config builds on ``adapter_config.AdapterConfig``."""
+trainable tensors, the LM-only training loss) and LayerAdapterModel, the constructor of the methods that replace each
+target layer by their own. Every method's config builds on ``adapter_config.AdapterConfig``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from comlora.methods.checkpointing import ActivationCheckpointing
-from comlora.methods.injection import inject_linear_layers
+from comlora.methods.injection import PAPER_TARGET_MODULES, inject_linear_layers, with_resolved_targets
 from comlora.methods.losses import mean_lm_loss
 from comlora.methods.saved_state import check_weights_fit, config_from_file
 from comlora.quantization import use_exact_4bit_forward, weight_count
@@ -143,3 +144,28 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
         except ValueError as err:
             raise ValueError(f"{config_file}: {err}") from err
         return method
+
+
+class LayerAdapterModel(AdapterModel):
+    """An AdapterModel that replaces every target layer by the method's adapted layer (``make_layer``), under
+    ``config.seed``: the layers in module order, then ``add_modules`` (ComLoRA's selector, LoRATRF's filters).
+    ``target_modules=None`` is the first list of ``preferred_targets`` that fits the model, else (with
+    ``use_peft_target_mapping``) PEFT's default for its type (``injection.default_target_modules``); the config
+    keeps the resolved list, so a saved state records the layers that were adapted."""
+
+    preferred_targets: tuple[list[str], ...] = PAPER_TARGET_MODULES
+    use_peft_target_mapping = True
+
+    def __init__(self, model: nn.Module, config) -> None:
+        config = with_resolved_targets(model, config, self.preferred_targets, self.use_peft_target_mapping)
+        super().__init__(model, config)
+        with seeded(config.seed):
+            self.inject(self.make_layer)
+            self.add_modules()
+
+    def make_layer(self, layer: nn.Module) -> nn.Module:
+        """The adapted layer that replaces the target layer ``layer`` (built from ``self.config``)."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_layer")
+
+    def add_modules(self) -> None:
+        """The method's modules besides the adapted layers, drawn after them under the same seed (none here)."""
