@@ -58,12 +58,12 @@ def make_batch(mode: str, vocab: int) -> dict:
 
 
 def comlora(model, k: int, **options):
-    from comlora import ComLoraConfig, get_comlora_model
+    from comlora import ComLoraConfig, ComLoraModel
 
     values = dict(num_components=k, r=8, lora_alpha=16, top_n=k, target_modules=TARGETS, selector_dropout=0.0)
     if model.config.hidden_size % 8:
         values["selector_heads"] = 9 if model.config.hidden_size % 9 == 0 else 4
-    return get_comlora_model(model, ComLoraConfig(**{**values, **options}))
+    return ComLoraModel(model, ComLoraConfig(**{**values, **options}))
 
 
 def sequential_step(cm, batch: dict, step: int, total: int):
@@ -89,13 +89,13 @@ def training_step_fn(variant: str, model, batch: dict):
         loss_fn = lambda step: peft_model(**batch).loss  # noqa: E731  (what a PEFT user writes)
         params = [p for p in peft_model.parameters() if p.requires_grad]
     elif variant.startswith(("moelora", "teamlora")):
-        from comlora.methods.moelora import MoeLoraConfig, get_moelora_model
-        from comlora.methods.teamlora import TeamLoraConfig, get_teamlora_model
+        from comlora.methods.moelora import MoeLoraConfig, MoeLoraModel
+        from comlora.methods.teamlora import TeamLoraConfig, TeamLoraModel
 
         if variant.startswith("moelora"):
-            wrapper = get_moelora_model(model, MoeLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
+            wrapper = MoeLoraModel(model, MoeLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
         else:
-            wrapper = get_teamlora_model(model, TeamLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
+            wrapper = TeamLoraModel(model, TeamLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
         loss_fn = lambda step: wrapper.training_loss(**batch, step=step, total_steps=100)[0]  # noqa: E731
         params = [p for p in wrapper.parameters() if p.requires_grad]
     else:
@@ -130,9 +130,9 @@ def inference_model(variant: str, model, tmp: Path):
     if variant in ("base", "base-again"):
         return model
     if variant == "moelora-k4":
-        from comlora.methods.moelora import MoeLoraConfig, get_moelora_model
+        from comlora.methods.moelora import MoeLoraConfig, MoeLoraModel
 
-        return get_moelora_model(model, MoeLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
+        return MoeLoraModel(model, MoeLoraConfig(num_experts=4, r=8, target_modules=TARGETS))
     pristine = copy.deepcopy(model)                     # the PEFT adapter goes on an untouched base
     cm = comlora(model, 2)
     with torch.no_grad():                               # a trained-looking winner: non-zero B

@@ -19,7 +19,7 @@ import platform
 
 import torch
 
-from comlora import ComLoraConfig, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 from comlora.base_models import load_model_and_tokenizer
 from comlora.data.items import collate
 from comlora.methods.base import seeded
@@ -60,7 +60,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, AVX512-BF16 "
           f"{'yes' if has_avx512bf16() else 'no'}, torch {torch.__version__}")
 
-    cm = get_comlora_model(model, ComLoraConfig(num_components=2, r=8, lora_alpha=16, seed=0))
+    cm = ComLoraModel(model, ComLoraConfig(num_components=2, r=8, lora_alpha=16, seed=0))
     cm.eval()
     name = "model.layers.0.self_attn.q_proj"
     layer = cm.adapted[name].base_layer
@@ -94,7 +94,7 @@ def main() -> None:
           f"{logit_gap(four_bit, base_logits, mask)}")
     del merged
     full, _ = load_model_and_tokenizer(cfg.model, device="cpu", dtype="float32")
-    full_cm = get_comlora_model(full, ComLoraConfig(num_components=2, r=8, lora_alpha=16, seed=0))
+    full_cm = ComLoraModel(full, ComLoraConfig(num_components=2, r=8, lora_alpha=16, seed=0))
     with torch.no_grad():
         for adapted_name, adapted in full_cm.adapted.items():
             adapted.lora_A.copy_(cm.adapted[adapted_name].lora_A)

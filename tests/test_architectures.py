@@ -1,6 +1,6 @@
 """Every method on the causal LMs PEFT users fine-tune, each as a tiny random model built here (no Hub):
 default targets, Conv1D and fused projections, the target-only LM head (softcapping, logit scale),
-PEFT export and merge. ``python tests/test_architectures.py`` prints the README's table of default targets."""
+PEFT export and merge. ``python tests/test_architectures.py`` prints docs/architecture.md's table of default targets."""
 
 import copy
 import json
@@ -15,7 +15,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
-from comlora import ComLoraConfig, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 from comlora.methods.injection import default_target_modules
 from comlora.methods.comlora.layer import ComLoraLinear
 from comlora.methods.loratrf import LORATRF_DEFAULT_TARGETS, LoraTrfConfig, LoraTrfModel
@@ -84,7 +84,7 @@ def reference_per_sample_loss(full_logits, labels):
 @pytest.mark.parametrize("name", NAMES)
 def test_comlora_trains_with_default_targets_and_losses_equal_a_float64_recomputation(name):
     model = make_model(name)
-    cm = get_comlora_model(model, comlora_config())
+    cm = ComLoraModel(model, comlora_config())
     assert cm.config.target_modules == EXPECTED_TARGETS.get(name, LLAMA_NAMES)
     if name in PEFT_DEFAULT:
         assert cm.config.target_modules == TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model.config.model_type]
@@ -117,7 +117,7 @@ def test_comlora_trains_with_default_targets_and_losses_equal_a_float64_recomput
 def test_exported_winner_loads_in_peft_and_merges_into_the_base(name, tmp_path):
     base = make_model(name)
     reference_base = copy.deepcopy(base)
-    cm = get_comlora_model(base, comlora_config())
+    cm = ComLoraModel(base, comlora_config())
     randomise_lora_B(cm.adapted.values())
     batch = make_batch()
     winner = cm.select_winner([batch]).winner
@@ -213,10 +213,10 @@ def test_a_model_type_without_a_default_lists_its_linear_layers():
     model = transformers.Starcoder2ForCausalLM(config)
     listing = r"'c_fc', 'c_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'v_proj'"
     with pytest.raises(ValueError, match=r"no default target_modules for Starcoder2ForCausalLM.*'starcoder2'.*" + listing):
-        get_comlora_model(model, comlora_config())
+        ComLoraModel(model, comlora_config())
     with pytest.raises(ValueError, match=r"no default target_modules.*" + listing):
         LoraTrfModel(model, LoraTrfConfig())
-    cm = get_comlora_model(model, comlora_config(target_modules=["q_proj", "v_proj", "c_fc"]))   # explicit works
+    cm = ComLoraModel(model, comlora_config(target_modules=["q_proj", "v_proj", "c_fc"]))   # explicit works
     assert len(cm.adapted) == 6
 
 
@@ -244,8 +244,8 @@ def test_conv1d_component_matches_a_float64_recomputation():
     assert layer.delta_weight(1).shape == base.weight.shape == (16, 12)
 
 
-def readme_table() -> str:
-    """The README's table of architectures and default targets, from the code's own resolution."""
+def architecture_table() -> str:
+    """docs/architecture.md's table of architectures and default targets, from the code's own resolution."""
     rows = ["| architecture (tested) | model_type | layers | ComLoRA, LoRA, DoRA, MoELoRA, TeamLoRA | LoRATRF | logits |",
             "| --- | --- | --- | --- | --- | --- |"]
     for name in NAMES:
@@ -263,10 +263,10 @@ def readme_table() -> str:
     return "\n".join(rows)
 
 
-def test_readme_table_matches_the_code():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert readme_table() in readme, "regenerate the README table: python tests/test_architectures.py"
+def test_the_docs_table_of_architectures_matches_the_code():
+    page = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    assert architecture_table() in page, "regenerate the table in docs/architecture.md: python tests/test_architectures.py"
 
 
 if __name__ == "__main__":
-    print(readme_table())
+    print(architecture_table())

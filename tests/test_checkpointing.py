@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from comlora import ComLoraConfig, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 from comlora.methods.loratrf import LoraTrfModel
 from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.moelora import MoeLoraModel
@@ -23,7 +23,7 @@ def build(method: str, checkpointing: bool):
     base = make_tiny_llama(seed=0).train()
     if method.startswith("comlora"):
         extra = {"competition": "low_memory"} if method == "comlora-low-memory" else {"lora_dropout": 0.2}
-        model = get_comlora_model(base, comlora_config(**extra))
+        model = ComLoraModel(base, comlora_config(**extra))
         layers = list(model.adapted.values())
     elif method == "lora":              # PEFT's LoRA (the lora / dora methods)
         model = PeftLoraModel(base, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj"], seed=3))
@@ -90,7 +90,7 @@ def test_checkpointing_recomputes_in_the_mode_of_the_forward_pass():
 
 
 def test_reentrant_checkpointing_is_refused_with_a_reason():
-    model = get_comlora_model(make_tiny_llama(), comlora_config())
+    model = ComLoraModel(make_tiny_llama(), comlora_config())
     with pytest.raises(ValueError, match="non-reentrant"):
         model.gradient_checkpointing_enable({"use_reentrant": True})
 

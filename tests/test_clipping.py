@@ -13,8 +13,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from comlora import ComLoraConfig, get_comlora_model
-from comlora.methods.moelora import get_moelora_model
+from comlora import ComLoraConfig, ComLoraModel
+from comlora.methods.moelora import MoeLoraModel
 from comlora.training.clipping import (clip_gradients, clip_with_accelerator, gradient_groups,
                                        refuse_unsupported_clipping)
 from comlora.training.config import TrainConfig
@@ -27,7 +27,7 @@ MAX_NORM = 1e-3             # far below every group's norm on the tiny model: cl
 
 
 def comlora(**overrides):
-    cm = get_comlora_model(make_tiny_llama(seed=0), ComLoraConfig(**{**COMLORA, **overrides}))
+    cm = ComLoraModel(make_tiny_llama(seed=0), ComLoraConfig(**{**COMLORA, **overrides}))
     randomise_lora_B(cm.adapted.values())          # lora_A gets a gradient too
     return cm.train()
 
@@ -107,7 +107,7 @@ def test_clipping_against_a_float64_recomputation(mode):
 def test_joint_clipping_is_accelerates_bit_for_bit(build):
     """joint reproduces Study I, which clipped with Accelerator.clip_grad_norm_ over the trainable tensors: the same
     norm and bit-identical gradients (MoELoRA: router and expert tensors interleaved in the parameter order)."""
-    method = comlora() if build == "comlora" else get_moelora_model(make_tiny_llama(seed=0), make_moelora_config())
+    method = comlora() if build == "comlora" else MoeLoraModel(make_tiny_llama(seed=0), make_moelora_config())
     if build == "moelora":
         randomise_lora_B(method.injected.values())
     backward(method, make_batch())

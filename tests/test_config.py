@@ -1,6 +1,6 @@
 import pytest
 
-from comlora import ComLoraConfig, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 
 from conftest import make_tiny_llama
 
@@ -29,7 +29,7 @@ def test_defaults_are_the_specs():
     assert (cfg.noise_alpha, cfg.anneal, cfg.anneal_rate, cfg.loss_reduction) == (0.1, "exponential", 5.0, "mean")
     assert (cfg.pairwise_direction, cfg.pairwise_detach_lm, cfg.align_sign) == ("intended", True, 1)
     assert cfg.target_modules is None          # resolved against the model: q,k,v,up,down on a Llama
-    cm = get_comlora_model(make_tiny_llama(), cfg)
+    cm = ComLoraModel(make_tiny_llama(), cfg)
     assert cm.config.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     assert cfg.target_modules is None          # the user's config is not changed
     assert cfg.scaling == cfg.lora_alpha / cfg.r

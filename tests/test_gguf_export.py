@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from comlora import ComLoraConfig, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 from comlora.cli import main
 from comlora.evaluation.generation import generate_texts
 from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf, write_merged_gguf
@@ -77,7 +77,7 @@ def comlora(model, **overrides):
     values = dict(num_components=2, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, seed=2,
                   selector_heads=4, selector_ffn_dim=16)
     values.update(overrides)
-    cm = get_comlora_model(model, ComLoraConfig(**values))
+    cm = ComLoraModel(model, ComLoraConfig(**values))
     randomise_lora_B(cm.adapted.values())
     return cm
 

@@ -9,7 +9,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
-from comlora import ComLoraConfig, ComLoraTrainer, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel, ComLoraTrainer
 from comlora.data.items import collate
 from conftest import VOCAB, make_tiny_llama, randomise_lora_B
 
@@ -37,7 +37,7 @@ def arguments(tmp_path, **overrides):
 
 
 def comlora_model():
-    return get_comlora_model(make_tiny_llama(seed=0), ComLoraConfig(**CONFIG))
+    return ComLoraModel(make_tiny_llama(seed=0), ComLoraConfig(**CONFIG))
 
 
 def state(cm):
@@ -169,7 +169,7 @@ def test_a_trainer_without_an_eval_dataset_is_refused_before_training(tmp_path):
 
 def one_trainer_step(tmp_path, pairwise_weight: float, clip_grad: str):
     """One optimizer step of ComLoraTrainer at max_grad_norm 1e-3 (clipping active): (the step's log, the state)."""
-    cm = get_comlora_model(make_tiny_llama(seed=0), ComLoraConfig(**{**CONFIG, "noise_alpha": 0.0, "lora_dropout": 0.0,
+    cm = ComLoraModel(make_tiny_llama(seed=0), ComLoraConfig(**{**CONFIG, "noise_alpha": 0.0, "lora_dropout": 0.0,
                                                                      "pairwise_weight": pairwise_weight}))
     randomise_lora_B(cm.adapted.values())
     trainer = ComLoraTrainer(model=cm, args=arguments(tmp_path / f"{clip_grad}-{pairwise_weight}", max_steps=1,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from comlora.methods.loratrf import TaskFilter, get_loratrf_model
+from comlora.methods.loratrf import LoraTrfModel, TaskFilter
 
 from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
 from conftest import make_loratrf_config as make_config
@@ -56,7 +56,7 @@ def test_filter_matches_float64_loops_and_leaves_tokens_pointing_away_from_t_unt
 
 def test_filter_acts_on_the_output_of_every_decoder_layer():
     batch = make_batch()
-    tm = get_loratrf_model(make_tiny_llama(), make_config())
+    tm = LoraTrfModel(make_tiny_llama(), make_config())
     randomise_lora_B(tm.injected.values())
     decoder_layers = tm.model.model.layers
     assert sorted(n for n in tm.injected if n.endswith("task_filter")) == \
@@ -86,7 +86,7 @@ def test_with_the_filter_at_identity_it_is_exactly_peft_lora_on_o_gate_up_down()
     batch = make_batch()
     base = make_tiny_llama()
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    tm = get_loratrf_model(base, make_config())
+    tm = LoraTrfModel(base, make_config())
     assert tm.config.target_modules == TARGETS
     randomise_lora_B(tm.injected.values())
     with torch.no_grad():

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from comlora import ComLoraConfig, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 from comlora.methods.comlora.export import peft_adapter_state
 from comlora.methods.registry import method_config
 from comlora.training.config import TrainConfig
@@ -42,8 +42,8 @@ def train_steps(cm, steps=3, lr=1e-2):
 
 @pytest.mark.parametrize("term", ["lm", "align", "pairwise"])
 def test_a_zero_weight_trains_exactly_like_the_switch_off(term):
-    off = get_comlora_model(make_tiny_llama(), make_config(**{f"{term}_loss": False}))
-    zero = get_comlora_model(make_tiny_llama(), make_config(**{f"{term}_weight": 0.0}))
+    off = ComLoraModel(make_tiny_llama(), make_config(**{f"{term}_loss": False}))
+    zero = ComLoraModel(make_tiny_llama(), make_config(**{f"{term}_weight": 0.0}))
     for cm in (off, zero):
         randomise_lora_B(cm.adapted.values())
     a, b = train_steps(off), train_steps(zero)
@@ -54,7 +54,7 @@ def test_a_zero_weight_trains_exactly_like_the_switch_off(term):
 
 def test_without_pairwise_loss_the_winner_is_the_selectors_pick_and_the_loss_pick_is_beside_it():
     for overrides in ({"pairwise_loss": False}, {"pairwise_weight": 0.0}, {}):
-        cm = get_comlora_model(make_tiny_llama(), make_config(**overrides))
+        cm = ComLoraModel(make_tiny_llama(), make_config(**overrides))
         randomise_lora_B(cm.adapted.values())
         report = cm.select_winner([make_batch(seed=s) for s in range(2)])
         sim = torch.tensor(report.similarity)
@@ -81,7 +81,7 @@ def equal_target_batch(seed):
 
 def test_single_component_trains_the_same_weights_as_peft_lora():
     """ComLoRA K=1 and PEFT LoRA from the same initial A: equal weights after several AdamW steps."""
-    cm = get_comlora_model(make_tiny_llama(), make_config(num_components=1, lora_dropout=0.0))
+    cm = ComLoraModel(make_tiny_llama(), make_config(num_components=1, lora_dropout=0.0))
     peft_model = get_peft_model(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                                 lora_dropout=0.0, bias="none"))
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_single_component_trains_the_same_weights_as_peft_lora():
 
 
 def test_a_decided_model_trains_the_winner_alone_on_its_lm_loss():
-    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm = ComLoraModel(make_tiny_llama(), make_config())
     randomise_lora_B(cm.adapted.values())
     batch = make_batch()
     with torch.no_grad():

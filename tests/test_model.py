@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
-from comlora import ComLoraConfig, ComLoraModel, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 from comlora.methods.comlora.layer import ComLoraLinear
 
 from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
@@ -35,7 +35,7 @@ def reference_per_sample_loss(logits, labels):
 def test_batched_competition_matches_peft_running_each_exported_component(tmp_path, batch):
     base = make_tiny_llama()
     reference_base = copy.deepcopy(base)
-    cm = get_comlora_model(base, make_config())
+    cm = ComLoraModel(base, make_config())
     randomise_lora_B(cm.adapted.values())
     cm.eval()
     out = cm.competition_step(**batch, step=0, total_steps=10)
@@ -56,7 +56,7 @@ def test_batched_competition_matches_peft_running_each_exported_component(tmp_pa
 
 
 def test_exported_adapter_files_are_peft_format(tmp_path):
-    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm = ComLoraModel(make_tiny_llama(), make_config())
     cm.export_adapter(tmp_path / "a", component=1)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     with pytest.raises(ValueError, match="select_winner"):
@@ -83,7 +83,7 @@ def run_step(cm, batch, **kwargs):
 
 
 def test_base_gets_no_gradient_and_selector_only_from_pairwise(batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm = ComLoraModel(make_tiny_llama(), make_config())
     randomise_lora_B(cm.adapted.values())
     run_step(cm, batch)
     assert all(p.grad is None for n, p in cm.model.named_parameters() if ".lora_" not in n)
@@ -101,7 +101,7 @@ def test_base_gets_no_gradient_and_selector_only_from_pairwise(batch):
     (False, False, True, False, True),              # undetached pairwise (camera-ready) reaches them
 ])
 def test_which_loss_trains_the_components(batch, lm, align, pairwise, detach, components_learn):
-    cm = get_comlora_model(make_tiny_llama(), make_config(lm_loss=lm, align_loss=align, pairwise_loss=pairwise,
+    cm = ComLoraModel(make_tiny_llama(), make_config(lm_loss=lm, align_loss=align, pairwise_loss=pairwise,
                                                           pairwise_detach_lm=detach))
     randomise_lora_B(cm.adapted.values())
     run_step(cm, batch)
@@ -112,7 +112,7 @@ def test_which_loss_trains_the_components(batch, lm, align, pairwise, detach, co
 def test_selector_learns_to_prefer_the_lowest_loss_component():
     """Only the pairwise loss, fixed per-component losses: the best component gets the highest similarity."""
     torch.manual_seed(0)
-    cm = get_comlora_model(make_tiny_llama(), make_config(num_components=4, top_n=2))
+    cm = ComLoraModel(make_tiny_llama(), make_config(num_components=4, top_n=2))
     fixed = torch.tensor([1.3, 0.6, 1.9, 1.0])
     opt = torch.optim.Adam(cm.selector.parameters(), lr=1e-3)
     batch = make_batch(batch_size=6, seed=2)
@@ -133,7 +133,7 @@ def test_selector_learns_to_prefer_the_lowest_loss_component():
 def test_merged_model_equals_the_component_and_costs_what_the_base_costs(batch):
     base = make_tiny_llama()
     fresh = make_tiny_llama()
-    cm = get_comlora_model(base, make_config())
+    cm = ComLoraModel(base, make_config())
     randomise_lora_B(cm.adapted.values())
     with cm.use_component(2):
         expected = logits(cm, batch)
@@ -152,7 +152,7 @@ def test_merged_model_equals_the_component_and_costs_what_the_base_costs(batch):
 
 
 def test_save_load_round_trip_is_bit_for_bit(tmp_path, batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config(noise_alpha=0.1))
+    cm = ComLoraModel(make_tiny_llama(), make_config(noise_alpha=0.1))
     randomise_lora_B(cm.adapted.values())
     cm.winner = 1
     cm.save(tmp_path / "state")
@@ -169,7 +169,7 @@ def test_save_load_round_trip_is_bit_for_bit(tmp_path, batch):
 
 
 def test_loading_onto_a_different_base_names_the_mismatched_modules(tmp_path):
-    get_comlora_model(make_tiny_llama(), make_config()).save(tmp_path / "state")
+    ComLoraModel(make_tiny_llama(), make_config()).save(tmp_path / "state")
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A: saved shape \[3, 32, 4\], "
                                          r"this model expects \[3, 48, 4\]"):
         ComLoraModel.load(make_tiny_llama(hidden_size=48), tmp_path / "state")
@@ -181,18 +181,18 @@ def test_loading_onto_a_different_base_names_the_mismatched_modules(tmp_path):
 
 def test_absent_target_modules_list_what_exists():
     with pytest.raises(ValueError, match=r"\['qkv'\] match no linear module.*'down_proj'.*'q_proj'"):
-        get_comlora_model(make_tiny_llama(), make_config(target_modules=["q_proj", "qkv"]))
+        ComLoraModel(make_tiny_llama(), make_config(target_modules=["q_proj", "qkv"]))
 
 
 def test_batch_without_any_target_token_raises(batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm = ComLoraModel(make_tiny_llama(), make_config())
     labels = torch.full_like(batch["labels"], -100)
     with pytest.raises(ValueError, match="no target token"):
         cm.competition_step(batch["input_ids"], batch["attention_mask"], labels, step=0, total_steps=1)
 
 
 def test_a_sample_without_target_tokens_is_left_out_not_nan(batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config(noise_alpha=0.0))
+    cm = ComLoraModel(make_tiny_llama(), make_config(noise_alpha=0.0))
     randomise_lora_B(cm.adapted.values())
     cm.eval()
     labels = batch["labels"].clone()
@@ -206,7 +206,7 @@ def test_a_sample_without_target_tokens_is_left_out_not_nan(batch):
 
 
 def test_forward_requires_a_component_and_modes_are_restored(batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm = ComLoraModel(make_tiny_llama(), make_config())
     with pytest.raises(RuntimeError, match="use_component"):
         cm(input_ids=batch["input_ids"])
     with pytest.raises(ValueError, match="component must be"):
@@ -218,7 +218,7 @@ def test_forward_requires_a_component_and_modes_are_restored(batch):
 
 
 def test_select_winner_accumulates_similarity_and_validation_losses(batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm = ComLoraModel(make_tiny_llama(), make_config())
     randomise_lora_B(cm.adapted.values())
     batches = [make_batch(seed=s) for s in range(3)]
     report = cm.select_winner(batches)
@@ -246,7 +246,7 @@ def mixed_length_batches(lengths, batch_size: int, seed: int = 7):
 def test_select_winner_equals_a_per_sample_recomputation_with_less_padding_and_a_progress_bar(capsys):
     """Winner selection regroups the validation rows by length (issue 25, item 6): the decoder sees no padding here,
     and the report equals each sample run alone through the full model (full-vocabulary logits, float64 NLL)."""
-    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm = ComLoraModel(make_tiny_llama(), make_config())
     randomise_lora_B(cm.adapted.values())
     cm.eval()
     lengths = [21, 6, 21, 6, 14, 6, 21, 14, 6, 14, 21]        # batches of 2 mix long and short rows
@@ -292,7 +292,7 @@ def test_select_winner_keeps_batches_that_are_not_right_padded():
 
 
 def test_without_selector_the_winner_is_the_lowest_validation_loss(batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config(use_selector=False, align_loss=False, pairwise_loss=False))
+    cm = ComLoraModel(make_tiny_llama(), make_config(use_selector=False, align_loss=False, pairwise_loss=False))
     randomise_lora_B(cm.adapted.values())
     assert cm.selector is None
     out = cm.competition_step(**batch, step=0, total_steps=1)
@@ -302,7 +302,7 @@ def test_without_selector_the_winner_is_the_lowest_validation_loss(batch):
 
 
 def test_parameter_counts(capsys):
-    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm = ComLoraModel(make_tiny_llama(), make_config())
     counts = cm.parameter_counts()
     # per layer: q(32->32) k(32->16) v(32->16) up(32->48) down(48->32); 2 layers, K=3, r=4
     per_layer = sum(4 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 48), (48, 32)])
@@ -317,7 +317,7 @@ def test_low_memory_competition_gives_the_batched_gradients(batch, detach):
     """Same noise draw, dropout off: every LoRA and selector gradient equals the batched mode's (< 1e-5)."""
     grads_by_mode = {}
     for mode in ("batched", "low_memory"):
-        cm = get_comlora_model(make_tiny_llama(), make_config(competition=mode, pairwise_detach_lm=detach))
+        cm = ComLoraModel(make_tiny_llama(), make_config(competition=mode, pairwise_detach_lm=detach))
         randomise_lora_B(cm.adapted.values())
         out = cm.competition_step(**batch, step=4, total_steps=10, generator=torch.Generator().manual_seed(11))
         out.loss.backward()
@@ -331,7 +331,7 @@ def test_low_memory_competition_gives_the_batched_gradients(batch, detach):
 
 
 def test_single_component_has_no_selector_and_trains_plain_lora_objective(batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config(num_components=1, top_n=1))
+    cm = ComLoraModel(make_tiny_llama(), make_config(num_components=1, top_n=1))
     randomise_lora_B(cm.adapted.values())
     assert cm.selector is None and cm.parameter_counts()["router"] == 0
     out = cm.competition_step(**batch, step=5, total_steps=10)
@@ -341,14 +341,14 @@ def test_single_component_has_no_selector_and_trains_plain_lora_objective(batch)
 
 
 def test_without_pairwise_loss_the_winner_is_still_the_selectors_pick(batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config(pairwise_loss=False))
+    cm = ComLoraModel(make_tiny_llama(), make_config(pairwise_loss=False))
     randomise_lora_B(cm.adapted.values())
     report = cm.select_winner([batch])
     assert report.winner == report.winner_by_similarity and report.winner_by_loss is not None
 
 
 def test_an_in_place_merge_consumes_the_model_with_a_clear_error(batch):
-    cm = get_comlora_model(make_tiny_llama(), make_config())
+    cm = ComLoraModel(make_tiny_llama(), make_config())
     cm.merge(0, inplace=True)
     with pytest.raises(RuntimeError, match="merged in place"):
         with cm.use_component(0):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from comlora.methods.registry import method_config
-from comlora.methods.moelora import MoeLoraLinear, expert_contrastive_loss, get_moelora_model, load_balancing_loss
+from comlora.methods.moelora import MoeLoraLinear, MoeLoraModel, expert_contrastive_loss, load_balancing_loss
 from comlora.training.config import TrainConfig
 
 from conftest import RELATED_TARGETS as TARGETS
@@ -78,7 +78,7 @@ def test_load_balancing_loss_by_hand():
 
 def test_training_loss_balance_is_the_layer_mean_over_real_tokens():
     batch = make_batch()
-    mm = get_moelora_model(make_tiny_llama(), make_config(load_balance_weight=0.5))
+    mm = MoeLoraModel(make_tiny_llama(), make_config(load_balance_weight=0.5))
     inputs = []
     hooks = [layer.register_forward_hook(lambda mod, args, out: inputs.append((mod, args[0].detach())))
              for layer in mm.injected.values()]
@@ -170,7 +170,7 @@ def test_contrastive_part_is_the_layer_mean_over_routed_expert_outputs_by_hand(t
     batch = make_batch()
     cfg = make_config(top_k=top_k, load_balance_weight=0.5, contrastive_loss=True, contrastive_weight=0.3,
                       contrastive_temperature=0.5, contrastive_tokens=100)     # > the 25 real tokens: no sampling
-    mm = get_moelora_model(make_tiny_llama(), cfg)
+    mm = MoeLoraModel(make_tiny_llama(), cfg)
     randomise_lora_B(mm.injected.values())
     inputs, hooks = captured_inputs(mm)
     loss, parts = mm.training_loss(**batch, step=0, total_steps=1)
@@ -203,7 +203,7 @@ def test_zero_contrastive_weight_trains_exactly_as_the_loss_off():
     batch = make_batch()
     results = {}
     for on in (False, True):
-        mm = get_moelora_model(make_tiny_llama(), make_config(contrastive_loss=on, contrastive_weight=0.0,
+        mm = MoeLoraModel(make_tiny_llama(), make_config(contrastive_loss=on, contrastive_weight=0.0,
                                                                contrastive_tokens=4, lora_dropout=0.1))
         randomise_lora_B(mm.injected.values())
         mm.train()
@@ -220,7 +220,7 @@ def test_zero_contrastive_weight_trains_exactly_as_the_loss_off():
 
 def test_contrastive_tokens_are_a_seeded_sample_of_the_real_tokens():
     batch = make_batch()
-    mm = get_moelora_model(make_tiny_llama(), make_config(contrastive_loss=True, contrastive_tokens=5))
+    mm = MoeLoraModel(make_tiny_llama(), make_config(contrastive_loss=True, contrastive_tokens=5))
     mask = batch["attention_mask"]
     real = set(mask.flatten().nonzero().squeeze(1).tolist())
     rows = mm.contrastive_sample(mask, step=7)
@@ -228,7 +228,7 @@ def test_contrastive_tokens_are_a_seeded_sample_of_the_real_tokens():
     assert torch.equal(rows, mm.contrastive_sample(mask, step=7))                 # a resumed run draws the same
     assert any(not torch.equal(rows, mm.contrastive_sample(mask, step=s)) for s in range(8, 12))
     assert len(mm.contrastive_sample(mask, step=0)) == 5
-    everything = get_moelora_model(make_tiny_llama(), make_config(contrastive_loss=True, contrastive_tokens=100))
+    everything = MoeLoraModel(make_tiny_llama(), make_config(contrastive_loss=True, contrastive_tokens=100))
     assert set(everything.contrastive_sample(mask, step=0).tolist()) == real
     # each layer keeps the outputs of exactly those tokens' routed experts (dense: all 3)
     kept = []
@@ -245,7 +245,7 @@ def test_contrastive_loss_on_a_fresh_model_is_finite_and_gives_finite_gradients(
     """At initialisation every B_k = 0, so every expert output is 0 (cosine similarity undefined): the loss is
     log(P - 1) for every anchor and no gradient is NaN."""
     batch = make_batch()
-    mm = get_moelora_model(make_tiny_llama(), make_config(contrastive_loss=True, contrastive_weight=1.0))
+    mm = MoeLoraModel(make_tiny_llama(), make_config(contrastive_loss=True, contrastive_weight=1.0))
     loss, parts = mm.training_loss(**batch, step=0, total_steps=1)
     loss.backward()
     real_tokens = int(batch["attention_mask"].sum())
@@ -260,7 +260,7 @@ def test_training_with_the_contrastive_loss_makes_the_experts_more_distinct():
     batch = make_batch()
     curves = {}
     for weight in (0.0, 0.1):
-        mm = get_moelora_model(make_tiny_llama(), make_config(top_k=2, contrastive_loss=True, contrastive_weight=weight))
+        mm = MoeLoraModel(make_tiny_llama(), make_config(top_k=2, contrastive_loss=True, contrastive_weight=weight))
         mm.train()
         optimizer = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-2)
         curve = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from comlora import ComLoraConfig, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 from comlora.cli import main
 from comlora.base_models import load_model_and_tokenizer
 
@@ -37,7 +37,7 @@ def test_comlora_trains_over_a_quantized_base_and_exports_what_peft_loads(bits, 
 
     model = quantized(tiny_model_dir, bits)
     kind = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
-    cm = get_comlora_model(model, ComLoraConfig(**CONFIG))
+    cm = ComLoraModel(model, ComLoraConfig(**CONFIG))
     assert all(isinstance(layer.base_layer, kind) for layer in cm.adapted.values())
     frozen = {n: p.detach().clone() for n, p in cm.model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in cm.parameters() if p.requires_grad], lr=0.02)
@@ -215,12 +215,12 @@ def test_4bit_inference_and_merge_compute_the_trained_model_on_an_avx512_bf16_cp
     ids = text_batch(seed=2)["input_ids"]
     base_weights = {name: hand_dequantized(layer, bfloat16_scales=repacked_before_wrapping)
                     for name, layer in four_bit_layers(model).items()}
-    if repacked_before_wrapping:            # e.g. model.generate(...) before get_comlora_model
+    if repacked_before_wrapping:            # e.g. model.generate(...) before ComLoraModel(...)
         with torch.no_grad():
             model(input_ids=ids)
         assert all(getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
                    for layer in four_bit_layers(model).values())
-    cm = get_comlora_model(model, ComLoraConfig(**CONFIG))
+    cm = ComLoraModel(model, ComLoraConfig(**CONFIG))
     with seeded(4), torch.no_grad():
         for layer in cm.adapted.values():
             layer.lora_B.normal_(std=0.3)
@@ -257,7 +257,7 @@ def test_a_4bit_base_counts_its_weights_not_its_packed_bytes(method, tiny_model_
 
     def build(model):
         if method == "comlora":
-            return get_comlora_model(model, ComLoraConfig(**CONFIG))
+            return ComLoraModel(model, ComLoraConfig(**CONFIG))
         return PeftLoraModel(model, PeftLoraConfig(r=4, lora_alpha=8))
 
     float_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

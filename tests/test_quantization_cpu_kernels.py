@@ -8,7 +8,7 @@ such a CPU: ``RuntimeError: shape '[32, 0]' is invalid`` in ``_convert_weight_pa
 import pytest
 import torch
 
-from comlora import ComLoraConfig, get_comlora_model
+from comlora import ComLoraConfig, ComLoraModel
 from comlora.base_models import load_model_and_tokenizer
 from comlora.quantization import use_exact_4bit_forward
 
@@ -47,7 +47,7 @@ def test_a_method_switches_the_path_off_on_a_model_the_user_loaded(avx512bf16_cp
         tiny_model_dir, device_map={"": "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
     assert all(layer.support_avx512bf16_for_cpu for layer in four_bit_layers(model))
-    cm = get_comlora_model(model, ComLoraConfig(num_components=2, r=4, selector_heads=4, selector_ffn_dim=32))
+    cm = ComLoraModel(model, ComLoraConfig(num_components=2, r=4, selector_heads=4, selector_ffn_dim=32))
     assert not any(layer.support_avx512bf16_for_cpu for layer in four_bit_layers(cm.model))
     cm.eval()
     with torch.no_grad(), cm.use_component(0):

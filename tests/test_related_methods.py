@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from comlora.methods.loratrf import LoraTrfModel, get_loratrf_model
-from comlora.methods.moelora import MoeLoraModel, get_moelora_model
-from comlora.methods.teamlora import TeamLoraModel, get_teamlora_model
+from comlora.methods.loratrf import LoraTrfModel
+from comlora.methods.moelora import MoeLoraModel
+from comlora.methods.teamlora import TeamLoraModel
 
 from conftest import (logits, make_batch, make_loratrf_config, make_moelora_config, make_teamlora_config,
                       make_tiny_llama, randomise_lora_B)
@@ -21,7 +21,6 @@ from conftest import (logits, make_batch, make_loratrf_config, make_moelora_conf
 class Method:
     name: str                                   # the wrapper's state_name: <name>_config.json, <name>_model.safetensors
     model_class: type
-    get_model: Callable
     make_config: Callable
     forward_overrides: dict                     # config overrides in the pass-through and save/load tests
     train_overrides: dict                       # config overrides in the AdamW test
@@ -34,7 +33,7 @@ class Method:
     check_trained: Callable | None = None       # method-specific checks after the AdamW steps
 
     def build(self, **overrides):
-        return self.get_model(make_tiny_llama(), self.make_config(**overrides))
+        return self.model_class(make_tiny_llama(), self.make_config(**overrides))
 
 
 def teamlora_trained(tm):
@@ -53,7 +52,7 @@ RELATED_SHAPES = [(32, 32), (32, 16), (48, 32)]                    # MoELoRA / T
 LORATRF_SHAPES = [(32, 32), (32, 48), (32, 48), (48, 32)]          # LoRATRF: o_proj, gate_proj, up_proj, down_proj
 
 METHODS = [
-    Method(name="moelora", model_class=MoeLoraModel, get_model=get_moelora_model, make_config=make_moelora_config,
+    Method(name="moelora", model_class=MoeLoraModel, make_config=make_moelora_config,
            forward_overrides=dict(top_k=2), train_overrides=dict(top_k=2, load_balance_weight=0.01),
            loss_parts={"lm", "balance", "loss", "target_tokens"},
            # K = 3 experts of rank 4; a d_in -> K router per layer
@@ -61,7 +60,7 @@ METHODS = [
            router_params=2 * sum(3 * d_in for d_in, _ in RELATED_SHAPES),
            different_base_error=r"model\.layers\.0\.self_attn\.q_proj\.lora_A: saved shape",
            unknown_targets=["q_proj", "nope"], unknown_error=r"\['nope'\].*q_proj"),
-    Method(name="teamlora", model_class=TeamLoraModel, get_model=get_teamlora_model, make_config=make_teamlora_config,
+    Method(name="teamlora", model_class=TeamLoraModel, make_config=make_teamlora_config,
            forward_overrides={}, train_overrides={},
            loss_parts={"lm", "loss", "target_tokens"}, check_trained=teamlora_trained,
            # A: d_in x K r_B, B: K x r_B x d_out with K = 3, r_B = 2; router d_in -> K plus the K x K matrix M
@@ -69,7 +68,7 @@ METHODS = [
            router_params=2 * sum(d_in * 3 + 3 * 3 for d_in, _ in RELATED_SHAPES),
            different_base_error=r"model\.layers\.0\.self_attn\.q_proj\.lora_A: saved shape",
            unknown_targets=["nope"], unknown_error=r"\['nope'\].*q_proj"),
-    Method(name="loratrf", model_class=LoraTrfModel, get_model=get_loratrf_model, make_config=make_loratrf_config,
+    Method(name="loratrf", model_class=LoraTrfModel, make_config=make_loratrf_config,
            forward_overrides={}, train_overrides={},
            loss_parts={"lm", "loss", "target_tokens"}, check_trained=loratrf_trained,
            # rank-4 LoRA; per decoder layer a filter t (32), T1 (32 x 3), T2 (3 x 32)

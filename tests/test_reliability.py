@@ -312,11 +312,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tiny, t
     assert "none of its 3 checkpoints loads, so the 3 optimizer steps it recorded are lost" in capsys.readouterr().err
 
 
-def test_a_lora_checkpoint_with_its_earlier_key_names_resumes_and_a_foreign_one_is_refused_untouched(tiny, tmp_path,
-                                                                                                    capsys):
-    """LoRA checkpoints once named their tensors peft_model.base_model.model.* (PEFT's path), now model.*: a
-    checkpoint renamed to the earlier names resumes to the same bits as an uninterrupted run. A readable checkpoint
-    of another method stops the resume with exit 2, and the run's files stay byte for byte as they were."""
+def test_a_checkpoint_of_another_method_is_refused_untouched(tiny, tmp_path, capsys):
+    """A readable checkpoint of another method (other tensor names, or the same names with other shapes) stops the
+    resume with exit 2, and the run's files stay byte for byte as they were."""
     from comlora.cli import build_parser, train_config_from_args
     from comlora.training.loop import train
 
@@ -325,22 +323,6 @@ def test_a_lora_checkpoint_with_its_earlier_key_names_resumes_and_a_foreign_one_
                                 "--out", str(out), "--device", "cpu", "--train-per-task", "2", "--val-size", "6",
                                 "--eval-size", "4", "--batch-size", "4", "--max-steps", "4", "--lr", "0.01",
                                 "--save-every", "1", "--lora-dropout", "0.1", *extra]
-    main(lora(tmp_path / "reference"))
-    run = tmp_path / "renamed"
-    train(train_config_from_args(build_parser().parse_args(lora(run))), stop_after=2)
-    trainable = run / "checkpoints" / "step-00000002" / "trainable.safetensors"
-    saved = load_file(str(trainable))
-    assert saved and all(k.startswith("model.") for k in saved)
-    save_file({"peft_model.base_model." + k: v for k, v in saved.items()}, str(trainable))
-    main(lora(run, "--resume"))
-    reference = {p.name: load_file(str(p)) for p in (tmp_path / "reference").glob("*/*.safetensors")}
-    resumed = {p.name: load_file(str(p)) for p in run.glob("*/*.safetensors")}
-    assert reference.keys() == resumed.keys() == {"adapter_model.safetensors"}
-    assert all(torch.equal(t, resumed["adapter_model.safetensors"][k]) for k, t in reference["adapter_model.safetensors"].items())
-    timing = ("tokens_per_s", "step_seconds", "peak_rss_mb")
-    rows = lambda r: [{k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
-                      for line in (r / "metrics.jsonl").read_text().splitlines()]
-    assert rows(run) == rows(tmp_path / "reference")
 
     foreign = tmp_path / "foreign"
     train(train_config_from_args(build_parser().parse_args(lora(foreign))), stop_after=2)

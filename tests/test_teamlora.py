@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from comlora.methods.registry import method_config
-from comlora.methods.teamlora import TeamLoraConfig, TeamLoraLinear, TeamLoraModel, get_teamlora_model
+from comlora.methods.teamlora import TeamLoraConfig, TeamLoraLinear, TeamLoraModel
 from comlora.training.config import TrainConfig
 
 from conftest import make_teamlora_config as make_config
@@ -80,7 +80,7 @@ def test_layer_matches_float64_loops_of_split_and_weighting():
 
 
 def test_interaction_matrix_starts_uniform_off_diagonal_with_diagonal_one():
-    tm = get_teamlora_model(make_tiny_llama(), make_config(num_experts=4))
+    tm = TeamLoraModel(make_tiny_llama(), make_config(num_experts=4))
     matrices = [layer.interaction.detach() for layer in tm.injected.values()]
     off = ~torch.eye(4, dtype=torch.bool)
     for m in matrices:
@@ -89,7 +89,7 @@ def test_interaction_matrix_starts_uniform_off_diagonal_with_diagonal_one():
     assert not torch.equal(matrices[0], matrices[1])                         # independent per layer
     everything = torch.cat([m[off] for m in matrices])
     assert everything.min() < -0.05 and everything.max() > 0.05             # spans U(-0.1, 0.1)
-    identity = get_teamlora_model(make_tiny_llama(), make_config(interaction_init_range=0.0))
+    identity = TeamLoraModel(make_tiny_llama(), make_config(interaction_init_range=0.0))
     layer = next(iter(identity.injected.values()))
     assert torch.equal(layer.interaction.detach(), torch.eye(3))
     x = torch.randn(4, 32)
@@ -185,7 +185,7 @@ def test_frozen_interaction_gets_no_gradient_and_stays_at_its_initialisation():
     batch = make_batch()
     runs = {}
     for mode in ("learned", "frozen"):
-        tm = get_teamlora_model(make_tiny_llama(), make_config(interaction_matrix=mode))
+        tm = TeamLoraModel(make_tiny_llama(), make_config(interaction_matrix=mode))
         start = {n: layer.interaction.detach().clone() for n, layer in tm.injected.items()}
         router_start = next(iter(tm.injected.values())).router.weight.detach().clone()
         trainable = [p for p in tm.parameters() if p.requires_grad]
@@ -206,7 +206,7 @@ def test_frozen_interaction_gets_no_gradient_and_stays_at_its_initialisation():
         else:
             assert all(moved)
     # the frozen M is the same draw as the learned one's start: freezing changes nothing else
-    learned = get_teamlora_model(make_tiny_llama(), make_config())
+    learned = TeamLoraModel(make_tiny_llama(), make_config())
     for name, layer in runs["frozen"].injected.items():
         assert torch.equal(layer.interaction.detach(), learned.injected[name].interaction.detach())
 
@@ -224,7 +224,7 @@ SHARED_ADAPTER = 2 * sum(d_in * 3 * 2 + 3 * 2 * d_out for d_in, d_out in SHAPES)
     (dict(router_hidden_size=5), SHARED_ADAPTER, 2 * sum(d_in * 5 + 5 + 5 * 3 + 9 for d_in, _ in SHAPES)),
 ], ids=["default", "share_A=False", "M off", "M frozen", "router MLP h=5"])
 def test_parameter_counts_of_each_switch(switches, adapter, router):
-    tm = get_teamlora_model(make_tiny_llama(), make_config(**switches))
+    tm = TeamLoraModel(make_tiny_llama(), make_config(**switches))
     c = tm.parameter_counts()
     assert (c["adapter"], c["router"]) == (adapter, router)
     assert c["adapter"] + c["router"] == sum(p.numel() for p in tm.parameters() if p.requires_grad)
@@ -237,7 +237,7 @@ def test_parameter_counts_of_each_switch(switches, adapter, router):
 ], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_save_load_round_trip_with_each_switch(switches, tmp_path):
     batch = make_batch()
-    tm = get_teamlora_model(make_tiny_llama(), make_config(seed=11, **switches))
+    tm = TeamLoraModel(make_tiny_llama(), make_config(seed=11, **switches))
     randomise_lora_B(tm.injected.values())
     with torch.no_grad():          # move every other tensor away from its seeded draw, so the load must restore it
         for name, p in tm.state_tensors().items():

@@ -11,7 +11,7 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
-from comlora import ComLoraConfig, ComLoraSFTTrainer, get_comlora_model  # noqa: E402
+from comlora import ComLoraConfig, ComLoraModel, ComLoraSFTTrainer  # noqa: E402
 from conftest import TINY_TEXT_VOCAB, make_tiny_llama, make_tokenizer  # noqa: E402
 
 # the assistant's turns are wrapped in {% generation %} so that TRL can train on them alone (assistant_only_loss)
@@ -28,7 +28,7 @@ def chats(n: int, offset: int = 0):
 def test_sft_trainer_trains_comlora_on_chat_data(tmp_path):
     tokenizer = make_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    cm = get_comlora_model(make_tiny_llama(seed=0, vocab=TINY_TEXT_VOCAB),
+    cm = ComLoraModel(make_tiny_llama(seed=0, vocab=TINY_TEXT_VOCAB),
                            ComLoraConfig(num_components=2, r=4, lora_alpha=8, selector_heads=4, selector_ffn_dim=32,
                                          selector_dropout=0.0, seed=3))
     args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
@@ -64,7 +64,7 @@ def test_sft_trainer_trains_comlora_on_chat_data(tmp_path):
 
 
 def test_an_sft_trainer_without_an_eval_dataset_is_refused_before_training(tmp_path):
-    cm = get_comlora_model(make_tiny_llama(vocab=TINY_TEXT_VOCAB),
+    cm = ComLoraModel(make_tiny_llama(vocab=TINY_TEXT_VOCAB),
                            ComLoraConfig(num_components=2, r=4, selector_heads=4))
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="ComLoraSFTTrainer needs an eval_dataset: ComLoRA selects its winner on it"):
@@ -72,7 +72,7 @@ def test_an_sft_trainer_without_an_eval_dataset_is_refused_before_training(tmp_p
 
 
 def test_packing_and_an_unknown_clip_grad_are_refused_with_a_reason(tmp_path):
-    cm = get_comlora_model(make_tiny_llama(vocab=TINY_TEXT_VOCAB), ComLoraConfig(num_components=2, r=4, selector_heads=4))
+    cm = ComLoraModel(make_tiny_llama(vocab=TINY_TEXT_VOCAB), ComLoraConfig(num_components=2, r=4, selector_heads=4))
     args = SFTConfig(output_dir=str(tmp_path), packing=True, use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="does not support packing"):
         ComLoraSFTTrainer(model=cm, args=args, train_dataset=chats(4), eval_dataset=chats(2, offset=50),

@@ -1,6 +1,6 @@
 """What each feature needs under a data root, and what is there: ``comlora check-data``.
 
-The layout (README, "Data"): ``commonsense/<task>/test.json`` (+ optional ``train.json``) for the 8 LLM-Adapters
+The layout (docs/data.md): ``commonsense/<task>/test.json`` (+ optional ``train.json``) for the 8 LLM-Adapters
 tasks, ``mmlu/dev/<subject>_dev.csv`` and ``mmlu/test/<subject>_test.csv`` for the 57 MMLU subjects, and the ConvAI2
 file ``CONVAI2_FILE``. Present files are read with the loaders the commands use, so a file that passes here is
 one they accept.
@@ -164,5 +164,5 @@ def format_report(report: DataRootReport, max_listed: int = 10) -> str:
         lines.append("every dataset is complete")
     else:
         lines.append(f"incomplete: {', '.join(d.name for d in report.incomplete)} "
-                     "(the README's Data section says where each dataset comes from)")
+                     "(docs/data.md says where each dataset comes from)")
     return "\n".join(lines)

@@ -66,10 +66,6 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> tuple[float, s
     return score, str(metric.get_signature())
 
 
-def bleu(predictions: list[str], references: list[str]) -> float:
-    return corpus_bleu(predictions, references)[0]
-
-
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     """rouge-score ROUGE-L F-measure (its default tokenizer, no stemming), mean over items, 0-100."""
     from rouge_score.rouge_scorer import RougeScorer

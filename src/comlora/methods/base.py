@@ -1,5 +1,6 @@
 """What every method model builds on: AdapterModel (injection under a seed, parameter counts, save / load of the
-trainable tensors, the LM-only training loss). Every method's config builds on ``adapter_config.AdapterConfig``."""
+trainable tensors, the LM-only training loss) and LayerAdapterModel, the constructor of the methods that replace each
+target layer by their own. Every method's config builds on ``adapter_config.AdapterConfig``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from comlora.methods.checkpointing import ActivationCheckpointing
-from comlora.methods.injection import inject_linear_layers
+from comlora.methods.injection import PAPER_TARGET_MODULES, inject_linear_layers, with_resolved_targets
 from comlora.methods.losses import mean_lm_loss
 from comlora.methods.saved_state import check_weights_fit, config_from_file
 from comlora.quantization import use_exact_4bit_forward, weight_count
@@ -100,17 +101,6 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
               f"L/S = {adapter:.2f}/{router:.2f}")
 
     # ---- save / load ---------------------------------------------------------------------
-    @classmethod
-    def upgrade_saved_config(cls, values: dict) -> dict:
-        """A saved config as an earlier comlora wrote it, with this version's field names. Identity by default."""
-        return values
-
-    @classmethod
-    def upgrade_saved_tensors(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors of a state or checkpoint as an earlier comlora wrote them, renamed or reshaped to this version's
-        layout (meta tensors too: the shapes are checked before loading). Identity unless a method changed its own."""
-        return tensors
-
     def training_state(self) -> dict:
         """What a saved state or checkpoint carries besides tensors and the config (ComLoRA: winner, decision)."""
         return {}
@@ -143,18 +133,39 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
                 raise FileNotFoundError(f"{path} is not a saved {cls.__name__}: {f.name} is missing")
         key = f"{cls.state_name}_config"
         meta = read_json_object(config_file)
-        if key not in meta and meta.get("method") == cls.state_name and "config" in meta:
-            key = "config"              # the name before the method packages (MoE of LoRA, TeamLoRA, LoRATRF)
         if key not in meta:
             raise ValueError(f"{config_file}: {key} missing (the file is corrupt or not what comlora wrote)")
-        values = cls.upgrade_saved_config(meta[key]) if isinstance(meta[key], dict) else meta[key]
-        config = config_from_file(cls.config_class, values, config_file)
-        check_weights_fit(lambda m: cls(m, config), model, weights_file, config_file, cls.upgrade_saved_tensors)
+        config = config_from_file(cls.config_class, meta[key], config_file)
+        check_weights_fit(lambda m: cls(m, config), model, weights_file, config_file)
         method = cls(model, config)
-        load_state_tensors(method.state_tensors(), cls.upgrade_saved_tensors(read_safetensors(weights_file)),
-                           source=str(path))
+        load_state_tensors(method.state_tensors(), read_safetensors(weights_file), source=str(path))
         try:
             method.load_training_state(meta)
         except ValueError as err:
             raise ValueError(f"{config_file}: {err}") from err
         return method
+
+
+class LayerAdapterModel(AdapterModel):
+    """An AdapterModel that replaces every target layer by the method's adapted layer (``make_layer``), under
+    ``config.seed``: the layers in module order, then ``add_modules`` (ComLoRA's selector, LoRATRF's filters).
+    ``target_modules=None`` is the first list of ``preferred_targets`` that fits the model, else (with
+    ``use_peft_target_mapping``) PEFT's default for its type (``injection.default_target_modules``); the config
+    keeps the resolved list, so a saved state records the layers that were adapted."""
+
+    preferred_targets: tuple[list[str], ...] = PAPER_TARGET_MODULES
+    use_peft_target_mapping = True
+
+    def __init__(self, model: nn.Module, config) -> None:
+        config = with_resolved_targets(model, config, self.preferred_targets, self.use_peft_target_mapping)
+        super().__init__(model, config)
+        with seeded(config.seed):
+            self.inject(self.make_layer)
+            self.add_modules()
+
+    def make_layer(self, layer: nn.Module) -> nn.Module:
+        """The adapted layer that replaces the target layer ``layer`` (built from ``self.config``)."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_layer")
+
+    def add_modules(self) -> None:
+        """The method's modules besides the adapted layers, drawn after them under the same seed (none here)."""

@@ -1,5 +1,5 @@
-"""What every adapted layer shares (the frozen base layer, its sizes, the scaling and dropout, LoRA's
-initialisation) and LoraLinear, the plain one-adapter LoRA layer."""
+"""What every adapted layer shares: AdaptedLinear (the frozen base layer, its sizes, the scaling and dropout),
+StackedLoraLinear (K stacked LoRA pairs, their initialisation and scaled update) and LoraLinear, one plain pair."""
 
 from __future__ import annotations
 
@@ -48,25 +48,57 @@ class AdaptedLinear(nn.Module):
         return self.base_layer.weight.device
 
 
-class LoraLinear(AdaptedLinear):
-    """y = W0 x + (alpha / r) * B^T A^T x, with ``lora_A`` ``[d_in, r]`` and ``lora_B`` ``[r, d_out]``."""
+class StackedLoraLinear(AdaptedLinear):
+    """K stacked LoRA pairs on one frozen layer, the base of every adapted layer here: ``lora_A`` ``[K, d_in, r]`` and
+    ``lora_B`` ``[K, r, d_out]``, float32 on the base layer's device; pair k adds scaling * B_k^T A_k^T x.
 
-    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
+    ``num_adapters=None`` is one unstacked pair (``[d_in, r]``, ``[r, d_out]``: plain LoRA); ``share_A`` makes A one
+    ``[d_in, K*r]`` matrix whose K column slices are the A_k (TeamLoRA). A subclass adds its other tensors, then calls
+    ``reset_parameters`` (the order of the random draws is the order there)."""
+
+    def __init__(self, base_layer: nn.Module, num_adapters: int | None, r: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, share_A: bool = False) -> None:
         super().__init__(base_layer, r, lora_alpha, lora_dropout)
-        self.lora_A = nn.Parameter(torch.empty(self.d_in, r, device=self.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(r, self.d_out, device=self.device, dtype=torch.float32))
-        self.reset_parameters()
+        if share_A and num_adapters is None:
+            raise ValueError("share_A splits one A among K stacked pairs: it needs num_adapters")
+        self.num_adapters, self.share_A = num_adapters, share_A
+        stack = () if num_adapters is None else (num_adapters,)
+        a_shape = (self.d_in, num_adapters * r) if share_A else (*stack, self.d_in, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=self.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(*stack, r, self.d_out, device=self.device, dtype=torch.float32))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)); B = 0: the layer starts as the base layer."""
+        """Every A_k ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) independently (PEFT's kaiming_uniform_(a=sqrt(5)) on its
+        [r, d_in] lora_A); B = 0: the layer starts as the base layer."""
         uniform_fan_in_(self.lora_A, self.d_in)
         self.lora_B.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        delta = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A) @ self.lora_B
+    def adapter_outputs(self, h: torch.Tensor) -> torch.Tensor:
+        """z_k = A_k^T h of every stacked pair, ``[..., K, r]`` (a shared A: the K slices of h A)."""
+        if self.share_A:
+            return (h @ self.lora_A).unflatten(-1, (self.num_adapters, self.r))
+        return torch.einsum("...i,kir->...kr", h, self.lora_A)
+
+    def mixed_update(self, z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k B_k^T z_k per token, from ``z [..., K, r]`` and ``weights [..., K]``: ``[..., d_out]``."""
+        return torch.einsum("...kr,kro->...o", z * weights.unsqueeze(-1), self.lora_B)
+
+    def add_update(self, result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """W0 x + scaling * delta, in the base layer's output dtype."""
         return result + (self.scaling * delta).to(result.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
+
+
+class LoraLinear(StackedLoraLinear):
+    """y = W0 x + (alpha / r) * B^T A^T x, with ``lora_A`` ``[d_in, r]`` and ``lora_B`` ``[r, d_out]``."""
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
+        super().__init__(base_layer, None, r, lora_alpha, lora_dropout)
+        self.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        return self.add_update(result, (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A) @ self.lora_B)

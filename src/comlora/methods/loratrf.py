@@ -1,4 +1,4 @@
-"""LoRATRF (loratrf.txt; docs/method.md): plain LoRA plus a task-aware filter on every decoder layer's output.
+"""LoRATRF (docs/method.md): plain LoRA plus a task-aware filter on every decoder layer's output.
 
 Reading of the paper ("Task-Aware Filters", Eq. 4-5 and footnote 1):
 
@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comlora.methods.adapter_config import AdapterConfig
-from comlora.methods.base import AdapterModel, seeded
-from comlora.methods.injection import with_resolved_targets
+from comlora.methods.base import LayerAdapterModel
 from comlora.methods.lora_layer import LoraLinear, uniform_fan_in_
 
 LORATRF_TARGET_MODULES = ["o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -103,7 +102,7 @@ def decoder_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
                      f"its num_hidden_layers={count} decoder layers")
 
 
-class LoraTrfModel(AdapterModel):
+class LoraTrfModel(LayerAdapterModel):
     """A frozen causal LM with a rank-r LoRA on every target module (``LoraLinear``)
     and a ``TaskFilter`` on the output of every decoder layer (``layers[l].task_filter``, applied by a
     forward hook). ``mergeable = False``: the filter is not a linear map of the hidden state."""
@@ -111,27 +110,22 @@ class LoraTrfModel(AdapterModel):
     config_class = LoraTrfConfig
     state_name = "loratrf"
     mergeable = False
+    preferred_targets = LORATRF_DEFAULT_TARGETS
+    use_peft_target_mapping = False
 
     def __init__(self, model: nn.Module, config: LoraTrfConfig) -> None:
-        config = with_resolved_targets(model, config, LORATRF_DEFAULT_TARGETS, use_peft_mapping=False)
+        decoder_layer_list(model)           # a model without a list of decoder layers is refused before it changes
         super().__init__(model, config)
-        layers_prefix, decoder_layers = decoder_layer_list(model)
-        hidden_size = model.config.get_text_config().hidden_size      # not the embedding width (OPT may project)
-        with seeded(config.seed):
-            self.inject(lambda linear: LoraLinear(linear, config.r, config.lora_alpha, config.lora_dropout))
-            for i, decoder_layer in enumerate(decoder_layers):
-                decoder_layer.task_filter = TaskFilter(hidden_size, config.filter_rank,
-                                                       next(decoder_layer.parameters()).device)
-                decoder_layer.register_forward_hook(filter_decoder_output)
-                self.injected[f"{layers_prefix}.{i}.task_filter"] = decoder_layer.task_filter
 
-    @classmethod
-    def upgrade_saved_tensors(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Before the method packages, LoRATRF's A and B were (1, d_in, r) and (1, r, d_out): squeeze that axis."""
-        legacy = lambda k, v: k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and v.dim() == 3 and v.shape[0] == 1  # noqa: E731
-        return {k: v[0] if legacy(k, v) else v for k, v in tensors.items()}
+    def make_layer(self, layer: nn.Module) -> LoraLinear:
+        return LoraLinear(layer, self.config.r, self.config.lora_alpha, self.config.lora_dropout)
 
-
-def get_loratrf_model(model: nn.Module, config: LoraTrfConfig) -> LoraTrfModel:
-    """Freeze ``model``, put a LoRA on every target module and a task-aware filter on every decoder layer."""
-    return LoraTrfModel(model, config)
+    def add_modules(self) -> None:
+        """A TaskFilter on every decoder layer's output."""
+        layers_prefix, decoder_layers = decoder_layer_list(self.model)
+        hidden_size = self.model.config.get_text_config().hidden_size   # not the embedding width (OPT may project)
+        for i, decoder_layer in enumerate(decoder_layers):
+            decoder_layer.task_filter = TaskFilter(hidden_size, self.config.filter_rank,
+                                                   next(decoder_layer.parameters()).device)
+            decoder_layer.register_forward_hook(filter_decoder_output)
+            self.injected[f"{layers_prefix}.{i}.task_filter"] = decoder_layer.task_filter

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from comlora.methods.adapter_config import AdapterConfig
-from comlora.methods.base import AdapterModel, seeded
-from comlora.methods.injection import with_resolved_targets
-from comlora.methods.lora_layer import AdaptedLinear, uniform_fan_in_
+from comlora.methods.base import LayerAdapterModel
+from comlora.methods.lora_layer import StackedLoraLinear, uniform_fan_in_
 from comlora.methods.losses import mean_lm_loss
 
 
@@ -60,7 +59,7 @@ class MoeLoraConfig(AdapterConfig):
 
 
 
-class MoeLoraLinear(AdaptedLinear):
+class MoeLoraLinear(StackedLoraLinear):
     """y = W0 x + (alpha / r) * sum_k g_k(x) B_k^T A_k^T x, with g(x) = softmax(W_g x) per token.
 
     ``lora_A`` is ``[K, d_in, r]``, ``lora_B`` is ``[K, r, d_out]``, the router ``W_g`` is a bias-free
@@ -72,10 +71,8 @@ class MoeLoraLinear(AdaptedLinear):
 
     def __init__(self, base_layer: nn.Module, num_experts: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, top_k: int | None = None) -> None:
-        super().__init__(base_layer, r, lora_alpha, lora_dropout)
-        self.num_experts, self.top_k = num_experts, top_k
-        self.lora_A = nn.Parameter(torch.empty(num_experts, self.d_in, r, device=self.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, r, self.d_out, device=self.device, dtype=torch.float32))
+        super().__init__(base_layer, num_experts, r, lora_alpha, lora_dropout)
+        self.top_k = top_k
         self.router = torch.nn.utils.skip_init(nn.Linear, self.d_in, num_experts, bias=False, device=self.device,
                                                dtype=torch.float32)
         self.record_router = False
@@ -86,11 +83,10 @@ class MoeLoraLinear(AdaptedLinear):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """A_k and the router ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's / nn.Linear's
+        """A_k, then the router ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's / nn.Linear's
         kaiming_uniform_(a=sqrt(5))); B_k = 0."""
-        for p in (self.lora_A, self.router.weight):
-            uniform_fan_in_(p, self.d_in)
-        self.lora_B.zero_()
+        super().reset_parameters()
+        uniform_fan_in_(self.router.weight, self.d_in)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(softmax probabilities, gates g) per token, both ``[..., K]``; g = the probabilities,
@@ -107,11 +103,10 @@ class MoeLoraLinear(AdaptedLinear):
         probs, gates = self.route(x)
         if self.record_router:
             self.router_probs = probs
-        z = torch.einsum("...i,kir->...kr", self.dropout(x), self.lora_A)          # z_k = A_k^T x
+        z = self.adapter_outputs(self.dropout(x))                                    # z_k = A_k^T x
         if self.contrastive_rows is not None:
             self.expert_outputs = self.routed_expert_outputs(z, gates)
-        delta = torch.einsum("...kr,kro->...o", z * gates.unsqueeze(-1), self.lora_B)  # sum_k g_k B_k^T z_k
-        return result + (self.scaling * delta).to(result.dtype)
+        return self.add_update(result, self.mixed_update(z, gates))                  # sum_k g_k B_k^T z_k
 
     def routed_expert_outputs(self, z: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(outputs ``[P, d_out]``, expert index ``[P]``) of the pairs (token n, expert k) with g_k(x_n) > 0 among
@@ -122,7 +117,7 @@ class MoeLoraLinear(AdaptedLinear):
         return outputs[token, expert], expert
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, r={self.r}, top_k={self.top_k}, scaling={self.scaling:g}"
+        return f"num_experts={self.num_adapters}, r={self.r}, top_k={self.top_k}, scaling={self.scaling:g}"
 
 
 def load_balancing_loss(probs: torch.Tensor) -> torch.Tensor:
@@ -158,7 +153,7 @@ def expert_contrastive_loss(outputs: torch.Tensor, experts: torch.Tensor, temper
     return per_anchor.mean()
 
 
-class MoeLoraModel(AdapterModel):
+class MoeLoraModel(LayerAdapterModel):
     """A frozen causal LM with a MoeLoraLinear on every target module. ``mergeable = False``: the router
     weights depend on the token, so the experts cannot be folded into W0."""
 
@@ -166,12 +161,9 @@ class MoeLoraModel(AdapterModel):
     state_name = "moelora"
     mergeable = False
 
-    def __init__(self, model: nn.Module, config: MoeLoraConfig) -> None:
-        config = with_resolved_targets(model, config)
-        super().__init__(model, config)
-        with seeded(config.seed):
-            self.inject(lambda linear: MoeLoraLinear(linear, config.num_experts, config.r, config.lora_alpha,
-                                                     config.lora_dropout, config.top_k))
+    def make_layer(self, layer: nn.Module) -> MoeLoraLinear:
+        cfg = self.config
+        return MoeLoraLinear(layer, cfg.num_experts, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.top_k)
 
     def training_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                       step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
@@ -211,8 +203,3 @@ class MoeLoraModel(AdapterModel):
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         pick = torch.randperm(len(real_rows), generator=generator)[: self.config.contrastive_tokens]
         return real_rows[pick.to(real_rows.device)].sort().values
-
-
-def get_moelora_model(model: nn.Module, config: MoeLoraConfig) -> MoeLoraModel:
-    """Freeze ``model`` and put K LoRA experts and a router on every target module."""
-    return MoeLoraModel(model, config)

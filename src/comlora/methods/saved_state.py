@@ -42,14 +42,10 @@ def config_from_file(config_class, values, file: Path):
         raise ValueError(f"{file}: {err}") from err
 
 
-def check_weights_fit(build, model: nn.Module, weights_file: Path, config_file: Path, upgrade=None) -> None:
+def check_weights_fit(build, model: nn.Module, weights_file: Path, config_file: Path) -> None:
     """Refuse ``weights_file`` unless its tensors are exactly those ``build(twin).state_tensors()`` creates on a meta
-    twin of ``model`` (names and shapes). ``build`` is how the saved config rebuilds the method on a model;
-    ``upgrade`` maps the file's tensors (here meta tensors of its shapes) to this version's layout."""
+    twin of ``model`` (names and shapes). ``build`` is how the saved config rebuilds the method on a model."""
     saved = safetensors_shapes(weights_file)
-    if upgrade is not None:
-        saved = {k: list(v.shape) for k, v in upgrade({k: torch.empty(shape, device="meta")
-                                                        for k, shape in saved.items()}).items()}
     twin = meta_twin(model)
     if twin is None:         # not a transformers model: load_state_tensors still checks, after allocating
         return

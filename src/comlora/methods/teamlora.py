@@ -1,4 +1,4 @@
-"""TeamLoRA (teamlora.txt Sec. 3.3; docs/method.md): one shared A, K expert matrices B_i, and a
+"""TeamLoRA (the paper's Sec. 3.3; docs/method.md): one shared A, K expert matrices B_i, and a
 competition module that mixes the experts per token through a learnable interaction matrix M.
 
 Not mergeable: the expert weights omega depend on the input token, so no fixed weight update reproduces a layer.
@@ -37,9 +37,8 @@ import torch
 from torch import nn
 
 from comlora.methods.adapter_config import AdapterConfig
-from comlora.methods.base import AdapterModel, seeded
-from comlora.methods.injection import with_resolved_targets
-from comlora.methods.lora_layer import AdaptedLinear, uniform_fan_in_
+from comlora.methods.base import LayerAdapterModel
+from comlora.methods.lora_layer import StackedLoraLinear, uniform_fan_in_
 
 ROUTER_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 INTERACTION_MODES = ("learned", "frozen", "off")
@@ -104,7 +103,7 @@ def build_router(d_in: int, num_experts: int, hidden_size: int, activation: str,
                          linear(hidden_size, num_experts, False))
 
 
-class TeamLoraLinear(AdaptedLinear):
+class TeamLoraLinear(StackedLoraLinear):
     """y = W0 x + (alpha / r_B) * sum_i omega_i(x) h_i,  h_i = split(x A)_i B_i,  omega = M softmax(S x).
 
     ``lora_A`` is ``[d_in, K*r_B]`` (shared) or ``[K, d_in, r_B]`` (``share_A=False``: ``h_i = x A_i B_i``),
@@ -115,18 +114,14 @@ class TeamLoraLinear(AdaptedLinear):
     def __init__(self, base_layer: nn.Module, num_experts: int, r_B: int, lora_alpha: float,
                  lora_dropout: float = 0.0, interaction_init_range: float = 0.1, interaction_matrix: str = "learned",
                  share_A: bool = True, router_hidden_size: int = 0, router_activation: str = "gelu") -> None:
-        super().__init__(base_layer, r_B, lora_alpha, lora_dropout)
-        self.num_experts, self.share_A = num_experts, share_A
+        super().__init__(base_layer, num_experts, r_B, lora_alpha, lora_dropout, share_A)
         self.interaction_init_range, self.interaction_matrix = interaction_init_range, interaction_matrix
-        device = self.device
-        a_shape = (self.d_in, num_experts * r_B) if share_A else (num_experts, self.d_in, r_B)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, r_B, self.d_out, device=device, dtype=torch.float32))
-        self.router = build_router(self.d_in, num_experts, router_hidden_size, router_activation, device)
+        self.router = build_router(self.d_in, num_experts, router_hidden_size, router_activation, self.device)
         if interaction_matrix == "off":
             self.register_parameter("interaction", None)
         else:
-            self.interaction = nn.Parameter(torch.empty(num_experts, num_experts, device=device, dtype=torch.float32),
+            self.interaction = nn.Parameter(torch.empty(num_experts, num_experts, device=self.device,
+                                                        dtype=torch.float32),
                                             requires_grad=interaction_matrix == "learned")
         self.reset_parameters()
 
@@ -135,12 +130,11 @@ class TeamLoraLinear(AdaptedLinear):
         """A and every router weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's / nn.Linear's
         kaiming_uniform_(a=sqrt(5)); fan_in = d_in for A and each A_i); B_i = 0; M: off-diagonal ~ U(-a, a),
         diagonal 1. Drawn on the CPU: a seed gives the same weights on every device."""
-        uniform_fan_in_(self.lora_A, self.d_in)                       # shared A or one A_i per expert
+        super().reset_parameters()                                    # shared A or one A_i per expert; B = 0
         for linear in (m for m in self.router.modules() if isinstance(m, nn.Linear)):
             uniform_fan_in_(linear.weight, linear.in_features)
             if linear.bias is not None:
                 uniform_fan_in_(linear.bias, linear.in_features)
-        self.lora_B.zero_()
         if self.interaction is not None:
             a = self.interaction_init_range
             m = (torch.rand(self.interaction.shape, dtype=torch.float32) * 2 - 1) * a
@@ -155,19 +149,15 @@ class TeamLoraLinear(AdaptedLinear):
         result = self.base_layer(x)
         x = x.to(self.lora_A.dtype)
         omega = self.expert_weights(x)
-        if self.share_A:
-            z = (self.dropout(x) @ self.lora_A).unflatten(-1, (self.num_experts, self.r))  # z_i = split(x A)_i
-        else:
-            z = torch.einsum("...d,kdr->...kr", self.dropout(x), self.lora_A)                # z_i = x A_i
-        delta = torch.einsum("...kr,kro->...o", z * omega.unsqueeze(-1), self.lora_B)    # sum_i omega_i z_i B_i
-        return result + (self.scaling * delta).to(result.dtype)
+        z = self.adapter_outputs(self.dropout(x))                    # z_i = split(x A)_i, or x A_i without share_A
+        return self.add_update(result, self.mixed_update(z, omega))  # sum_i omega_i z_i B_i
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, r_B={self.r}, scaling={self.scaling:g}, share_A={self.share_A}, "
+        return (f"num_experts={self.num_adapters}, r_B={self.r}, scaling={self.scaling:g}, share_A={self.share_A}, "
                 f"interaction_matrix={self.interaction_matrix}")
 
 
-class TeamLoraModel(AdapterModel):
+class TeamLoraModel(LayerAdapterModel):
     """A frozen causal LM with a TeamLoraLinear on every target module. ``mergeable = False``: the expert
     weights omega depend on the token, so the experts cannot be folded into W0."""
 
@@ -175,23 +165,8 @@ class TeamLoraModel(AdapterModel):
     state_name = "teamlora"
     mergeable = False
 
-    def __init__(self, model: nn.Module, config: TeamLoraConfig) -> None:
-        config = with_resolved_targets(model, config)
-        super().__init__(model, config)
-        with seeded(config.seed):
-            self.inject(lambda linear: TeamLoraLinear(
-                linear, config.num_experts, config.r, config.lora_alpha, config.lora_dropout,
-                config.interaction_init_range, config.interaction_matrix, config.share_A,
-                config.router_hidden_size, config.router_activation))
-
-    @classmethod
-    def upgrade_saved_config(cls, values: dict) -> dict:
-        """Before the method packages the experts' rank was saved as ``r_B``; it is ``r`` now."""
-        if "r_B" in values and "r" not in values:
-            values = {("r" if k == "r_B" else k): v for k, v in values.items()}
-        return values
-
-
-def get_teamlora_model(model: nn.Module, config: TeamLoraConfig) -> TeamLoraModel:
-    """Freeze ``model`` and put a shared A, K experts B_i, a router and M on every target module."""
-    return TeamLoraModel(model, config)
+    def make_layer(self, layer: nn.Module) -> TeamLoraLinear:
+        cfg = self.config
+        return TeamLoraLinear(layer, cfg.num_experts, cfg.r, cfg.lora_alpha, cfg.lora_dropout,
+                              cfg.interaction_init_range, cfg.interaction_matrix, cfg.share_A,
+                              cfg.router_hidden_size, cfg.router_activation)

@@ -33,42 +33,20 @@ def trainable_tensors(method: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def copy_trainable_tensors(method: nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``saved`` into the method's trainable tensors. A key may be any name the tensor has in the module tree:
-    PEFT's LoRA is reachable both as ``model.*`` and ``peft_model.base_model.model.*`` (the name its checkpoints had
-    before the method packages), so a checkpoint of either version loads."""
-    if hasattr(method, "upgrade_saved_tensors"):
-        saved = method.upgrade_saved_tensors(saved)
+    """Copy ``saved`` into the method's trainable tensors, keyed by their names in ``trainable_tensors``."""
     params = trainable_tensors(method)
-    canonical = {id(p): name for name, p in params.items()}
-    alias = {name: canonical[id(p)] for name, p in method.named_parameters(remove_duplicate=False)
-             if id(p) in canonical}
-    renamed = {alias[k]: v for k, v in saved.items() if k in alias}
-    unexpected = sorted(k for k in saved if k not in alias)
-    if unexpected or len(renamed) != len(saved) or set(renamed) != set(params):
+    unexpected = sorted(k for k in saved if k not in params)
+    if unexpected or set(saved) != set(params):
         raise CheckpointMismatch(f"{source} does not match this run's method: missing "
-                                 f"{sorted(set(params) - set(renamed))[:5]}, unexpected {unexpected[:5]}")
-    shapes = [f"{n} {list(renamed[n].shape)} (the run's: {list(p.shape)})" for n, p in params.items()
-              if renamed[n].shape != p.shape]
+                                 f"{sorted(set(params) - set(saved))[:5]}, unexpected {unexpected[:5]}")
+    shapes = [f"{n} {list(saved[n].shape)} (the run's: {list(p.shape)})" for n, p in params.items()
+              if saved[n].shape != p.shape]
     if shapes:
         raise CheckpointMismatch(f"{source} does not match this run's method: {len(shapes)} tensors of another "
                                  f"shape, e.g. {shapes[0]}")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(renamed[name])
-
-
-def upgrade_optimizer_state(method: nn.Module, optimizer) -> None:
-    """Each tensor of the optimizer's state (Adam's moments) through the method's ``upgrade_saved_tensors`` under its
-    parameter's name, as the parameter itself was: an earlier layout's moments take this version's shapes."""
-    if not hasattr(method, "upgrade_saved_tensors"):
-        return
-    names = {id(p): name for name, p in trainable_tensors(method).items()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            for key, value in list(state.items()):
-                if id(p) in names and torch.is_tensor(value):
-                    state[key] = method.upgrade_saved_tensors({names[id(p)]: value})[names[id(p)]]
+            p.copy_(saved[name])
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -115,7 +93,6 @@ def load_checkpoint(path: Path, method: nn.Module, optimizer, scheduler, process
         raise ValueError(f"{path / 'optimizer.pt'}: not a readable optimizer state ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0]}); the file is corrupt or was cut short") from err
     optimizer.load_state_dict(states["optimizer"])
-    upgrade_optimizer_state(method, optimizer)
     scheduler.load_state_dict(states["scheduler"])
     rng = read_safetensors(path / "rng.safetensors")
     prefix = f"process{process_index}." if f"process{process_index}.torch" in rng else "process0."

@@ -112,7 +112,7 @@ class ComLoraTrainerMixin:
 
     def _start_comlora(self, comlora_model: ComLoraModel, eval_dataset, clip_grad: str) -> None:
         if not isinstance(comlora_model, ComLoraModel):
-            raise TypeError(f"{type(self).__name__} trains a ComLoraModel (get_comlora_model(base, ComLoraConfig(...))), "
+            raise TypeError(f"{type(self).__name__} trains a ComLoraModel (ComLoraModel(base, ComLoraConfig(...))), "
                             f"got {type(comlora_model).__name__}")
         if eval_dataset is None:      # refused now, not after training, when save_model has nothing to select on
             raise ValueError(f"{type(self).__name__} needs an eval_dataset: ComLoRA selects its winner on it "

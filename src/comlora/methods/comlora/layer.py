@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from comlora.methods.lora_layer import AdaptedLinear, uniform_fan_in_
+from comlora.methods.lora_layer import StackedLoraLinear
 
 
-class ComLoraLinear(AdaptedLinear):
+class ComLoraLinear(StackedLoraLinear):
     """y = W0 x + (alpha / r) * B_k^T A_k^T x, for one component k or for all K at once.
 
     The base is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (``fan_in_fan_out``: its weight is ``[d_in, d_out]``).
@@ -22,20 +22,10 @@ class ComLoraLinear(AdaptedLinear):
 
     def __init__(self, base_layer: nn.Module, num_components: int, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0) -> None:
-        super().__init__(base_layer, r, lora_alpha, lora_dropout)
-        self.num_components = num_components
-        self.lora_A = nn.Parameter(torch.empty(num_components, self.d_in, r, device=self.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(num_components, r, self.d_out, device=self.device, dtype=torch.float32))
+        super().__init__(base_layer, num_components, r, lora_alpha, lora_dropout)
         self.competition = False
         self.active_component: int | None = None
         self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """A_k ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) independently per component, which is PEFT's
-        kaiming_uniform_(a=sqrt(5)) on its [r, d_in] lora_A; B_k = 0."""
-        uniform_fan_in_(self.lora_A, self.d_in)
-        self.lora_B.zero_()
 
     def delta_weight(self, component: int) -> torch.Tensor:
         """scaling * (A_k B_k)^T shaped like an nn.Linear weight [d_out, d_in]; scaling * A_k B_k [d_in, d_out] for a Conv1D."""
@@ -48,7 +38,7 @@ class ComLoraLinear(AdaptedLinear):
             return result
         h = self.dropout(x).to(self.lora_A.dtype)
         if self.competition:
-            k = self.num_components
+            k = self.num_adapters
             if h.shape[0] % k:
                 raise ValueError(f"competition forward needs a batch of K*B rows (K={k}), got {h.shape[0]}")
             low = torch.bmm(h.reshape(k, -1, h.shape[-1]), self.lora_A) * self.scaling   # [K, B*L, r]
@@ -61,4 +51,4 @@ class ComLoraLinear(AdaptedLinear):
         return result + torch.bmm(low, lora_B).reshape(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
-        return f"num_components={self.num_components}, r={self.r}, scaling={self.scaling:g}"
+        return f"num_components={self.num_adapters}, r={self.r}, scaling={self.scaling:g}"

@@ -14,13 +14,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from comlora.data.items import IGNORE_INDEX
-from comlora.methods.base import AdapterModel, seeded
+from comlora.methods.base import LayerAdapterModel
 from comlora.methods.comlora.config import ComLoraConfig
 from comlora.methods.comlora.export import merge_component, write_peft_adapter
 from comlora.methods.comlora.layer import ComLoraLinear
 from comlora.methods.comlora.losses import add_noise, alignment_loss, anneal_eta, pairwise_loss
 from comlora.methods.comlora.selector import LoraSelector
-from comlora.methods.injection import with_resolved_targets
 from comlora.methods.losses import sequence_losses
 
 
@@ -53,7 +52,7 @@ class WinnerReport:
         return asdict(self)
 
 
-class ComLoraModel(AdapterModel):
+class ComLoraModel(LayerAdapterModel):
     """A frozen causal LM with K competing LoRA components per target module and a LoRA selector."""
 
     config_class = ComLoraConfig
@@ -62,21 +61,24 @@ class ComLoraModel(AdapterModel):
     labels = ("LoRA", "selector")
 
     def __init__(self, model: nn.Module, config: ComLoraConfig) -> None:
-        config = with_resolved_targets(model, config)
         super().__init__(model, config)
         self.winner: int | None = None
         self.decided: int | None = None          # early decision: the one component still trained
         self.decided_at_step: int | None = None
-        with seeded(config.seed):
-            self.inject(lambda linear: ComLoraLinear(linear, config.num_components, config.r, config.lora_alpha,
-                                                     config.lora_dropout))
-            embed = model.get_input_embeddings()
-            self.selector = None
-            if config.has_selector:
-                self.selector = LoraSelector(embed.embedding_dim, config.num_components, config.selector_dim,
-                                             config.selector_heads, config.selector_ffn_dim,
-                                             config.selector_dropout, config.selector_init_std)
-                self.selector.to(embed.weight.device)
+
+    def make_layer(self, layer: nn.Module) -> ComLoraLinear:
+        cfg = self.config
+        return ComLoraLinear(layer, cfg.num_components, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+
+    def add_modules(self) -> None:
+        """The selector on the input embeddings' device (none without one: use_selector=False or K=1)."""
+        cfg = self.config
+        embed = self.model.get_input_embeddings()
+        self.selector = None
+        if cfg.has_selector:
+            self.selector = LoraSelector(embed.embedding_dim, cfg.num_components, cfg.selector_dim, cfg.selector_heads,
+                                         cfg.selector_ffn_dim, cfg.selector_dropout, cfg.selector_init_std)
+            self.selector.to(embed.weight.device)
 
     @property
     def adapted(self) -> dict[str, ComLoraLinear]:
@@ -407,8 +409,3 @@ def padded(rows: list[tuple[torch.Tensor, torch.Tensor | None]], pad_id: int) ->
             labels[i, :len(row_ids)] = row_labels
     batch = {"input_ids": ids, "attention_mask": mask}
     return batch if rows[0][1] is None else batch | {"labels": labels}
-
-
-def get_comlora_model(model: nn.Module, config: ComLoraConfig) -> ComLoraModel:
-    """Freeze ``model`` and inject K LoRA components into every target module, plus the selector."""
-    return ComLoraModel(model, config)
