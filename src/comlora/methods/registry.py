@@ -2,7 +2,9 @@
 
 Every method model builds on ``methods.base.AdapterModel``: ``.model`` (the causal LM with its layers injected),
 ``training_loss(input_ids, attention_mask, labels, step, total_steps) -> (loss, parts)``, ``parameter_counts()``,
-``save(path)``, ``load(base, path)`` and ``mergeable``. A new method is one module plus one line in ``METHODS``.
+``save(path)``, ``load(base, path)``, ``mergeable`` and the hooks training, export and evaluation call (components,
+merge, LoRA weights, the per-step callback, the end of a run). A new method is one module plus one line in
+``METHODS`` (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class Method:
     @property
     def mergeable(self) -> bool:
         return self.model_class.mergeable
+
+    @property
+    def selects_winner(self) -> bool:
+        """Its components compete and the run's result is the winner (``AdapterConfig.selects_winner``)."""
+        return self.config_class.selects_winner
 
 
 METHODS: dict[str, Method] = {
