@@ -30,7 +30,8 @@ def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, ca
                 "peak_rss_mb"]:
         assert key in rows[0], key
     assert len(rows[0]["component_loss"]) == 3
-    assert yaml.safe_load((run / "config.yaml").read_text())["method_options"] == {"selector_heads": 4, "selector_ffn_dim": 32}
+    assert yaml.safe_load((run / "config.yaml").read_text())["method_options"] == {"selector_heads": 4,
+                                                                                 "selector_ffn_dim": 32, "top_n": 2}
     winner = json.loads((run / "winner.json").read_text())
     assert winner["num_samples"] == 6 and len(winner["similarity"]) == 3 and len(winner["val_loss"]) == 3
 

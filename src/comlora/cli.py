@@ -53,13 +53,13 @@ def train_flags(f) -> tuple[str, ...]:
 
 
 def method_option_flags() -> dict[str, object]:
-    """{name: field} of the method options with a ``comlora train`` flag of their own (``train_flag`` in the field's
-    metadata, e.g. comlora's --top-n); they fill ``method_options``."""
+    """{name: field} of the method options with a ``comlora train`` flag of their own (the registry's
+    ``option_flags``, e.g. comlora's --top-n); they fill ``method_options``."""
     found = {}
-    for method in METHODS.values():
-        for f in fields(method.config_class):
-            if f.metadata.get("train_flag"):
-                found.setdefault(f.name, f)
+    for method in (m for m in METHODS.values() if m.option_flags):
+        own = {f.name: f for f in fields(method.config_class)}
+        for name in method.option_flags:
+            found.setdefault(name, own[name])
     return found
 
 
@@ -70,6 +70,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     options = [(f, f"method_options.{f.name}", " (a method option)") for f in method_option_flags().values()]
     for f, dest, note in [(f, f.name, "") for f in fields(TrainConfig) if f.name != "method_options"] + options:
         common = {"dest": dest, "default": None}
+        if dest != f.name and "choices" not in f.metadata:
+            common["metavar"] = f.name.upper()        # not METHOD_OPTIONS.TOP_N
         help_text = f.metadata["help"] + f"{note} (default: {field_default(f)})"
         kind = str(f.type)
         if kind == "bool":

@@ -51,7 +51,8 @@ def llama_cpp_targets(args):
         method, _, cfg = reload_method(args.run, device="cpu")
         name = Path(args.run).name
         for k in method.component_indices(args.components):
-            yield from freed_after_use(target_label(name, method, k) + "-llama.cpp", run_generator(method, cfg.model, k))
+            label = target_label(name, method, k) + "-llama.cpp"
+            yield from freed_after_use(label, run_generator(method, cfg.model, k))
         return
     if args.adapter and Path(args.adapter).suffix != ".gguf":
         raise ValueError(f"--backend llama.cpp takes a GGUF adapter file (comlora export RUN --format gguf), "

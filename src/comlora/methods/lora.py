@@ -76,7 +76,8 @@ class PeftLoraModel(AdapterModel):
         name = self.peft_model.active_adapter
         if self.peft_model.peft_config[name].use_dora:
             raise ValueError("DoRA has no llama.cpp LoRA form (its magnitude vector rescales W0): export it merged "
-                             "(comlora export RUN --merge --out DIR) and convert that with llama.cpp's convert_hf_to_gguf.py")
+                             "(comlora export RUN --merge --out DIR) and convert that with llama.cpp's "
+                             "convert_hf_to_gguf.py")
         return [LoraWeight(module_name, module.get_base_layer().weight, module.lora_A[name].weight,
                            module.lora_B[name].weight, module.scaling[name])
                 for module_name, module in self.model.named_modules()

@@ -23,13 +23,16 @@ class Method:
     """One training method. ``config`` and ``model`` name its config dataclass and its model class as
     ``module:Class``, imported when first used (``config_class``, ``model_class``): listing the methods (the command
     line's choices) loads no model code. ``components_field`` is the config field that ``--num-components`` (K)
-    fills (None: the method has no K); ``fixed`` are config values its name implies (dora: use_dora=True)."""
+    fills (None: the method has no K); ``fixed`` are config values its name implies (dora: use_dora=True);
+    ``option_flags`` are config fields with a ``comlora train`` flag of their own (``--top-n``, filling
+    ``method_options``; the config's module must then import no torch: the parser reads the fields)."""
 
     config: str
     model: str
     description: str
     components_field: str | None = None
     fixed: dict = field(default_factory=dict)
+    option_flags: tuple[str, ...] = ()
 
     @property
     def config_class(self) -> type:
@@ -52,7 +55,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "comlora": Method("comlora.methods.comlora.config:ComLoraConfig", "comlora.methods.comlora.model:ComLoraModel",
                       "Competitive LoRA: K components compete under a selector; the winner is exported as one LoRA",
-                      "num_components"),
+                      "num_components", option_flags=("top_n", "noise_alpha", "anneal")),
     "lora": Method("comlora.methods.lora:PeftLoraConfig", "comlora.methods.lora:PeftLoraModel", "Plain LoRA (PEFT)"),
     "dora": Method("comlora.methods.lora:PeftLoraConfig", "comlora.methods.lora:PeftLoraModel",
                    "DoRA (PEFT's use_dora)", fixed={"use_dora": True}),

@@ -146,11 +146,6 @@ class TrainConfig(ConfigDict):
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr!r}")
         if not isinstance(self.method_options, dict):
             raise ValueError(f"TrainConfig: method_options must be a mapping, got {self.method_options!r}")
-        own = {f.name for f in fields(METHODS[self.method].config_class)}
-        unknown = sorted(set(self.method_options) - own)
-        if unknown:
-            raise ValueError(f"TrainConfig: method_options {unknown} are not options of {self.method} (its options: "
-                             f"comlora train --method {self.method} --help-method)")
         if self.train_size and self.data == "commonsense-mini":
             raise ValueError("TrainConfig: commonsense-mini draws train_per_task items per task; train_size is for "
                              "the other data sources")

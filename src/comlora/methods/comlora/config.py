@@ -18,14 +18,13 @@ class ComLoraConfig(AdapterConfig):
     selects_winner: ClassVar[bool] = True
 
     num_components: int = field(default=2, metadata={"help": "K: LoRA components per adapted layer that compete."})
-    # train_flag: `comlora train` has a flag of its own for the option (--top-n), besides --set method_options.top_n=
-    top_n: int | None = field(default=None, metadata={"help": "N of the alignment loss: the N components with the highest "
-                                                      "selector similarity (1..K); None = K (the paper's best, Table 7).",
-                                                      "train_flag": True})
-    noise_alpha: float = field(default=0.1, metadata={"help": "Std of the Gaussian noise added to per-sample losses in the pairwise loss (Eq. 6).",
-                                                      "train_flag": True})
-    anneal: str = field(default="exponential", metadata={"help": f"Schedule eta(t) of the alignment loss: one of {ANNEAL_SCHEDULES}.",
-                                                         "choices": ANNEAL_SCHEDULES, "train_flag": True})
+    top_n: int | None = field(default=None, metadata={
+        "help": "N of the alignment loss: the N components with the highest selector similarity (1..K); None = K "
+                "(the paper's best, Table 7)."})
+    noise_alpha: float = field(default=0.1, metadata={
+        "help": "Std of the Gaussian noise added to per-sample losses in the pairwise loss (Eq. 6)."})
+    anneal: str = field(default="exponential", metadata={
+        "help": f"Schedule eta(t) of the alignment loss: one of {ANNEAL_SCHEDULES}.", "choices": ANNEAL_SCHEDULES})
     anneal_rate: float = field(default=5.0, metadata={"help": "gamma of the exponential schedule eta(t) = 1 - exp(-gamma t / T)."})
     loss_reduction: str = field(default="mean", metadata={"help": "Per-sample loss l[b,k] over target tokens: 'mean' (default) or 'sum' (Eq. 4 literally)."})
     pairwise_direction: str = field(
