@@ -30,7 +30,8 @@ def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, ca
                 "peak_rss_mb"]:
         assert key in rows[0], key
     assert len(rows[0]["component_loss"]) == 3
-    assert yaml.safe_load((run / "config.yaml").read_text())["method_options"] == {"selector_heads": 4, "selector_ffn_dim": 32}
+    assert yaml.safe_load((run / "config.yaml").read_text())["method_options"] == {"selector_heads": 4,
+                                                                                 "selector_ffn_dim": 32, "top_n": 2}
     winner = json.loads((run / "winner.json").read_text())
     assert winner["num_samples"] == 6 and len(winner["similarity"]) == 3 and len(winner["val_loss"]) == 3
 
@@ -91,7 +92,7 @@ def test_lora_baseline_run_exports_a_peft_adapter(tmp_path, tiny_model_dir, comm
 def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, commonsense_root):
     values = dict(model=str(tiny_model_dir), data_root=str(commonsense_root), device="cpu", train_per_task=4,
                   val_size=4, eval_size=4, batch_size=4, grad_accum=2, max_steps=5, cutoff_len=256, lr=0.01,
-                  noise_alpha=0.1, lora_dropout=0.1, save_every=2,
+                  lora_dropout=0.1, save_every=2,
                   method_options={"selector_heads": 4, "selector_ffn_dim": 32})
     train(TrainConfig(out=str(tmp_path / "straight"), **values))
     interrupted = TrainConfig(out=str(tmp_path / "resumed"), **values)

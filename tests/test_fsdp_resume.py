@@ -36,7 +36,7 @@ def launch(*argv: str) -> subprocess.CompletedProcess:
 def test_a_stopped_fsdp_run_resumes_from_its_sharded_checkpoint_to_the_uninterrupted_state(tmp_path, tiny_model_dir,
                                                                                          commonsense_root):
     options = dict(model=str(tiny_model_dir), data_root=str(commonsense_root), train_per_task=2, val_size=4,
-                   eval_size=4, batch_size=2, max_steps=4, save_every=2, lr=0.01, lora_dropout=0.1, noise_alpha=0.1,
+                   eval_size=4, batch_size=2, max_steps=4, save_every=2, lr=0.01, lora_dropout=0.1,
                    method_options={"selector_heads": 4, "selector_ffn_dim": 32})
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     (tmp_path / "two_runs.py").write_text(TWO_RUNS)

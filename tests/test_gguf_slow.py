@@ -22,7 +22,8 @@ from comlora.data.commonsense import build_commonsense_mini  # noqa: E402
 from comlora.data.items import data_root, format_prompt  # noqa: E402
 from comlora.evaluation.commonsense import evaluate_commonsense  # noqa: E402
 from comlora.evaluation.llama_cpp import LlamaCppGenerator, run_generator  # noqa: E402
-from comlora.export.gguf import AdaptedWeight, GgufLayout, adapted_weights, write_lora_gguf, write_merged_gguf  # noqa: E402
+from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf, write_merged_gguf  # noqa: E402
+from comlora.methods.base import LoraWeight  # noqa: E402
 from comlora.base_models import cache_dir, smollm2_gguf_path  # noqa: E402
 from comlora.training.runs import reload_method  # noqa: E402
 
@@ -192,7 +193,7 @@ def test_merged_gguf_equals_base_plus_adapter_at_the_same_precision(comlora_run,
     method, tokenizer, _ = reload_method(comlora_run, device="cpu")
     weights, alpha, _ = adapted_weights(method)
     layout = GgufLayout.from_config(method.model.config)
-    unchanged = [AdaptedWeight(w.module, w.base, w.A, torch.zeros_like(w.B), w.scale) for w in weights]
+    unchanged = [LoraWeight(w.module, w.base, w.A, torch.zeros_like(w.B), w.scale) for w in weights]
     write_merged_gguf(smollm2_gguf_path(), tmp_path / "base-f32.gguf", unchanged, layout, outtype="f32", whole_model=True)
     write_merged_gguf(smollm2_gguf_path(), tmp_path / "merged-f32.gguf", weights, layout, outtype="f32", whole_model=True)
     write_lora_gguf(tmp_path / "adapter.gguf", weights, alpha, layout)

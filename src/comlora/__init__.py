@@ -8,7 +8,7 @@ import pkgutil
 PUBLIC = {"ComLoraConfig": "comlora.methods.comlora.config:ComLoraConfig",
           "ComLoraModel": "comlora.methods.comlora.model:ComLoraModel",
           "CompetitionOutput": "comlora.methods.comlora.model:CompetitionOutput",
-          "WinnerReport": "comlora.methods.comlora.model:WinnerReport",
+          "WinnerReport": "comlora.methods.base:WinnerReport",
           "ComLoraTrainer": "comlora.training.hf_trainer:ComLoraTrainer",
           "ComLoraSFTTrainer": "comlora.training.trl_trainer:ComLoraSFTTrainer"}
 __all__ = sorted(PUBLIC)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import shutil
 import sys
 import time
 import traceback
@@ -19,10 +18,11 @@ from safetensors import SafetensorError
 
 from comlora.evaluation.registry import TASKS
 from comlora.evaluation.settings import EvalSettings, add_flags, from_flags
+from comlora.export.registry import FORMATS as EXPORT_FORMATS
 from comlora.methods.registry import METHODS, get_method
 from comlora.training.config import TrainConfig, apply_overrides, load_yaml
 from comlora.training.processes import MainProcessFailed
-from comlora.training.run_dir import RunError, commit_folder, lock_run, new_temp_folder
+from comlora.training.run_dir import RunError, lock_run
 
 STUDY2_EXPERIMENTS, STUDY2_RESULTS = "experiments/study2", "experiments/results/study2"   # study-report's defaults
 
@@ -53,14 +53,27 @@ def train_flags(f) -> tuple[str, ...]:
     return f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))
 
 
+def method_option_flags() -> dict[str, object]:
+    """{name: field} of the method options with a ``comlora train`` flag of their own (the registry's
+    ``option_flags``, e.g. comlora's --top-n); they fill ``method_options``."""
+    found = {}
+    for method in (m for m in METHODS.values() if m.option_flags):
+        own = {f.name: f for f in fields(method.config_class)}
+        for name in method.option_flags:
+            found.setdefault(name, own[name])
+    return found
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``train_flags``): its help, allowed values and default from the field. The
-    parsed default is None, so that a value from --config or --set is not overridden."""
-    for f in fields(TrainConfig):
-        if f.name == "method_options":
-            continue
-        common = {"dest": f.name, "default": None}
-        help_text = f.metadata["help"] + f" (default: {field_default(f)})"
+    """One flag per TrainConfig field (``train_flags``) and per method option with a flag (``method_option_flags``,
+    parsed into ``method_options.NAME``): its help, allowed values and default from the field. The parsed default is
+    None, so that a value from --config or --set is not overridden."""
+    options = [(f, f"method_options.{f.name}", " (a method option)") for f in method_option_flags().values()]
+    for f, dest, note in [(f, f.name, "") for f in fields(TrainConfig) if f.name != "method_options"] + options:
+        common = {"dest": dest, "default": None}
+        if dest != f.name and "choices" not in f.metadata:
+            common["metavar"] = f.name.upper()        # not METHOD_OPTIONS.TOP_N
+        help_text = f.metadata["help"] + f"{note} (default: {field_default(f)})"
         kind = str(f.type)
         if kind == "bool":
             parser.add_argument(*train_flags(f), action=argparse.BooleanOptionalAction, help=help_text, **common)
@@ -73,11 +86,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def method_help(name: str) -> str:
-    """The options of method ``name``: its config's fields with their help and defaults, and which train flag fills
-    each shared one (the rest are set as method_options)."""
+    """The options of method ``name``: its config's fields with their help and defaults (``comlora train``'s where a
+    TrainConfig field fills one), and which train flag fills each (the rest are set as method_options)."""
     method = get_method(name)
-    flag_of = {f.name: train_flags(f)[0] for f in fields(TrainConfig)}
+    flag_of = {f.name: train_flags(f)[0] for f in [*fields(TrainConfig), *method_option_flags().values()]}
     from_flags = set(flag_of) | ({method.components_field} - {None})
+    train_defaults = {f.name: field_default(f) for f in fields(TrainConfig)}
+    train_defaults[method.components_field] = train_defaults["num_components"]
     lines = [f"{name}: {method.description} ({method.config_class.__name__}; "
              f"{'mergeable into the base weights' if method.mergeable else 'not mergeable'})", ""]
     for f in fields(method.config_class):
@@ -88,7 +103,7 @@ def method_help(name: str) -> str:
             how = f"train flag {flag}"
         else:
             how = f"--set method_options.{f.name}=VALUE"
-        lines.append(f"  {f.name} (default: {field_default(f)}; {how})")
+        lines.append(f"  {f.name} (default: {train_defaults.get(f.name, field_default(f))}; {how})")
         lines.append(f"      {f.metadata.get('help', '')}")
     own = [f for f in fields(method.config_class) if f.name not in from_flags and f.name not in method.fixed]
     if own:
@@ -105,6 +120,10 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
+    for name in method_option_flags():
+        given = getattr(args, f"method_options.{name}", None)
+        if given is not None:
+            values["method_options"] = {**(values.get("method_options") or {}), name: given}
     return TrainConfig.from_dict(values)
 
 
@@ -130,14 +149,15 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 def select_winner_again(args: argparse.Namespace) -> None:
-    from comlora.methods.comlora.model import ComLoraModel
     from comlora.storage import write_json
     from comlora.training.runs import reload_method, run_config, run_validation_batches, run_validation_items
 
-    items = run_validation_items(run_config(Path(args.run)), args.data)     # read before the model loads
+    cfg = run_config(Path(args.run))
+    if not get_method(cfg.method).selects_winner:
+        raise ValueError(f"{args.run} is a {cfg.method} run; winner selection applies to runs of a method whose "
+                         f"components compete ({', '.join(n for n, m in METHODS.items() if m.selects_winner)})")
+    items = run_validation_items(cfg, args.data)     # read before the model loads
     method, tokenizer, cfg = reload_method(args.run)
-    if not isinstance(method, ComLoraModel):
-        raise ValueError(f"{args.run} is a {cfg.method} run; winner selection applies to comlora runs")
     batches = run_validation_batches(cfg, items, tokenizer, method.model.device)
     report = method.select_winner(batches, progress=True)
     name = "winner-reselected" if args.data is None else f"winner-{Path(args.data).stem}"
@@ -151,99 +171,9 @@ def select_winner_again(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    if args.format == "gguf":            # one file, written by gguf_export
-        from comlora.export.gguf import export_run_gguf
-
-        with lock_run(args.run, "export", optional=True):
-            print(export_run_gguf(args.run, args.out, args.component, args.merge, args.outtype))
-        return
-    from comlora.export.run import export_run
-
-    if args.outtype is not None:
-        raise ValueError("--outtype applies to --format gguf")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; choose a new folder (nothing was written)")
-    if out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new --out (nothing was written)")
+    export = EXPORT_FORMATS[args.format].export
     with lock_run(args.run, "export", optional=True):
-        tmp = new_temp_folder(out)          # written whole, then renamed to --out
-        try:
-            done = export_run(args.run, tmp, args.component, args.merge)
-            commit_folder(tmp, out, replace=False)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    print(f"{done} -> {out}")
-
-
-def evaluation_targets(args: argparse.Namespace):
-    """Yield (label, model, tokenizer) for every model the eval command names."""
-    from comlora.methods.comlora.model import ComLoraModel
-    from comlora.base_models import load_model_and_tokenizer
-    from comlora.evaluation.results import component_label
-    from comlora.training.runs import reload_method
-
-    if args.backend == "llama.cpp":
-        yield from llama_cpp_targets(args)
-        return
-    if args.run:
-        method, tokenizer, cfg = reload_method(args.run, device=args.device)
-        name = Path(args.run).name
-        if not isinstance(method, ComLoraModel):
-            yield f"{name}", method, tokenizer
-            return
-        for k in chosen_components(method, args.components):
-            with method.use_component(k):
-                yield component_label(name, k, k == method.winner), method, tokenizer
-        return
-    if args.adapter and not Path(args.adapter).is_dir():          # before the model loads
-        raise FileNotFoundError(f"--adapter {args.adapter}: no such folder (a PEFT adapter folder)")
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
-    if args.adapter:
-        from comlora.methods.saved_state import load_peft_adapter
-
-        yield Path(args.adapter).name, load_peft_adapter(model, args.adapter).eval(), tokenizer
-    else:
-        yield f"base-{Path(args.model).name}", model.eval(), tokenizer
-
-
-def chosen_components(method, spec: str) -> list[int]:
-    """``--components``: all, winner, or one index."""
-    if spec == "all":
-        return list(range(method.config.num_components))
-    return [method.resolve_component(None if spec == "winner" else int(spec))]
-
-
-def llama_cpp_targets(args: argparse.Namespace):
-    """Yield (label, LlamaCppGenerator, None) for ``--backend llama.cpp``: a run's components or LoRA through a
-    GGUF adapter on its base GGUF, or ``--model`` (the default or a .gguf file) with an optional GGUF ``--adapter``."""
-    from comlora.evaluation.llama_cpp import LlamaCppGenerator, gguf_model_path, run_generator
-    from comlora.evaluation.results import component_label
-    from comlora.methods.comlora.model import ComLoraModel
-    from comlora.training.runs import reload_method
-
-    if args.run:
-        method, _, cfg = reload_method(args.run, device="cpu")
-        name = Path(args.run).name
-        if not isinstance(method, ComLoraModel):
-            yield from freed_after_use(f"{name}-llama.cpp", run_generator(method, cfg.model))
-            return
-        for k in chosen_components(method, args.components):
-            label = component_label(name, k, k == method.winner) + "-llama.cpp"
-            yield from freed_after_use(label, run_generator(method, cfg.model, k))
-        return
-    if args.adapter and Path(args.adapter).suffix != ".gguf":
-        raise ValueError(f"--backend llama.cpp takes a GGUF adapter file (comlora export RUN --format gguf), "
-                         f"not {args.adapter}")
-    label = Path(args.adapter).stem if args.adapter else f"base-{Path(args.model).name}"
-    yield from freed_after_use(f"{label}-llama.cpp", LlamaCppGenerator(gguf_model_path(args.model), args.adapter))
-
-
-def freed_after_use(label: str, generator):
-    """Yield one llama.cpp target; free its model once the caller is done with it."""
-    yield label, generator, None
-    generator.close()
+        print(export(args.run, args.out, args.component, args.merge, args.outtype))
 
 
 def eval_settings(args: argparse.Namespace) -> tuple[EvalSettings, object]:
@@ -264,6 +194,7 @@ def evaluate_and_write(settings: EvalSettings, options) -> None:
     from comlora.cpu_memory import retain_freed_memory
     from comlora.data.items import data_root
     from comlora.evaluation.results import write_results
+    from comlora.evaluation.targets import evaluation_targets
     from comlora.base_models import resolve_device
 
     settings = settings.with_run_defaults()
@@ -365,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--component", type=int, help="Component index (default: the winner).")
     p.add_argument("--merge", action="store_true", help="Write a merged model (transformers folder, or with --format "
                    "gguf a standalone GGUF model) instead of an adapter.")
-    p.add_argument("--format", default="peft", choices=["peft", "gguf"], help="peft: a PEFT adapter folder (with "
-                   "--merge a transformers folder); gguf: one llama.cpp GGUF file (LoRA adapter for the base GGUF, or merged).")
+    p.add_argument("--format", default="peft", choices=list(EXPORT_FORMATS),
+                   help="; ".join(f"{name}: {f.description}" for name, f in EXPORT_FORMATS.items()) + ".")
     p.add_argument("--outtype", help="--format gguf: tensor type of the LoRA adapter (f32 default, f16) or of the "
                    "merged weights (f16 default, f32, q8_0; the base's other tensors are copied as they are).")
     p.add_argument("--out", required=True, help="New (or empty) output folder; with --format gguf a new FILE.gguf.")

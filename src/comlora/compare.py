@@ -27,11 +27,12 @@ def run_summary(run: str | Path) -> dict:
     params = read_json_object(run / "parameters.json", "adapter", "router", "base", "mergeable")
     files = [f for f in sorted((run / "eval").glob("commonsense-*.json"))   # generation (Table 3), not --scoring loglik
              if read_json_object(f, "settings")["settings"].get("scoring", "generate") == "generate"]
-    if config["method"] == "comlora":
+    selects_winner = get_method(config["method"]).selects_winner
+    if selects_winner:
         files = [f for f in files if (name := parse_component_label(f.stem)) is not None and name.winner]
     if len(files) != 1:
         found = ", ".join(f.name for f in files) or "none"
-        raise ValueError(f"{run}: expected one commonsense evaluation of the {'winner' if config['method'] == 'comlora' else 'run'} "
+        raise ValueError(f"{run}: expected one commonsense evaluation of the {'winner' if selects_winner else 'run'} "
                          f"in {run / 'eval'} (found {found}); run `comlora eval --run {run}`")
     result = read_json_object(files[0], "tasks", "average")
     return {"run": str(run), "config": config, "params": params,

@@ -26,6 +26,7 @@ import gguf
 import numpy as np
 import torch
 
+from comlora.methods.base import LoraWeight
 from comlora.provenance import base_gguf_file, base_model_record, read_gguf
 from comlora.storage import atomic_write
 
@@ -46,21 +47,6 @@ def rotary_permute(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
     """llama.cpp's row order for q/k: within each head, row 2j + h = transformers' row h * head_dim/2 + j."""
     return (rows.reshape(num_heads, 2, rows.shape[0] // num_heads // 2, *rows.shape[1:])
             .transpose(1, 2).reshape(rows.shape))
-
-
-@dataclass
-class AdaptedWeight:
-    """One adapted linear layer of the base: W = base + scale * B @ A."""
-
-    module: str                 # transformers module name, e.g. model.layers.3.self_attn.q_proj
-    base: torch.Tensor          # W0 [d_out, d_in]
-    A: torch.Tensor             # [r, d_in]
-    B: torch.Tensor             # [d_out, r]
-    scale: float
-
-    def delta(self) -> torch.Tensor:
-        """scale * B @ A in float64, shaped like the base weight."""
-        return self.scale * (self.B.detach().double() @ self.A.detach().double())
 
 
 @dataclass(frozen=True)
@@ -110,32 +96,11 @@ class GgufLayout:
         return rows
 
 
-def adapted_weights(method, component: int | None = None) -> tuple[list[AdaptedWeight], float, str]:
-    """(every adapted layer, lora_alpha, a label) of ComLoRA's ``component`` (default: the winner) or of a plain
-    PEFT LoRA; the other methods have no LoRA form."""
-    from comlora.methods.lora import PeftLoraModel
-    from comlora.methods.comlora.model import ComLoraModel
-    from comlora.peft_import import peft
-
-    if isinstance(method, ComLoraModel):
-        k = method.resolve_component(component)
-        weights = [AdaptedWeight(name, layer.base_layer.weight, layer.lora_A[k].T, layer.lora_B[k].T, layer.scaling)
-                   for name, layer in method.adapted.items()]
-        return weights, float(method.config.lora_alpha), f"component {k}" + (" (winner)" if k == method.winner else "")
-    if isinstance(method, PeftLoraModel):
-        if component not in (None, 0):
-            raise ValueError("a plain LoRA run has no components to choose from")
-        name = method.peft_model.active_adapter
-        config = method.peft_model.peft_config[name]
-        if config.use_dora:
-            raise ValueError("DoRA has no llama.cpp LoRA form (its magnitude vector rescales W0): export it merged "
-                             "(comlora export RUN --merge --out DIR) and convert that with llama.cpp's convert_hf_to_gguf.py")
-        weights = [AdaptedWeight(module_name, module.get_base_layer().weight, module.lora_A[name].weight,
-                                 module.lora_B[name].weight, module.scaling[name])
-                   for module_name, module in method.model.named_modules()
-                   if isinstance(module, peft.tuners.lora.LoraLayer) and name in module.lora_A]
-        return weights, float(config.lora_alpha), "lora"
-    raise ValueError(f"{type(method).__name__} keeps its own modules at inference: it has no GGUF LoRA form")
+def adapted_weights(method, component: int | None = None) -> tuple[list[LoraWeight], float, str]:
+    """(every adapted layer, lora_alpha, a label) of the method's ``component`` (default: the winner), from its
+    ``lora_weights`` hook: methods that keep their own modules at inference have no LoRA form and refuse."""
+    weights = method.lora_weights(component)
+    return weights, float(method.config.lora_alpha), method.component_name(component)
 
 
 def _add_metadata(writer: gguf.GGUFWriter, metadata: dict) -> None:
@@ -150,7 +115,7 @@ def _add_metadata(writer: gguf.GGUFWriter, metadata: dict) -> None:
             writer.add_string(key, str(value))
 
 
-def write_lora_gguf(path: str | Path, weights: list[AdaptedWeight], lora_alpha: float, layout: GgufLayout,
+def write_lora_gguf(path: str | Path, weights: list[LoraWeight], lora_alpha: float, layout: GgufLayout,
                     metadata: dict | None = None, outtype: str = "f32") -> Path:
     """The LoRA adapter file llama.cpp loads on the base GGUF (``llama-cli -m BASE.gguf --lora FILE``).
 
@@ -209,7 +174,7 @@ def _encode(values: np.ndarray, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuan
     return values.astype(np.float16), QUANT_TYPES["f16"]
 
 
-def write_merged_gguf(base_path: str | Path, path: str | Path, weights: list[AdaptedWeight], layout: GgufLayout,
+def write_merged_gguf(base_path: str | Path, path: str | Path, weights: list[LoraWeight], layout: GgufLayout,
                       metadata: dict | None = None, outtype: str = "f16", whole_model: bool = False) -> dict[str, str]:
     """The base GGUF with W = dequantize(W0) + scale * B @ A (rows in llama.cpp's order) in each adapted tensor,
     written as ``outtype``; every other tensor and every metadata key copied unchanged (``metadata`` added,

@@ -1,14 +1,16 @@
-"""``comlora export`` in the PEFT formats: a run's winner (or component k) as a PEFT adapter folder, or merged into the
-base weights as a transformers model folder; the other methods' saved state, or their merged model where they merge."""
+"""``comlora export`` in the PEFT formats: a run's winner (or component k) as an adapter folder (``export_adapter``:
+a PEFT adapter where the method has that form, else its saved state), or merged into the base weights as a
+transformers model folder (``merge``, for a mergeable method)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from comlora.base_models import without_transformers_bars
 from comlora.provenance import base_model_record, write_model_card
 from comlora.quantization import quantization_record
-from comlora.methods.comlora.model import ComLoraModel
+from comlora.training.run_dir import commit_folder, new_temp_folder
 from comlora.training.runs import reload_method
 
 
@@ -16,31 +18,37 @@ def export_run(run: str | Path, out: Path, component: int | None = None, merge: 
     """Write the export into the folder ``out`` (with a model card naming the base weights); returns what was exported."""
     method, tokenizer, cfg = reload_method(run)
     record = base_model_record(cfg.model, quantization_record(method.model))    # before a merge dequantizes it
-    if isinstance(method, ComLoraModel):
-        component = method.resolve_component(component)
-        if merge:
-            merged = method.merge(component, inplace=True)
-            with without_transformers_bars():
-                merged.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-        else:
-            method.export_adapter(out, component)
-        write_model_card(out, record, "transformers" if merge else "peft")
-        return f"exported component {component}{' merged' if merge else ''}"
-    if component not in (None, 0):
-        raise ValueError(f"a {cfg.method} run has no components to choose from")
+    component = method.resolve_component(component)
     if merge:
         if not method.mergeable:
             raise ValueError(f"{cfg.method} cannot be merged into the base weights")
-        if cfg.load_in_4bit or cfg.load_in_8bit:
-            raise ValueError(f"merging a {cfg.method} run trained on a quantized base is not supported (PEFT "
-                             "would re-quantize the merged weights); export the adapter and merge it with PEFT onto "
-                             "the full-precision base")
-        merged = method.peft_model.merge_and_unload()
+        merged = method.merge(component, inplace=True)
         with without_transformers_bars():
             merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
     else:
-        method.save(out)
+        method.export_adapter(out, component)
     write_model_card(out, record, "transformers" if merge else "peft")
-    return f"exported {cfg.method}{' merged' if merge else ''}"
+    exported = cfg.method if component is None else f"component {component}"
+    return f"exported {exported}{' merged' if merge else ''}"
+
+
+def export_folder(run: str | Path, out: str | Path, component: int | None = None, merge: bool = False,
+                  outtype: str | None = None) -> str:
+    """``comlora export --format peft``: ``export_run`` into a new (or empty) folder ``out``, written whole in a
+    temporary folder and then renamed."""
+    if outtype is not None:
+        raise ValueError("--outtype applies to --format gguf")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; choose a new folder (nothing was written)")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new --out (nothing was written)")
+    tmp = new_temp_folder(out)
+    try:
+        done = export_run(run, tmp, component, merge)
+        commit_folder(tmp, out, replace=False)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return f"{done} -> {out}"

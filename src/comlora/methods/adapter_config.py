@@ -4,6 +4,7 @@ that the configs, TrainConfig and the command line's options load without the mo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from comlora.config_base import ConfigDict
 
@@ -16,6 +17,10 @@ TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixe
 @dataclass
 class AdapterConfig(ConfigDict):
     """The fields every method's config shares; a method's config adds its own after them."""
+
+    # True for a method whose K components compete and whose result is the one selected (the winner): each component
+    # is evaluated on its own (`--components all`) and `comlora select` selects again. Read without the model code.
+    selects_winner: ClassVar[bool] = False
 
     r: int = field(default=8, metadata={"help": "Rank of every LoRA pair A (d_in x r), B (r x d_out)."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: each update is scaled by lora_alpha / r."})
@@ -34,6 +39,9 @@ class AdapterConfig(ConfigDict):
             (self.target_modules is None or bool(self.target_modules),
              "target_modules must name at least one module, or be None for the architecture's default"),
         ]
+
+    def check_processes(self, num_processes: int) -> None:
+        """Refuse a setting this method cannot train with across ``num_processes`` processes (DDP); any by default."""
 
     @property
     def scaling(self) -> float:

@@ -1,12 +1,14 @@
 """What every method model builds on: AdapterModel (injection under a seed, parameter counts, save / load of the
-trainable tensors, the LM-only training loss) and LayerAdapterModel, the constructor of the methods that replace each
-target layer by their own. Every method's config builds on ``adapter_config.AdapterConfig``."""
+trainable tensors, the LM-only training loss, and the hooks training, export and evaluation call: docs/extending.md)
+and LayerAdapterModel, the constructor of the methods that replace each target layer by their own. Every method's
+config builds on ``adapter_config.AdapterConfig``."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -27,6 +29,37 @@ def seeded(seed: int):
         yield
 
 
+@dataclass
+class WinnerReport:
+    """Winner selection on a validation set (ComLoRA: Eq. 11-12), plus each component's validation loss."""
+
+    winner: int
+    winner_by_similarity: int | None
+    winner_by_loss: int | None
+    similarity: list[float] | None
+    val_loss: list[float] | None
+    num_samples: int
+    decided_at_step: int | None = None     # early decision (decide_at): the step at which the winner was fixed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoraWeight:
+    """One adapted linear layer as a LoRA pair (GGUF export, the llama.cpp backend): W = base + scale * B @ A."""
+
+    module: str                 # transformers module name, e.g. model.layers.3.self_attn.q_proj
+    base: torch.Tensor          # W0 [d_out, d_in]
+    A: torch.Tensor             # [r, d_in]
+    B: torch.Tensor             # [d_out, r]
+    scale: float
+
+    def delta(self) -> torch.Tensor:
+        """scale * B @ A in float64, shaped like the base weight."""
+        return self.scale * (self.B.detach().double() @ self.A.detach().double())
+
+
 class AdapterModel(ActivationCheckpointing, nn.Module):
     """Base of every method model: ``.model`` is the causal LM with the method's modules injected.
 
@@ -40,8 +73,10 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
 
     config_class: type
     state_name: str
-    mergeable: bool
+    mergeable: bool                      # True: ``merge`` gives a plain transformers model
     labels = ("adapter", "router")       # what print_trainable_parameters calls the two groups
+    progress_keys: tuple[str, ...] = ("lm",)     # the training_loss parts the training progress bar shows
+    winner: int | None = None            # the selected component (methods with components)
 
     def __init__(self, model: nn.Module, config) -> None:
         super().__init__()
@@ -99,6 +134,103 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
         print(f"trainable params ({self.state_name}): {self.labels[0]} {c['adapter']:,} ({adapter:.4f}%) | "
               f"{self.labels[1]} {c['router']:,} ({router:.4f}%) | base (frozen) {c['base']:,} | "
               f"L/S = {adapter:.2f}/{router:.2f}")
+
+    # ---- the hooks of training, export and evaluation (defaults: one adapter, no components) ----------------
+    @property
+    def num_components(self) -> int | None:
+        """K, for a method whose components are separate adapters (evaluated and exported one at a time); None for
+        one adapter (MoELoRA's and TeamLoRA's experts only work together)."""
+        return None
+
+    def component_indices(self, spec: str) -> list[int | None]:
+        """The components ``comlora eval --components SPEC`` evaluates (``all``, ``winner`` or an index), each used
+        through ``use_component``; ``[None]``, the method as a whole, for a method without components."""
+        if self.num_components is None:
+            return [None]
+        if spec == "all":
+            return list(range(self.num_components))
+        return [self.resolve_component(None if spec == "winner" else int(spec))]
+
+    def resolve_component(self, component: int | None) -> int | None:
+        """The component an export or an evaluation means by ``component``, None meaning the winner; a method
+        without components is its own only one (None) and refuses any index but 0."""
+        k = self.num_components
+        if k is None:
+            if component not in (None, 0):
+                raise ValueError(f"a {self.state_name} run has no components to choose from")
+            return None
+        if component is None:
+            if self.winner is None:
+                raise ValueError("no component given and no winner selected yet: call select_winner() first "
+                                 "or pass component=k")
+            component = self.winner
+        if not isinstance(component, int) or isinstance(component, bool) or not 0 <= component < k:
+            raise ValueError(f"component must be an integer in 0..{k - 1}, got {component!r}")
+        return component
+
+    def use_component(self, component: int | None):
+        """Context: every forward / generate uses component ``component`` alone (a method without components:
+        None, the method as it is). A method with components overrides it."""
+        self.resolve_component(component)
+        return nullcontext(self)
+
+    def component_name(self, component: int | None) -> str:
+        """What an export calls ``component`` (GGUF metadata): ``component k`` (``(winner)`` for the winner), or the
+        method's state name without components."""
+        k = self.resolve_component(component)
+        return self.state_name if k is None else f"component {k}" + (" (winner)" if k == self.winner else "")
+
+    def select_winner(self, batches: Iterable[dict], progress: bool = False) -> WinnerReport:
+        """Select the winner among the components on validation ``batches`` (``comlora select``)."""
+        raise ValueError(f"{self.state_name} has no components to select a winner from")
+
+    def export_adapter(self, path: str | Path, component: int | None = None) -> Path:
+        """Write ``component`` (default: the winner) as an adapter folder: by default the saved state (a PEFT
+        adapter for PEFT's LoRA)."""
+        self.resolve_component(component)
+        return self.save(path)
+
+    def merge(self, component: int | None = None, inplace: bool = False) -> nn.Module:
+        """A plain transformers model with ``component`` (default: the winner) merged into the base weights;
+        ``inplace`` may consume this model's base. Only for a ``mergeable`` method."""
+        raise ValueError(f"{self.state_name} cannot be merged into the base weights: it runs its own modules")
+
+    def lora_weights(self, component: int | None = None) -> list[LoraWeight]:
+        """Every adapted layer of ``component`` (default: the winner) as one LoRA pair, for GGUF export and the
+        llama.cpp backend; a method whose modules are no LoRA refuses."""
+        raise ValueError(f"{type(self).__name__} keeps its own modules at inference: it has no GGUF LoRA form")
+
+    def progress_metrics(self, record: dict) -> dict[str, float]:
+        """The values of one step's metrics the training progress bar shows (``progress_keys``)."""
+        return {key: record[key] for key in self.progress_keys if key in record}
+
+    def on_optimizer_step(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer,
+                          validation_batches: Callable[[], list[dict]], record_dir: Path | None) -> None:
+        """Called by the training loop before each optimizer step (``step`` steps done) with the optimizer; the
+        validation batches are built when ``validation_batches()`` is called; ``record_dir`` is the run directory on
+        the main process (None on the others). Nothing by default."""
+
+    def finish_run(self, into: Path, batches: list[dict], record: dict) -> None:
+        """The end of a training run, written into ``into`` (moved into the run once complete): the result on the
+        validation ``batches`` (``winner.json``, the winner selection, for a method that selects one, else
+        ``validation.json``, the mean LM loss), the state (``state/``) and, for a mergeable method, ``adapter/``
+        (the winner) with a model card naming the base weights (``record``)."""
+        from comlora.provenance import write_model_card
+
+        if self.config.selects_winner:
+            write_json(into / "winner.json", self.select_winner(batches, progress=True).to_dict() | record)
+        else:
+            with torch.no_grad():
+                # the LM part only (MoELoRA adds its balance term to the loss), comparable across methods
+                losses = [self.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[1]["lm"]
+                          * len(b["input_ids"]) for b in batches]
+            samples = sum(len(b["input_ids"]) for b in batches)
+            write_json(into / "validation.json", {"val_loss": sum(losses) / max(1, samples), "num_samples": samples}
+                       | record)
+        self.save(into / "state")
+        if self.mergeable:
+            self.export_adapter(into / "adapter")
+            write_model_card(into / "adapter", record)
 
     # ---- save / load ---------------------------------------------------------------------
     def training_state(self) -> dict:

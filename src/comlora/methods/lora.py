@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,10 +10,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from comlora.methods.adapter_config import AdapterConfig
-from comlora.methods.base import AdapterModel, seeded
+from comlora.methods.base import AdapterModel, LoraWeight, seeded
 from comlora.methods.injection import find_target_modules, resolve_target_modules
 from comlora.methods.saved_state import load_peft_adapter
 from comlora.peft_import import peft, peft_quietly
+from comlora.quantization import is_quantized
 
 
 @dataclass
@@ -56,6 +58,30 @@ class PeftLoraModel(AdapterModel):
     def parameter_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """{"adapter": PEFT's trainable tensors (lora_A, lora_B, DoRA's magnitude), "router": none}."""
         return {"adapter": {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}, "router": {}}
+
+    def merge(self, component: int | None = None, inplace: bool = False) -> nn.Module:
+        """PEFT's ``merge_and_unload``: W = W0 + (alpha / r) B A (DoRA: rescaled by its magnitude); ``inplace``
+        consumes this model, otherwise a copy is merged."""
+        self.resolve_component(component)
+        if is_quantized(self.model):
+            raise ValueError(f"merging a {self.state_name} run trained on a quantized base is not supported (PEFT "
+                             "would re-quantize the merged weights); export the adapter and merge it with PEFT onto "
+                             "the full-precision base")
+        return (self.peft_model if inplace else copy.deepcopy(self.peft_model)).merge_and_unload()
+
+    def lora_weights(self, component: int | None = None) -> list[LoraWeight]:
+        """PEFT's lora_A [r, d_in] and lora_B [d_out, r] of every adapted layer, with the layer's own scale; DoRA
+        has no such form (its magnitude vector rescales W0)."""
+        self.resolve_component(component)
+        name = self.peft_model.active_adapter
+        if self.peft_model.peft_config[name].use_dora:
+            raise ValueError("DoRA has no llama.cpp LoRA form (its magnitude vector rescales W0): export it merged "
+                             "(comlora export RUN --merge --out DIR) and convert that with llama.cpp's "
+                             "convert_hf_to_gguf.py")
+        return [LoraWeight(module_name, module.get_base_layer().weight, module.lora_A[name].weight,
+                           module.lora_B[name].weight, module.scaling[name])
+                for module_name, module in self.model.named_modules()
+                if isinstance(module, peft.tuners.lora.LoraLayer) and name in module.lora_A]
 
     def save(self, path: str | Path) -> Path:
         """A PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``."""

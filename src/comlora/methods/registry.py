@@ -2,7 +2,9 @@
 
 Every method model builds on ``methods.base.AdapterModel``: ``.model`` (the causal LM with its layers injected),
 ``training_loss(input_ids, attention_mask, labels, step, total_steps) -> (loss, parts)``, ``parameter_counts()``,
-``save(path)``, ``load(base, path)`` and ``mergeable``. A new method is one module plus one line in ``METHODS``.
+``save(path)``, ``load(base, path)``, ``mergeable`` and the hooks training, export and evaluation call (components,
+merge, LoRA weights, the per-step callback, the end of a run). A new method is one module plus one line in
+``METHODS`` (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ class Method:
     """One training method. ``config`` and ``model`` name its config dataclass and its model class as
     ``module:Class``, imported when first used (``config_class``, ``model_class``): listing the methods (the command
     line's choices) loads no model code. ``components_field`` is the config field that ``--num-components`` (K)
-    fills (None: the method has no K); ``fixed`` are config values its name implies (dora: use_dora=True)."""
+    fills (None: the method has no K); ``fixed`` are config values its name implies (dora: use_dora=True);
+    ``option_flags`` are config fields with a ``comlora train`` flag of their own (``--top-n``, filling
+    ``method_options``; the config's module must then import no torch: the parser reads the fields)."""
 
     config: str
     model: str
     description: str
     components_field: str | None = None
     fixed: dict = field(default_factory=dict)
+    option_flags: tuple[str, ...] = ()
 
     @property
     def config_class(self) -> type:
@@ -41,11 +46,16 @@ class Method:
     def mergeable(self) -> bool:
         return self.model_class.mergeable
 
+    @property
+    def selects_winner(self) -> bool:
+        """Its components compete and the run's result is the winner (``AdapterConfig.selects_winner``)."""
+        return self.config_class.selects_winner
+
 
 METHODS: dict[str, Method] = {
     "comlora": Method("comlora.methods.comlora.config:ComLoraConfig", "comlora.methods.comlora.model:ComLoraModel",
                       "Competitive LoRA: K components compete under a selector; the winner is exported as one LoRA",
-                      "num_components"),
+                      "num_components", option_flags=("top_n", "noise_alpha", "anneal")),
     "lora": Method("comlora.methods.lora:PeftLoraConfig", "comlora.methods.lora:PeftLoraModel", "Plain LoRA (PEFT)"),
     "dora": Method("comlora.methods.lora:PeftLoraConfig", "comlora.methods.lora:PeftLoraModel",
                    "DoRA (PEFT's use_dora)", fixed={"use_dora": True}),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
 
+from comlora.methods.registry import get_method
 from comlora.study.records import StudyRecords
 from comlora.study.runner import train_config
 from comlora.study.statistics import PairedDifference
@@ -178,7 +179,7 @@ class Study2(Study2Records):
             seconds = [r.record["train_seconds"] for r in runs if r.record.get("train_seconds") is not None]
             exp = study1.experiments.get(name)
             cfg = train_config(study1.base, exp, exp.seeds[0], "check") if exp and exp.train else None
-            every = cfg is not None and cfg.method == "comlora" and exp.components == "all"
+            every = cfg is not None and get_method(cfg.method).selects_winner and exp.components == "all"
             out[name] = RelativeCost(name, [r.seed for r in runs], statistics.mean(seconds) if seconds else None, None,
                                      cfg.num_components if every else 1)
         reference = out[STUDY1_LORA_R8].train_seconds

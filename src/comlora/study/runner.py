@@ -44,6 +44,7 @@ from pathlib import Path
 import yaml
 
 from comlora.evaluation.results import component_label
+from comlora.methods.registry import get_method
 from comlora.storage import write_json, write_text
 from comlora.training.config import TrainConfig, load_yaml
 
@@ -167,15 +168,15 @@ def run_command(argv: list[str], log: Path, threads: str | None = None) -> float
 def missing_evaluations(run: Path, exp: Experiment, cfg: TrainConfig,
                         evaluations: dict[str | None, list[str]] | None = None) -> list[list[str]]:
     """The ``comlora eval`` commands a trained run still needs, for each evaluation (default: Study I's): under
-    ``components: all``, one per ComLoRA component without its result file (each file is written whole when its
-    component is done, so a kill loses at most the component being evaluated); otherwise one for the winner (or the
-    run) unless its file exists."""
+    ``components: all``, for a method that selects a winner, one per component without its result file (each file is
+    written whole when its component is done, so a kill loses at most the component being evaluated); otherwise one
+    for the winner (or the run) unless its file exists."""
     commands = []
     for name, flags in (evaluations or {None: EVAL_FLAGS}).items():
         folder = evaluation_dir(run / "eval", name)
         out = [] if name is None else ["--out", str(folder)]
         have = [p.name for p in folder.glob("*.json")]
-        if exp.components == "all" and cfg.method == "comlora":
+        if exp.components == "all" and get_method(cfg.method).selects_winner:
             def done(k: int) -> bool:
                 return any(n.endswith(f"-{component_label(run.name, k, winner)}.json") for n in have
                            for winner in (False, True))

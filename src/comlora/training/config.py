@@ -8,7 +8,6 @@ from pathlib import Path
 import yaml
 
 from comlora.config_base import ConfigDict
-from comlora.methods.comlora.config import ANNEAL_SCHEDULES
 from comlora.methods.registry import METHODS
 
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -20,6 +19,9 @@ CLIP_GRAD = ("per_group", "joint")
 # field means this value, not today's default (runs.run_config, resuming a run).
 EARLIER_RUN_VALUES = {"clip_grad": "joint"}
 ANSWER_FORMATS = ("label", "text")
+# ComLoRA's options that TrainConfig held at its top level before they moved to method_options, with the default
+# they had there (recorded config.yaml files and experiment files still load: TrainConfig.from_dict)
+FORMER_TOP_LEVEL_OPTIONS = {"top_n": None, "noise_alpha": 0.1, "anneal": "exponential"}
 
 
 @dataclass
@@ -29,19 +31,19 @@ class TrainConfig(ConfigDict):
     out: str = field(default="runs/latest", metadata={"help": "Run directory (metrics, checkpoints, state, adapter, plots)."})
     model: str = field(default="smollm2-135m", metadata={"help": "Base model: 'smollm2-135m' (embedded default), a Hub id or a local path."})
     method: str = field(default="comlora", metadata={"help": "Training method (its own options: --help-method).",
-                                                     "choices": tuple(METHODS)})
+                                                     "choices": METHODS.keys()})   # live: a method registered later too
     num_components: int = field(default=2, metadata={"help": "K: competing components (comlora) or experts (moelora, teamlora)."})
     r: int = field(default=8, metadata={"help": "LoRA rank (per component / expert).", "flags": ("--rank", "--r")})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by lora_alpha / r."})
+    # the training recipe's dropout (LLM-Adapters'), for every method; a method config's own default (0.0) is the
+    # library's, for a model built without comlora train
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     target_modules: list[str] | None = field(default=None, metadata={
         "help": "Linear modules to adapt (name suffixes); default: the method's own for the architecture (q,k,v,up,down on "
                 "Llama-style models, else PEFT's default for the model type; LoRATRF: o,gate,up,down)."})
-    top_n: int | None = field(default=None, metadata={"help": "ComLoRA top-N of the alignment loss; None = K."})
-    noise_alpha: float = field(default=0.1, metadata={"help": "ComLoRA noise std on the per-sample losses (Eq. 6)."})
-    anneal: str = field(default="exponential", metadata={"help": "ComLoRA annealing schedule eta(t) of the alignment loss.",
-                                                         "choices": ANNEAL_SCHEDULES})
-    method_options: dict = field(default_factory=dict, metadata={"help": "Further fields of the method's config dataclass (e.g. pairwise_detach_lm, align_sign)."})
+    method_options: dict = field(default_factory=dict, metadata={
+        "help": "The method's own options: fields of its config dataclass (comlora: top_n, noise_alpha, anneal, "
+                "pairwise_detach_lm, ...; `comlora train --method NAME --help-method` lists them)."})
     data: str = field(default="commonsense-mini", metadata={
         "help": "Training data: 'commonsense-mini' (the 8 commonsense tasks, items split per task), 'mmlu' (MMLU's dev "
                 "split as instruction items; 'mmlu:test' or 'mmlu:FOLDER' for others), 'convai2' (ConvAI2 dialogue "
@@ -125,8 +127,6 @@ class TrainConfig(ConfigDict):
         if self.data_seed is not None and (not isinstance(self.data_seed, int) or isinstance(self.data_seed, bool)
                                            or self.data_seed < 0):
             raise ValueError(f"TrainConfig: data_seed must be None (= seed) or an integer >= 0, got {self.data_seed!r}")
-        if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
-            raise ValueError(f"TrainConfig: top_n must be None (= K) or an integer >= 1, got {self.top_n!r}")
         if self.dtype in ("float16", "fp16") and self.mixed_precision not in ("fp16", None):   # None: checked resolved
             raise ValueError("TrainConfig: float16 training needs loss scaling: add --mixed-precision fp16 (CUDA), "
                              "or use bfloat16 or float32")
@@ -150,6 +150,22 @@ class TrainConfig(ConfigDict):
             raise ValueError("TrainConfig: commonsense-mini draws train_per_task items per task; train_size is for "
                              "the other data sources")
 
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """``ConfigDict.from_dict``; ComLoRA's options that an earlier TrainConfig held at its top level
+        (``FORMER_TOP_LEVEL_OPTIONS``, in recorded runs and experiment files) go to ``method_options``, a value
+        equal to the one it then had by default left out (the method's config has the same default)."""
+        values = dict(values)
+        options = dict(values.get("method_options") or {})
+        for name, default in FORMER_TOP_LEVEL_OPTIONS.items():
+            if name in values:
+                value = values.pop(name)
+                if value != default:
+                    options.setdefault(name, value)
+        if options:
+            values["method_options"] = options
+        return super().from_dict(values)
 
     @property
     def split_seed(self) -> int:

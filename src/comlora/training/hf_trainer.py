@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from comlora.data.items import IGNORE_INDEX
-from comlora.methods.comlora.model import ComLoraModel, WinnerReport
+from comlora.methods.base import AdapterModel, WinnerReport
 from comlora.storage import load_state_tensors, read_json_object, read_safetensors, write_json
 from comlora.training.clipping import clip_with_accelerator, gradient_groups, refuse_unsupported_clipping
 from comlora.training.config import CLIP_GRAD
@@ -41,7 +41,7 @@ class CompetitionObjective(nn.Module):
     """The module a Trainer trains: forward(input_ids, attention_mask, labels, step, total_steps) = the
     ComLoraModel's (loss, parts) of one competition step."""
 
-    def __init__(self, comlora_model: ComLoraModel) -> None:
+    def __init__(self, comlora_model: AdapterModel) -> None:
         super().__init__()
         self.comlora_model = comlora_model
 
@@ -92,7 +92,7 @@ class PaddingCollator:
                 "labels": torch.tensor([pad(labels, IGNORE_INDEX) for _, _, labels in rows])}
 
 
-def pad_token_id_of(comlora_model: ComLoraModel, processing_class=None) -> int:
+def pad_token_id_of(comlora_model: AdapterModel, processing_class=None) -> int:
     """The tokenizer's pad token, else the base model's, else its EOS token, else 0 (padding is masked anyway)."""
     config = getattr(comlora_model.model, "config", None)
     for value in (getattr(processing_class, "pad_token_id", None), getattr(config, "pad_token_id", None),
@@ -107,13 +107,13 @@ def pad_token_id_of(comlora_model: ComLoraModel, processing_class=None) -> int:
 class ComLoraTrainerMixin:
     """What ComLoraTrainer and ComLoraSFTTrainer share, over a Trainer whose ``self.model`` is a CompetitionObjective."""
 
-    comlora_model: ComLoraModel
+    comlora_model: AdapterModel
     winner_report: WinnerReport | None = None
 
-    def _start_comlora(self, comlora_model: ComLoraModel, eval_dataset, clip_grad: str) -> None:
-        if not isinstance(comlora_model, ComLoraModel):
-            raise TypeError(f"{type(self).__name__} trains a ComLoraModel (ComLoraModel(base, ComLoraConfig(...))), "
-                            f"got {type(comlora_model).__name__}")
+    def _start_comlora(self, comlora_model: AdapterModel, eval_dataset, clip_grad: str) -> None:
+        if not (isinstance(comlora_model, AdapterModel) and comlora_model.config.selects_winner):
+            raise TypeError(f"{type(self).__name__} trains a ComLoraModel (ComLoraModel(base, ComLoraConfig(...))) "
+                            f"or another method whose components compete, got {type(comlora_model).__name__}")
         if eval_dataset is None:      # refused now, not after training, when save_model has nothing to select on
             raise ValueError(f"{type(self).__name__} needs an eval_dataset: ComLoRA selects its winner on it "
                              "(evaluate(), save_model()); hold out part of your data for it, e.g. with "
@@ -146,9 +146,8 @@ class ComLoraTrainerMixin:
                             labels=inputs["labels"], step=self.state.global_step,
                             total_steps=max(self.state.max_steps, 1))
         if model.training:
-            for key in ("lm", "align", "pairwise", "eta"):
-                if key in parts:
-                    self._comlora_parts[key].append(parts[key])
+            for key, value in self.comlora_model.progress_metrics(parts).items():
+                self._comlora_parts[key].append(value)
             self._comlora_parts["component_loss"].append(parts["component_loss"])
         return (loss, parts) if return_outputs else loss
 
@@ -167,7 +166,7 @@ class ComLoraTrainerMixin:
             logs.update(self._group_grad_norms)
             self._group_grad_norms = {}
         if "loss" in logs and parts.get("component_loss"):
-            for key in ("lm", "align", "pairwise", "eta"):
+            for key in self.comlora_model.progress_keys:
                 if parts.get(key):
                     logs[key] = sum(parts[key]) / len(parts[key])
             component_loss = torch.tensor(parts["component_loss"]).mean(0)
@@ -256,7 +255,8 @@ class ComLoraTrainerMixin:
         config_file, weights_file = self.comlora_model.state_files(path)
         if not weights_file.is_file() or not config_file.is_file():
             raise ValueError(f"{path} is not a ComLoRA trainer checkpoint: {weights_file.name} / {config_file.name} missing")
-        saved = read_json_object(config_file, "comlora_config")["comlora_config"]
+        key = f"{self.comlora_model.state_name}_config"
+        saved = read_json_object(config_file, key)[key]
         ours = self.comlora_model.config.to_dict()
         differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
         if differ:
@@ -272,7 +272,7 @@ class ComLoraTrainer(ComLoraTrainerMixin, Trainer):
     (default collator: right padding, labels -100 on padding). ``clip_grad``: how ``args.max_grad_norm`` clips,
     ``"per_group"`` or ``"joint"`` (``clipping.py``). Every other Trainer argument works as usual."""
 
-    def __init__(self, model: ComLoraModel, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+    def __init__(self, model: AdapterModel, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, clip_grad: str = "per_group", **kwargs) -> None:
         self._start_comlora(model, eval_dataset, clip_grad)
         if data_collator is None:

@@ -35,10 +35,9 @@ from transformers import get_scheduler
 from comlora.base_models import load_model_and_tokenizer, resolve_device
 from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
 from comlora.data.items import collate
-from comlora.provenance import base_model_record, write_model_card
+from comlora.provenance import base_model_record
 from comlora.quantization import quantization_record
-from comlora.methods.comlora.model import ComLoraModel
-from comlora.methods.registry import build_method
+from comlora.methods.registry import build_method, method_config
 from comlora.storage import json_line, write_json, write_text
 from comlora.training.batches import micro_batches, validation_batches
 from comlora.training.checkpoints import (resume_from_checkpoint, resume_from_sharded_checkpoint, rng_state,
@@ -89,9 +88,7 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
     use_fsdp_on_cpu(accelerator)
     refuse_unsupported_sharded_options(accelerator, cfg)
     main = accelerator.is_main_process
-    if cfg.method == "comlora" and cfg.method_options.get("competition") == "low_memory" and accelerator.num_processes > 1:
-        raise ValueError("competition='low_memory' runs its own backward passes inside autograd, which DDP cannot "
-                         "synchronise: use it with one process")
+    method_config(cfg).check_processes(accelerator.num_processes)
     on_main_process(accelerator, check_run_dir, cfg, resume)      # reads only: --out is written once every check passed
     run = Path(cfg.out)
     if cfg.retain_cpu_memory and accelerator.device.type == "cpu":
@@ -159,11 +156,9 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
         next(batches)
     objective.train()
     end = total_steps if stop_after is None else min(total_steps, step + stop_after)
-    decide_step = early_decision_step(method, total_steps)
     while step < end:
-        if step == decide_step and method.decided is None:
-            decide_early(accelerator, run, method, optimizer, step,
-                         validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, accelerator.device))
+        method.on_optimizer_step(step, total_steps, optimizer, lambda: list(validation_batches(
+            val_examples, cfg.batch_size, tokenizer.pad_token_id, accelerator.device)), run if main else None)
         started = time.perf_counter()
         sums: dict[str, float] = {}
         tokens = 0
@@ -207,7 +202,7 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
             with metrics_file.open("a") as f:
                 f.write(json_line(record) + "\n")
             progress.update(1)
-            progress.set_postfix({k: f"{record[k]:.3f}" for k in ("lm", "align", "pairwise", "eta") if k in record}
+            progress.set_postfix({k: f"{v:.3f}" for k, v in method.progress_metrics(record).items()}
                                  | {"tok/s": f"{record['tokens_per_s']:.0f}"})
         if nonfinite_steps >= cfg.max_nonfinite_steps:
             raise TrainingDiverged(diverged_message(run, cfg, step, nonfinite_steps, means["loss"], grad_norm))
@@ -226,37 +221,6 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
         method, tokenizer = on_main_process(accelerator, unsharded_method, cfg, state) or (None, tokenizer)
     on_main_process(accelerator, finish_run, cfg, run, method, tokenizer, val_examples)
     return run
-
-
-def early_decision_step(method: nn.Module, total_steps: int) -> int | None:
-    """The optimizer step before which a ComLoRA run with ``decide_at`` fixes its winner: round(decide_at * T),
-    at least 1 (None without an early decision)."""
-    decide_at = getattr(getattr(method, "config", None), "decide_at", None)
-    if decide_at is None:
-        return None
-    return max(1, round(decide_at * total_steps))
-
-
-def decide_early(accelerator: Accelerator, run: Path, method: ComLoraModel, optimizer, step: int, batches) -> None:
-    """Select the winner on the validation set now; from here on only it trains (``ComLoraModel.decided_step``).
-
-    Every process selects on the same weights and data, so all agree. The other components' Adam momentum
-    is zeroed: their slices get zero gradients from now on, and without this their weights would keep drifting.
-    """
-    report = method.select_winner(batches)
-    method.decided, method.decided_at_step = report.winner, step
-    report.decided_at_step = step
-    method.train()
-    others = [k for k in range(method.config.num_components) if k != report.winner]
-    for layer in method.adapted.values():
-        for p in (layer.lora_A, layer.lora_B):
-            state = optimizer.state.get(p)
-            if state and "exp_avg" in state:
-                state["exp_avg"][others] = 0
-    if accelerator.is_main_process:
-        write_json(run / "decision.json", report.to_dict())
-        print(f"early decision at step {step}: component {report.winner} trains alone from here "
-              f"(similarity {report.similarity}, validation loss {report.val_loss})", file=sys.stderr)
 
 
 def diverged_message(run: Path, cfg: TrainConfig, step: int, count: int, loss: float, grad_norm: float) -> str:
@@ -287,8 +251,9 @@ def _mean_over_processes(accelerator: Accelerator, values: dict) -> dict:
 
 
 def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_examples: list[dict]) -> None:
-    """Save the final state, select the winner on the validation set, export the adapter, draw the plots: all
-    built in RUN/.final-save, fsynced and moved into the run, then complete.json (run_dir.final_save).
+    """Save the final state, the method's result on the validation set and its adapter (``method.finish_run``: ComLoRA
+    selects the winner), draw the plots: all built in RUN/.final-save, fsynced and moved into the run, then
+    complete.json (run_dir.final_save).
     Until then the last step's checkpoint is what a resume starts from."""
     method.eval()
     # the base weights (and their quantization), named in winner.json and the adapter's card
@@ -296,23 +261,7 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
     batches = list(validation_batches(val_examples, cfg.batch_size, tokenizer.pad_token_id, method.model.device))
     with final_save(run) as final:
         write_json(final / "parameters.json", {**method.parameter_counts(), "mergeable": bool(method.mergeable)})
-        if isinstance(method, ComLoraModel):
-            report = method.select_winner(batches, progress=True)
-            write_json(final / "winner.json", report.to_dict() | record)
-            method.save(final / "state")
-            method.export_adapter(final / "adapter")
-            write_model_card(final / "adapter", record)
-        else:
-            with torch.no_grad():
-                # the LM part only (MoELoRA adds its balance term to the loss), comparable across methods
-                losses = [method.training_loss(b["input_ids"], b["attention_mask"], b["labels"], 0, 1)[1]["lm"]
-                          * len(b["input_ids"]) for b in batches]
-            method.save(final / "state")
-            write_json(final / "validation.json", {"val_loss": sum(losses) / max(1, len(val_examples)),
-                                                   "num_samples": len(val_examples)} | record)
-            if getattr(method, "mergeable", False):
-                method.save(final / "adapter")
-                write_model_card(final / "adapter", record)
+        method.finish_run(final, batches, record)
         draw_plots(run, cfg.window, final)
     if checkpoint_dirs(run):
         shutil.rmtree(run / CHECKPOINTS)         # the run is complete: its state/ supersedes them

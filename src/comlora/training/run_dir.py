@@ -230,7 +230,8 @@ def check_run_dir(cfg, resume: bool) -> None:
         raise FileNotFoundError(f"--resume: {run} holds no run (config.yaml is missing)")
     given, written = cfg.to_dict(), load_yaml(config_file)
     earlier = {k: v for k, v in EARLIER_RUN_VALUES.items() if k not in written}    # what the run trained with
-    saved = {**type(cfg)().to_dict(), **earlier, **written}     # any other option newer than the run: its default
+    # any other option newer than the run: its default; options in an earlier place: where they are now (from_dict)
+    saved = type(cfg).from_dict({**earlier, **written}).to_dict()
     diff = sorted(k for k in set(saved) | set(given) if k != "out" and saved.get(k) != given.get(k))
     if diff:
         keep = "".join(f" --set {k}={v}" for k, v in earlier.items())

@@ -11,7 +11,7 @@ from transformers import Trainer
 
 from comlora.training.clipping import refuse_unsupported_clipping
 from comlora.training.hf_trainer import CompetitionObjective, ComLoraTrainerMixin
-from comlora.methods.comlora.model import ComLoraModel
+from comlora.methods.base import AdapterModel
 
 try:
     from trl import SFTTrainer
@@ -24,7 +24,7 @@ class ComLoraSFTTrainer(ComLoraTrainerMixin, SFTTrainer):
     Packing and padding-free batches are refused (the competition needs one attention mask per sample).
     ``clip_grad``: how ``args.max_grad_norm`` clips, ``"per_group"`` or ``"joint"`` (``clipping.py``)."""
 
-    def __init__(self, model: ComLoraModel, args=None, train_dataset=None, eval_dataset=None,
+    def __init__(self, model: AdapterModel, args=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, clip_grad: str = "per_group", **kwargs) -> None:
         self._start_comlora(model, eval_dataset, clip_grad)
         if args is not None and (getattr(args, "packing", False) or getattr(args, "padding_free", False)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from comlora.methods.adapter_config import AdapterConfig
 
@@ -14,11 +15,16 @@ COMPETITION_MODES = ("batched", "low_memory")
 class ComLoraConfig(AdapterConfig):
     """Configuration of competitive LoRA: K components of rank r per adapted layer, a selector, three losses."""
 
+    selects_winner: ClassVar[bool] = True
+
     num_components: int = field(default=2, metadata={"help": "K: LoRA components per adapted layer that compete."})
-    top_n: int | None = field(default=None, metadata={"help": "N of the alignment loss: the N components with the highest "
-                                                      "selector similarity (1..K); None = K (the paper's best, Table 7)."})
-    noise_alpha: float = field(default=0.1, metadata={"help": "Std of the Gaussian noise added to per-sample losses in the pairwise loss (Eq. 6)."})
-    anneal: str = field(default="exponential", metadata={"help": f"Schedule eta(t) of the alignment loss: one of {ANNEAL_SCHEDULES}."})
+    top_n: int | None = field(default=None, metadata={
+        "help": "N of the alignment loss: the N components with the highest selector similarity (1..K); None = K "
+                "(the paper's best, Table 7)."})
+    noise_alpha: float = field(default=0.1, metadata={
+        "help": "Std of the Gaussian noise added to per-sample losses in the pairwise loss (Eq. 6)."})
+    anneal: str = field(default="exponential", metadata={
+        "help": f"Schedule eta(t) of the alignment loss: one of {ANNEAL_SCHEDULES}.", "choices": ANNEAL_SCHEDULES})
     anneal_rate: float = field(default=5.0, metadata={"help": "gamma of the exponential schedule eta(t) = 1 - exp(-gamma t / T)."})
     loss_reduction: str = field(default="mean", metadata={"help": "Per-sample loss l[b,k] over target tokens: 'mean' (default) or 'sum' (Eq. 4 literally)."})
     pairwise_direction: str = field(
@@ -79,6 +85,11 @@ class ComLoraConfig(AdapterConfig):
         if self.selector_dim is not None and self.selector_dim % self.selector_heads:
             raise ValueError(f"ComLoraConfig: selector_dim={self.selector_dim} is not divisible by selector_heads={self.selector_heads}")
 
+
+    def check_processes(self, num_processes: int) -> None:
+        if self.competition == "low_memory" and num_processes > 1:
+            raise ValueError("competition='low_memory' runs its own backward passes inside autograd, which DDP cannot "
+                             "synchronise: use it with one process")
 
     # A loss term is in the objective when its switch is on AND its weight is > 0: a zero weight is the switch off.
     @property

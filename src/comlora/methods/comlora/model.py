@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,13 +14,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from comlora.data.items import IGNORE_INDEX
-from comlora.methods.base import LayerAdapterModel
+from comlora.methods.base import LayerAdapterModel, LoraWeight, WinnerReport
 from comlora.methods.comlora.config import ComLoraConfig
 from comlora.methods.comlora.export import merge_component, write_peft_adapter
 from comlora.methods.comlora.layer import ComLoraLinear
 from comlora.methods.comlora.losses import add_noise, alignment_loss, anneal_eta, pairwise_loss
 from comlora.methods.comlora.selector import LoraSelector
 from comlora.methods.losses import sequence_losses
+from comlora.storage import write_json
 
 
 @dataclass
@@ -36,22 +37,6 @@ class CompetitionOutput:
     num_target_tokens: int
 
 
-@dataclass
-class WinnerReport:
-    """Winner selection on a validation set (Eq. 11-12), plus each component's validation loss."""
-
-    winner: int
-    winner_by_similarity: int | None
-    winner_by_loss: int | None
-    similarity: list[float] | None
-    val_loss: list[float] | None
-    num_samples: int
-    decided_at_step: int | None = None     # early decision (decide_at): the step at which the winner was fixed
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 class ComLoraModel(LayerAdapterModel):
     """A frozen causal LM with K competing LoRA components per target module and a LoRA selector."""
 
@@ -59,6 +44,7 @@ class ComLoraModel(LayerAdapterModel):
     state_name = "comlora"
     mergeable = True        # the winner merges into the base weights: zero inference overhead
     labels = ("LoRA", "selector")
+    progress_keys = ("lm", "align", "pairwise", "eta")
 
     def __init__(self, model: nn.Module, config: ComLoraConfig) -> None:
         super().__init__(model, config)
@@ -120,8 +106,9 @@ class ComLoraModel(LayerAdapterModel):
         return self._mode(False, None)
 
     def _check_component(self, component: int) -> None:
-        if not isinstance(component, int) or not 0 <= component < self.config.num_components:
-            raise ValueError(f"component must be an integer in 0..{self.config.num_components - 1}, got {component!r}")
+        if component is None:
+            raise ValueError(f"component must be an integer in 0..{self.config.num_components - 1}, got None")
+        self.resolve_component(component)
 
     def _require_mode(self) -> None:
         layer = next(iter(self.adapted.values()))
@@ -310,15 +297,46 @@ class ComLoraModel(LayerAdapterModel):
         self.winner = report.winner
         return report
 
-    # ---- export / merge (comlora/export.py) ------------------------------------------------------
-    def resolve_component(self, component: int | None) -> int:
-        if component is None:
-            if self.winner is None:
-                raise ValueError("no component given and no winner selected yet: call select_winner() first "
-                                 "or pass component=k")
-            component = self.winner
-        self._check_component(component)
-        return component
+    def early_decision_step(self, total_steps: int) -> int | None:
+        """The optimizer step before which a run with ``decide_at`` fixes its winner: round(decide_at * T), at
+        least 1 (None without an early decision)."""
+        if self.config.decide_at is None:
+            return None
+        return max(1, round(self.config.decide_at * total_steps))
+
+    def on_optimizer_step(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer,
+                          validation_batches, record_dir: Path | None) -> None:
+        """The early decision (``decide_at``): at its step, select the winner on the validation set; from here on
+        only it trains (``decided_step``). Every process selects on the same weights and data, so all agree. The
+        other components' Adam momentum is zeroed: their slices get zero gradients from now on, and without this
+        their weights would keep drifting. The main process writes ``decision.json``."""
+        if step != self.early_decision_step(total_steps) or self.decided is not None:
+            return
+        report = self.select_winner(validation_batches())
+        self.decided, self.decided_at_step = report.winner, step
+        report.decided_at_step = step
+        self.train()
+        others = [k for k in range(self.config.num_components) if k != report.winner]
+        for layer in self.adapted.values():
+            for p in (layer.lora_A, layer.lora_B):
+                state = optimizer.state.get(p)
+                if state and "exp_avg" in state:
+                    state["exp_avg"][others] = 0
+        if record_dir is not None:
+            write_json(record_dir / "decision.json", report.to_dict())
+            print(f"early decision at step {step}: component {report.winner} trains alone from here "
+                  f"(similarity {report.similarity}, validation loss {report.val_loss})", file=sys.stderr)
+
+    # ---- components, export / merge (comlora/export.py) -------------------------------------------
+    def lora_weights(self, component: int | None = None) -> list[LoraWeight]:
+        """Component ``component`` (default: the winner) of every adapted layer: A_k^T [r, d_in], B_k^T [d_out, r]."""
+        k = self.resolve_component(component)
+        return [LoraWeight(name, layer.base_layer.weight, layer.lora_A[k].T, layer.lora_B[k].T, layer.scaling)
+                for name, layer in self.adapted.items()]
+
+    @property
+    def num_components(self) -> int:
+        return self.config.num_components
 
     def export_adapter(self, path: str | Path, component: int | None = None) -> Path:
         """Write component ``component`` (default: the winner) as a standard PEFT LoRA adapter."""
