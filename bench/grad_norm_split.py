@@ -8,7 +8,6 @@ components' parameters, ||g||^2 = ||g_selector||^2 + ||g_components||^2, and the
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from transformers import get_scheduler

@@ -10,21 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import VOCAB, logits, make_batch, randomise_lora_B
 from peft import PeftModel, get_peft_model_state_dict
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 from comlora import ComLoraConfig, ComLoraModel
-from comlora.methods.injection import default_target_modules
 from comlora.methods.comlora.layer import ComLoraLinear
+from comlora.methods.injection import default_target_modules
+from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.loratrf import LORATRF_DEFAULT_TARGETS, LoraTrfConfig, LoraTrfModel
 from comlora.methods.losses import lm_head_logits, sequence_losses
-from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.moelora import MoeLoraConfig, MoeLoraModel
 from comlora.methods.teamlora import TeamLoraConfig, TeamLoraModel
-
-from conftest import VOCAB, logits, make_batch, randomise_lora_B
 
 LLAMA_STYLE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)

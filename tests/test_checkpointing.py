@@ -2,14 +2,20 @@
 
 import pytest
 import torch
+from conftest import (
+    make_batch,
+    make_loratrf_config,
+    make_moelora_config,
+    make_teamlora_config,
+    make_tiny_llama,
+    randomise_lora_B,
+)
 
 from comlora import ComLoraConfig, ComLoraModel
-from comlora.methods.loratrf import LoraTrfModel
 from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
+from comlora.methods.loratrf import LoraTrfModel
 from comlora.methods.moelora import MoeLoraModel
 from comlora.methods.teamlora import TeamLoraModel
-from conftest import (make_batch, make_loratrf_config, make_moelora_config, make_teamlora_config, make_tiny_llama,
-                      randomise_lora_B)
 
 
 def comlora_config(**overrides):

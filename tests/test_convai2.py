@@ -4,9 +4,16 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from comlora.data.convai2 import convai2_examples, convai2_training_items, Dialogue, INSTRUCTION, load_convai2, split_dialogues
-from comlora.evaluation.convai2 import evaluate_convai2, first_line, markdown_table
+from comlora.data.convai2 import (
+    INSTRUCTION,
+    Dialogue,
+    convai2_examples,
+    convai2_training_items,
+    load_convai2,
+    split_dialogues,
+)
 from comlora.data.items import data_root, format_prompt, load_items
+from comlora.evaluation.convai2 import evaluate_convai2, first_line, markdown_table
 from comlora.evaluation.text_metrics import text_metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "convai2" / "dialogues.txt"

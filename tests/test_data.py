@@ -1,11 +1,10 @@
 import json
 
 import pytest
-
-from comlora.data.commonsense import build_commonsense_mini, COMMONSENSE_TASKS
-from comlora.data.items import collate, data_root, format_prompt, load_items, tokenize_item
-
 from conftest import make_tokenizer
+
+from comlora.data.commonsense import COMMONSENSE_TASKS, build_commonsense_mini
+from comlora.data.items import collate, data_root, format_prompt, load_items, tokenize_item
 
 
 def test_commonsense_mini_is_disjoint_and_deterministic(commonsense_root):

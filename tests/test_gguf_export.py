@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import make_moelora_config, make_tiny_llama, randomise_lora_B, train_args
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from comlora import ComLoraConfig, ComLoraModel
@@ -20,8 +21,6 @@ from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf, wr
 from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.moelora import MoeLoraModel
 from comlora.provenance import CARD_SECTION, base_model_record, write_model_card
-
-from conftest import make_moelora_config, make_tiny_llama, randomise_lora_B, train_args
 
 # llama.cpp's names for the transformers modules of a Llama block (llama-arch.cpp / gguf-py constants)
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import VOCAB, make_tiny_llama, randomise_lora_B
 from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -11,7 +12,6 @@ from transformers import TrainerCallback, TrainingArguments
 
 from comlora import ComLoraConfig, ComLoraModel, ComLoraTrainer
 from comlora.data.items import collate
-from conftest import VOCAB, make_tiny_llama, randomise_lora_B
 
 CONFIG = dict(num_components=2, r=4, lora_alpha=8, top_n=2, selector_heads=4, selector_ffn_dim=32,
               selector_dropout=0.0, noise_alpha=0.1, lora_dropout=0.1, seed=3)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama, option_instruction, train_args, write_commonsense_root
 
 from comlora.cli import main
 from comlora.data.items import format_prompt, tokenize_item
@@ -14,8 +15,6 @@ from comlora.data.options import parse_options
 from comlora.evaluation.commonsense import evaluate_commonsense_loglik
 from comlora.evaluation.convai2 import evaluate_convai2_loglik
 from comlora.evaluation.loglik import continuation_logliks, encode_pair, multiple_choice, shared_prefix, split_pair
-
-from conftest import make_tiny_llama, option_instruction, train_args, write_commonsense_root
 
 
 def merging_tokenizer():

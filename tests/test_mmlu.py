@@ -3,13 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from comlora.data.items import data_root, format_prompt as alpaca_prompt, load_items
-from comlora.data.mmlu import CATEGORIES, format_prompt, LETTERS, load_mmlu, mmlu_training_items, SUBJECT_CATEGORIES
+from comlora.data.items import data_root, load_items
+from comlora.data.items import format_prompt as alpaca_prompt
+from comlora.data.mmlu import CATEGORIES, LETTERS, SUBJECT_CATEGORIES, format_prompt, load_mmlu, mmlu_training_items
 from comlora.evaluation.mmlu import aggregate, evaluate_mmlu, extract_letter, letter_logprobs, markdown_table
-
-from conftest import make_tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -5,13 +5,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from comlora import ComLoraConfig, ComLoraModel
 from comlora.methods.comlora.layer import ComLoraLinear
-
-from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 

@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
-from comlora.methods.registry import method_config
-from comlora.methods.moelora import MoeLoraLinear, MoeLoraModel, expert_contrastive_loss, load_balancing_loss
-from comlora.training.config import TrainConfig
-
 from conftest import RELATED_TARGETS as TARGETS
 from conftest import make_batch, make_tiny_llama, randomise_lora_B
 from conftest import make_moelora_config as make_config
+from torch import nn
+
+from comlora.methods.moelora import MoeLoraLinear, MoeLoraModel, expert_contrastive_loss, load_balancing_loss
+from comlora.methods.registry import method_config
+from comlora.training.config import TrainConfig
 
 
 def reference_moe_layer(layer, x, top_k):

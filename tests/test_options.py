@@ -3,14 +3,13 @@
 import json
 
 import pytest
+from conftest import make_tokenizer, option_instruction, write_commonsense_root
 
 from comlora.data.commonsense import COMMONSENSE_TASKS
 from comlora.data.items import IGNORE_INDEX, data_root, format_prompt, load_items, tokenize_item
-from comlora.data.options import item_options, parse_options, text_answer_item
+from comlora.data.options import item_options, parse_options
 from comlora.training.config import TrainConfig
 from comlora.training.data import training_items
-
-from conftest import make_tokenizer, option_instruction, write_commonsense_root
 
 TEST_SIZES = {"boolq": 3270, "piqa": 1838, "social_i_qa": 1954, "hellaswag": 10042, "winogrande": 1267,
               "ARC-Challenge": 1172, "ARC-Easy": 2376, "openbookqa": 500}

@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 
 from comlora import ComLoraConfig, ComLoraModel
-from comlora.cli import main
 from comlora.base_models import load_model_and_tokenizer
+from comlora.cli import main
 
 pytest.importorskip("bitsandbytes")
 
@@ -146,8 +146,8 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path, tiny_model
 # ---- bitsandbytes' AVX512-BF16 CPU path: repacked weights (issue 25, item 1) --------------------------------------
 def repackable_model_dir(tmp_path):
     """A tiny Llama whose linear layers fit bitsandbytes' CPU repacking (d_out % 32 == 0, d_in % 64 == 0)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     from conftest import TINY_TEXT_VOCAB, make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=TINY_TEXT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -19,9 +19,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from comlora.cli import main
-from comlora.training.run_dir import COMPLETE_FILE, LOCK_FILE, RunLock, RunLocked, open_run_dir
 from comlora.storage import read_json, write_json, write_text
 from comlora.training.config import TrainConfig
+from comlora.training.run_dir import COMPLETE_FILE, LOCK_FILE, RunLock, RunLocked, open_run_dir
 
 # A child `comlora` process that kills itself with SIGKILL just before the KILL_AT-th commit point inside the run
 # directory (an os.replace / os.rename whose target is under RUN: each atomic file, each folder, the completion
@@ -231,7 +231,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 def test_a_full_disk_stops_with_one_line_and_the_run_resumes_to_the_same_bits(tiny, tmp_path, capsys, monkeypatch,
                                                                                where):
     """ENOSPC from the writer of safetensors files inside the first checkpoint, or inside the final save."""
-    import safetensors.torch               # what comlora.storage.write_safetensors calls
+    import safetensors.torch  # what comlora.storage.write_safetensors calls
 
     model_dir, data, reference = tiny
     real_save = safetensors.torch.save_file
@@ -275,9 +275,9 @@ CHECKPOINT_DAMAGE = {
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tiny, tmp_path, capsys):
     """Each kind of damage to the newest checkpoint, at the loading level (what is restored, what is said); one of
     them end to end (the resumed run bitwise equal); every checkpoint damaged: training starts again from 0."""
+    from comlora.base_models import load_model_and_tokenizer
     from comlora.cli import build_parser, train_config_from_args
     from comlora.methods.registry import build_method
-    from comlora.base_models import load_model_and_tokenizer
     from comlora.training.checkpoints import resume_from_checkpoint, trainable_tensors
     from comlora.training.loop import train
 
@@ -544,6 +544,7 @@ def test_written_files_get_the_mode_of_a_plain_open(tiny, tmp_path):
     gives it, and every folder 0777 less the umask."""
     from conftest import train_args as short_run_args
     from safetensors.torch import save_file as library_save_file
+
     from comlora.storage import write_safetensors
 
     model_dir, data, _ = tiny

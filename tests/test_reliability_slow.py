@@ -14,10 +14,10 @@ import time
 
 import pytest
 import yaml
+from test_reliability import SRC, assert_same_run, commit_points, one_thread, train_args  # noqa: F401
 
 from comlora.cli import main
 from comlora.training.run_dir import COMPLETE_FILE
-from test_reliability import SRC, assert_same_run, commit_points, one_thread, train_args  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

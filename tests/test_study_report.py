@@ -13,17 +13,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_text_model, write_commonsense_root
 
 import comlora.study.runner as study_module
 from comlora.cli import main
-from comlora.study.runner import run_study
 from comlora.study.cells import p_text
 from comlora.study.comparisons import Paired, loss_comparison
-from comlora.study.records import (TASKS, RecordedRun, answer_habits, fixed_answer_accuracy, load_paper,
-                                   uniform_choice_accuracy)
+from comlora.study.records import (
+    TASKS,
+    RecordedRun,
+    answer_habits,
+    fixed_answer_accuracy,
+    load_paper,
+    uniform_choice_accuracy,
+)
 from comlora.study.report import write_report
+from comlora.study.runner import run_study
 from comlora.study.statistics import at_least_k_successes, block_bootstrap, paired_bootstrap, sign_test
-from conftest import make_tiny_text_model, write_commonsense_root
 
 PAPER = "experiments/study/paper-numbers.json"
 

@@ -8,15 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
+from conftest import make_teamlora_config as make_config
 from torch import nn
 
 from comlora.methods.registry import method_config
 from comlora.methods.teamlora import TeamLoraConfig, TeamLoraLinear, TeamLoraModel
 from comlora.training.config import TrainConfig
-
-from conftest import make_teamlora_config as make_config
-from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
-
 
 ACTIVATIONS = {"relu": lambda v: max(v, 0.0), "tanh": math.tanh,
                "gelu": lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))), "silu": lambda v: v / (1 + math.exp(-v))}

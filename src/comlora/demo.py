@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
+from comlora.base_models import load_model_and_tokenizer
 from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.items import data_root
 from comlora.evaluation.commonsense import evaluate_commonsense, markdown_table
 from comlora.evaluation.results import write_results
-from comlora.base_models import load_model_and_tokenizer
 from comlora.plots import plot_loss_curves
 from comlora.storage import read_json, write_json, write_text
 from comlora.training.config import TrainConfig, load_yaml
-from comlora.training.runs import reload_method
 from comlora.training.loop import train
+from comlora.training.runs import reload_method
 
 
 def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments")) -> dict:

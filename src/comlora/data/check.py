@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from comlora.data.commonsense import COMMONSENSE_TASKS
-from comlora.data.items import load_items
 from comlora.data.convai2 import CONVAI2_FILE, load_convai2
-from comlora.data.mmlu import load_mmlu, SUBJECT_CATEGORIES
+from comlora.data.items import load_items
+from comlora.data.mmlu import SUBJECT_CATEGORIES, load_mmlu
 
 LLM_ADAPTERS_FIELDS = ("instruction", "input", "output", "answer")
 MMLU_SUBJECTS = sorted(SUBJECT_CATEGORIES)

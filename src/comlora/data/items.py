@@ -92,7 +92,7 @@ def tokenize_item(tokenizer, item: dict, cutoff_len: int, train_on_inputs: bool 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding gets attention 0 and label -100."""
-    import torch          # here, not at the top: the command line's options load this module
+    import torch  # here, not at the top: the command line's options load this module
 
     length = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": [], "attention_mask": [], "labels": []}

@@ -59,7 +59,7 @@ def evaluate_convai2_loglik(model, tokenizer, examples: list[dict], batch_size: 
     """Per turn, the gold reply's summed NLL -sum_t log p(y_t | prompt, y_<t) over its ``tokens`` (EOS included)
     after the Alpaca prompt; ``nll_per_token`` = sum of NLLs / sum of tokens over the turns, ``perplexity`` = its
     exp."""
-    from comlora.evaluation.loglik import continuation_logliks, pad_token_id   # imports torch
+    from comlora.evaluation.loglik import continuation_logliks, pad_token_id  # imports torch
     started = time.perf_counter()
     prompts = [format_prompt({"instruction": ex["prompt"], "input": ""}) for ex in examples]
     pairs = [response_pair(tokenizer, prompt, ex["response"]) for prompt, ex in zip(prompts, examples)]

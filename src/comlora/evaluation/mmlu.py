@@ -13,8 +13,16 @@ from tqdm.auto import tqdm
 
 from comlora import markdown
 from comlora.data.items import format_prompt as alpaca_prompt
-from comlora.data.mmlu import (ANSWER_PREFIX, CATEGORIES, LETTERS, SUBJECT_CATEGORIES, UNCATEGORIZED, format_prompt,
-                               load_mmlu, mmlu_training_item)
+from comlora.data.mmlu import (
+    ANSWER_PREFIX,
+    CATEGORIES,
+    LETTERS,
+    SUBJECT_CATEGORIES,
+    UNCATEGORIZED,
+    format_prompt,
+    load_mmlu,
+    mmlu_training_item,
+)
 from comlora.evaluation.generation import generate_texts
 from comlora.evaluation.settings import EvalSettings, option
 
@@ -49,7 +57,7 @@ def _continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[
 
 def _last_logprobs(model, sequences: list[list[int]], keep: int, pad_id: int) -> torch.Tensor:
     """Log-softmax over the vocabulary at the last ``keep`` positions of each left-padded sequence."""
-    import torch          # here, not at the top: the command line's options load this module (comlora eval --help)
+    import torch  # here, not at the top: the command line's options load this module (comlora eval --help)
 
     device = next(model.parameters()).device
     length = max(len(s) for s in sequences)

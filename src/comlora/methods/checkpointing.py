@@ -8,7 +8,7 @@ base with trainable adapters inside its layers gets the same gradients as withou
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

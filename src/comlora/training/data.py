@@ -12,7 +12,6 @@ from comlora.data.mmlu import mmlu_training_items
 from comlora.data.options import text_answer_item
 from comlora.training.config import TrainConfig
 
-
 ROOT_DATA = ("commonsense-mini", "convai2", "mmlu", "mmlu:dev", "mmlu:test")    # read from the data root
 
 
@@ -83,7 +82,7 @@ def _training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
         items = load_items(cfg.data)
     if cfg.val_size >= len(items):
         raise ValueError(f"{cfg.data}: {len(items)} items cannot hold out val_size={cfg.val_size} for validation")
-    import torch          # here, not at the top: the command line checks the data before torch loads
+    import torch  # here, not at the top: the command line checks the data before torch loads
 
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
     return [items[i] for i in order[cfg.val_size:]], [items[i] for i in order[:cfg.val_size]]
