@@ -140,7 +140,7 @@ def test_training_arguments_bf16_runs_the_forward_in_bfloat16(tmp_path):
     for name, options in (("fp32", {}), ("bf16", {"bf16": True})):
         cm = comlora_model()
         dtypes = set()
-        cm.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+        cm.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out, dtypes=dtypes: dtypes.add(out.dtype))
         trainer = ComLoraTrainer(model=cm, args=arguments(tmp_path / name, max_steps=2, **options),
                                  train_dataset=train_set, eval_dataset=val_set)
         trainer.train()

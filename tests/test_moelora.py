@@ -270,7 +270,7 @@ def test_training_with_the_contrastive_loss_makes_the_experts_more_distinct():
             optimizer.step()
             curve.append((parts["lm"], parts["contrastive"]))
         curves[weight] = curve
-    for weight, curve in curves.items():
+    for curve in curves.values():
         assert curve[-1][0] < curve[0][0] - 0.05                              # the LM loss falls either way
         assert curve[1][1] > 10                                               # the experts start alike
     assert curves[0.1][-1][1] < curves[0.1][1][1] - 5                          # pulled apart with the loss on ...

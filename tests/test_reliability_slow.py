@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread):
+def tiny(tmp_path_factory):
     from conftest import make_tiny_text_model, write_commonsense_root
 
     root = tmp_path_factory.mktemp("reliability-slow")

@@ -602,7 +602,7 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
 
     checks = {row[1]: row for row in table_rows(text, "| run | seed | K | winner |")}
     assert set(checks) == {"0", "1", "2"}
-    for seed, row in checks.items():
+    for row in checks.values():
         assert row[0] == "ComLoRA (2, 8)" and row[2:6] == ["2", "1", "1", "0"] and row[6] == "1"
         assert row[7] == "yes" and row[8] == "no" and row[10] == "yes"
     assert "(3 runs of 1 experiment; the ablations' components, where evaluated, are shown in Table 10 but not " \

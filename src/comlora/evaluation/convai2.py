@@ -41,8 +41,8 @@ def evaluate_convai2(model, tokenizer, examples: list[dict], num_beams: int = 1,
     items = [{"dialogue": ex.get("dialogue"), "turn": ex.get("turn"), "response": ex["response"],
               "generation": g, "prediction": p} for ex, g, p in zip(examples, generations, predictions)]
     settings = {"scoring": "generate", "num_beams": num_beams, "length_penalty": length_penalty,
-                "no_repeat_ngram_size": no_repeat_ngram_size, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                "bertscore": bertscore}
+                "no_repeat_ngram_size": no_repeat_ngram_size, "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size, "bertscore": bertscore}
     return {"settings": settings, "n": len(items), "metrics": metrics, "items": items,
             "seconds": time.perf_counter() - started}
 

@@ -107,7 +107,8 @@ def letter_logprobs(model, tokenizer, contexts: list[str], batch_size: int = 8, 
             scores.extend(flat[i:i + len(LETTERS)] for i in range(0, len(flat), len(LETTERS)))
         if progress is not None:
             progress(len(chunk))
-    tokens = {letter: tokenizer.convert_ids_to_tokens(cont) for letter, (_, cont) in zip(LETTERS, encoded[0])} if encoded else {}
+    tokens = ({letter: tokenizer.convert_ids_to_tokens(cont) for letter, (_, cont) in zip(LETTERS, encoded[0])}
+              if encoded else {})
     return scores, {"continuation_tokens": tokens, "single_token": single, "truncated": truncated}
 
 
@@ -179,7 +180,8 @@ def evaluate_mmlu(model, tokenizer, items: list[dict], shots_per_subject: int = 
     settings = {"mode": mode, "prompt_style": prompt_style, "shots_per_subject": shots_per_subject,
                 "batch_size": batch_size, "max_new_tokens": max_new_tokens if mode == "generate" else None,
                 "max_length": max_length if mode == "logits" else None}
-    rows = [{"subject": item["subject"], "index": item.get("index"), "answer": LETTERS[item["answer"]]} for item in items]
+    rows = [{"subject": item["subject"], "index": item.get("index"), "answer": LETTERS[item["answer"]]}
+            for item in items]
     with tqdm(total=len(items), desc=f"mmlu ({mode})", dynamic_ncols=True) as bar:
         if mode == "logits":
             contexts = prompts if prompt_style == "harness" else [p + ANSWER_PREFIX for p in prompts]

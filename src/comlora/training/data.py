@@ -69,7 +69,8 @@ def subset(items: list[dict], size: int, seed: int, source: str) -> list[dict]:
 def _training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     root = lambda: data_root(cfg.data_root)  # noqa: E731
     if cfg.data == "commonsense-mini":
-        suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size, cfg.split_seed)
+        suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size,
+                                       cfg.split_seed)
         return suite.train, suite.validation
     if cfg.data == "convai2":
         splits = split_dialogues(load_convai2(root() / CONVAI2_FILE), seed=cfg.split_seed)
