@@ -279,6 +279,7 @@ def test_hendrycks_release_format_without_header_and_with_letter_answers(tmp_pat
     for split in ("test", "dev"):
         assert load_mmlu(tmp_path, split) == load_mmlu(FIXTURES, split)
     bad = tmp_path / "mmlu" / "test" / "anatomy_test.csv"
-    bad.write_text("Where is the patella?,Knee,Elbow,Skull,Hip,A\nWhat is the femur?,A bone,A muscle,A nerve,An organ,E\n")
+    bad.write_text("Where is the patella?,Knee,Elbow,Skull,Hip,A\n"
+                   "What is the femur?,A bone,A muscle,A nerve,An organ,E\n")
     with pytest.raises(ValueError, match=f"{bad}:2: field 'answer' must be A, B, C or D, got 'E'"):
         load_mmlu(tmp_path, "test")

@@ -73,8 +73,8 @@ def test_unparsable_options_are_clear_errors(instruction, message):
 
 
 def test_gold_label_outside_the_options_names_the_item():
-    item = {"instruction": option_instruction("winogrande", "q?", ["a", "b"]), "answer": "option3", "task": "winogrande",
-            "index": 7}
+    item = {"instruction": option_instruction("winogrande", "q?", ["a", "b"]), "answer": "option3",
+            "task": "winogrande", "index": 7}
     with pytest.raises(ValueError, match="winogrande 7: .*'option3' is none of the item's labels option1/option2"):
         item_options(item)
 
@@ -102,8 +102,9 @@ def test_text_answer_format_trains_on_the_correct_option(tmp_path):
 
 def test_text_answer_format_of_a_json_file_and_its_errors(tmp_path):
     path = tmp_path / "items.json"
-    path.write_text(json.dumps([{"instruction": option_instruction("piqa", f"q{i}?", [f"s{i}a", f"s{i}b"]), "input": "",
-                                 "output": "the correct answer is solution2", "answer": "solution2"} for i in range(5)]))
+    path.write_text(json.dumps([{"instruction": option_instruction("piqa", f"q{i}?", [f"s{i}a", f"s{i}b"]),
+                                 "input": "", "output": "the correct answer is solution2", "answer": "solution2"}
+                                for i in range(5)]))
     train, validation = training_items(TrainConfig(data=str(path), val_size=2, answer_format="text"))
     assert sorted(i["output"] for i in train + validation) == [f"s{i}b" for i in range(5)]
     path.write_text(json.dumps([{"instruction": "no options here", "output": "x", "answer": "x"}] * 3))
@@ -112,5 +113,6 @@ def test_text_answer_format_of_a_json_file_and_its_errors(tmp_path):
     with pytest.raises(ValueError, match="answer_format must be one of label, text, got 'letters'"):
         TrainConfig(answer_format="letters")
     for data in ("convai2", "mmlu", "mmlu:test"):
-        with pytest.raises(ValueError, match=f"answer_format text applies to commonsense items .* not to data '{data}'"):
+        with pytest.raises(ValueError,
+                           match=f"answer_format text applies to commonsense items .* not to data '{data}'"):
             TrainConfig(data=data, answer_format="text")

@@ -135,11 +135,13 @@ def test_the_card_of_a_4bit_run_names_the_4bit_base_and_its_config_gives_the_tra
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path, tiny_model_dir, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install 'comlora\[qlora\]'"):
         load_model_and_tokenizer(str(tiny_model_dir), device="cpu", load_in_4bit=True)
     with pytest.raises(SystemExit):
-        main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--load-in-8bit", "--out", str(tmp_path / "r")])
+        main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--load-in-8bit",
+              "--out", str(tmp_path / "r")])
     assert "error: a 4-bit or 8-bit base needs bitsandbytes" in capsys.readouterr().err
 
 

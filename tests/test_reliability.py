@@ -331,9 +331,11 @@ def test_a_checkpoint_of_another_method_is_refused_untouched(tiny, tmp_path, cap
     before = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     message = cli_error(lora(foreign, "--resume"), capsys)
     assert "step-00000002 does not match this run's method" in message and "lora_C" in message
-    assert f"Nothing was changed: resume with the version that wrote it, or move {foreign / 'checkpoints'} away" in message
+    assert (f"Nothing was changed: resume with the version that wrote it, or move {foreign / 'checkpoints'} away"
+            in message)
     assert {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
-    save_file({k.replace("lora_C", "lora_A"): v[..., :1].contiguous() if "lora_C" in k else v   # the names, another shape
+    # the names, another shape
+    save_file({k.replace("lora_C", "lora_A"): v[..., :1].contiguous() if "lora_C" in k else v
                for k, v in load_file(str(trainable)).items()}, str(trainable))
     before = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     message = cli_error(lora(foreign, "--resume"), capsys)
@@ -419,7 +421,8 @@ def test_a_peft_adapter_that_disagrees_with_its_weights_or_its_base_is_refused(t
         (edit_config(target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "o_proj"]),
          "missing base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"),
         (edit_config(r=10**9), "this model expects [1000000000, 32]"),
-        (lambda p: truncate(p / "adapter_model.safetensors"), "adapter_model.safetensors: not a valid safetensors file"),
+        (lambda p: truncate(p / "adapter_model.safetensors"),
+         "adapter_model.safetensors: not a valid safetensors file"),
         (lambda p: truncate(p / "adapter_config.json"), "adapter_config.json: not valid JSON"),
         (lambda p: (p / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
     ]
