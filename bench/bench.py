@@ -85,7 +85,8 @@ def training_step_fn(variant: str, model, batch: dict):
     if variant == "peft-lora":
         from peft import LoraConfig, get_peft_model
 
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                      task_type="CAUSAL_LM"))
         loss_fn = lambda step: peft_model(**batch).loss  # noqa: E731  (what a PEFT user writes)
         params = [p for p in peft_model.parameters() if p.requires_grad]
     elif variant.startswith(("moelora", "teamlora")):
@@ -217,7 +218,8 @@ def summarize(results: list[dict]) -> dict:
             seconds = statistics.median(s for r in runs for s in r["seconds"])
             table[variant] = {"seconds_per_step": seconds, "tokens_per_s": runs[0]["tokens"] / seconds,
                               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                              "step_rss_mb": max(r["peak_rss_during_steps_mb"] - r["resident_before_steps_mb"] for r in runs)}
+                              "step_rss_mb": max(r["peak_rss_during_steps_mb"] - r["resident_before_steps_mb"]
+                                                 for r in runs)}
         else:
             score = statistics.median(s for r in runs for s in r["score_seconds"])
             gen = statistics.median(s for r in runs for s in r["generate_seconds"])
@@ -243,7 +245,8 @@ def ratios(t: dict) -> list[tuple[str, float, str]]:
               ("low-memory K=4 / batched K=4 step", lambda: s("comlora-k4-lowmem") / s("comlora-k4"), "(report)"),
               ("K=4 step, freed memory kept / glibc default", lambda: s("comlora-k4") / s("comlora-k4-system-malloc"),
                "(report)"),
-              ("low-memory K=4 / batched K=4 step memory", lambda: m("comlora-k4-lowmem") / m("comlora-k4"), "(report)"),
+              ("low-memory K=4 / batched K=4 step memory", lambda: m("comlora-k4-lowmem") / m("comlora-k4"),
+               "(report)"),
               ("batched K=4 / (4 x PEFT LoRA) step memory", lambda: m("comlora-k4") / (4 * m("peft-lora")), "<= 1"),
               ("checkpointed K=2 / K=2 step", lambda: s("comlora-k2-checkpointing") / s("comlora-k2"), "<= 1.4"),
               ("checkpointed K=2 / K=2 step memory", lambda: m("comlora-k2-checkpointing") / m("comlora-k2"), "<= 0.5"),
@@ -269,10 +272,11 @@ def markdown(table: dict, rows: list, command: str, machine: dict) -> str:
              "| variant | s/step or s/call | tokens/s | peak RSS MB | step RSS MB |", "|---|---|---|---|---|"]
     for variant, v in table.items():
         if variant.startswith("train:"):
-            lines.append(f"| {variant} | {v['seconds_per_step']:.3f} | {v['tokens_per_s']:.0f} | {v['peak_rss_mb']:.0f} | "
-                         f"{v['step_rss_mb']:.0f} |")
+            lines.append(f"| {variant} | {v['seconds_per_step']:.3f} | {v['tokens_per_s']:.0f} | "
+                         f"{v['peak_rss_mb']:.0f} | {v['step_rss_mb']:.0f} |")
         else:
-            lines.append(f"| {variant} score | {v['score_seconds']:.3f} | {v['score_tokens_per_s']:.0f} | {v['peak_rss_mb']:.0f} | |")
+            lines.append(f"| {variant} score | {v['score_seconds']:.3f} | {v['score_tokens_per_s']:.0f} | "
+                         f"{v['peak_rss_mb']:.0f} | |")
             lines.append(f"| {variant} generate | {v['generate_seconds']:.3f} | {v['generate_tokens_per_s']:.1f} | | |")
     lines += ["", "| ratio | measured | target |", "|---|---|---|"]
     lines += [f"| {what} | {value:.3f} | {target} |" for what, value, target in rows]
@@ -283,14 +287,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=list(SIZES), default="quick")
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (each variant once per round).")
-    parser.add_argument("--steps", type=int, default=3, help="Timed training steps per variant per round (inference: twice as many calls).")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="Timed training steps per variant per round (inference: twice as many calls).")
     parser.add_argument("--across-runs", action="store_true",
                         help="Only table the ratios of every recorded run of --mode (bench/results) side by side.")
     parser.add_argument("--variants", type=lambda v: v.split(","),
-                        help="Only these variants (comma-separated, e.g. train:comlora-k2,train:comlora-k2-checkpointing): "
-                             "a partial run, recorded as bench/results/*-MODE-partial.json, never written into the doc.")
+                        help="Only these variants (comma-separated, e.g. "
+                             "train:comlora-k2,train:comlora-k2-checkpointing): a partial run, recorded as "
+                             "bench/results/*-MODE-partial.json, never written into the doc.")
     parser.add_argument("--no-doc", action="store_true",
-                        help="Record the run in bench/results but leave docs/performance.md as it is (e.g. on a busy machine).")
+                        help="Record the run in bench/results but leave docs/performance.md as it is "
+                             "(e.g. on a busy machine).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -326,7 +333,8 @@ def main() -> None:
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
     suffix = "-partial" if args.variants else ""
-    path = out_dir / f"{time.strftime('%Y-%m-%d-%H%M')}-{platform.machine()}-{torch.get_num_threads()}cpu-{args.mode}{suffix}.json"
+    path = out_dir / (f"{time.strftime('%Y-%m-%d-%H%M')}-{platform.machine()}-{torch.get_num_threads()}cpu-"
+                      f"{args.mode}{suffix}.json")
     path.write_text(json.dumps({"command": command, "machine": machine, "summary": table,
                                 "ratios": [{"what": w, "value": v, "target": t} for w, v, t in rows],
                                 "raw": results, "markdown": report}, indent=2) + "\n")
@@ -338,15 +346,18 @@ def main() -> None:
 
 
 def across_runs(mode: str) -> str:
-    """Markdown: one column per recorded run of ``mode``, one row per ratio (how much the machine's noise moves them)."""
+    """Markdown: one column per recorded run of ``mode``, one row per ratio (how much the machine's noise moves
+    them)."""
     files = sorted((Path(__file__).parent / "results").glob(f"*-{mode}.json"))
     runs = [json.loads(f.read_text()) for f in files]
     names = [f.name.split("-x86")[0].split("-aarch")[0] for f in files]
-    lines = [f"Command: `python bench/bench.py --mode {mode} --across-runs` over {', '.join(f'`{f.name}`' for f in files)}",
+    lines = [f"Command: `python bench/bench.py --mode {mode} --across-runs` over "
+             f"{', '.join(f'`{f.name}`' for f in files)}",
              "", "| ratio | target | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(runs)]
     for row in runs[-1]["ratios"]:
         measured = [{r["what"]: r["value"] for r in run["ratios"]}.get(row["what"]) for run in runs]
-        if row["what"].endswith("step memory"):  # earlier runs measured step memory in a way retained memory invalidates
+        # earlier runs measured step memory in a way retained memory invalidates
+        if row["what"].endswith("step memory"):
             measured = [v if any("resident_before_steps_mb" in r for r in run["raw"]) else None
                         for v, run in zip(measured, runs)]
         values = ["-" if v is None else f"{v:.3f}" for v in measured]

@@ -8,7 +8,6 @@ components' parameters, ||g||^2 = ||g_selector||^2 + ||g_components||^2, and the
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from transformers import get_scheduler
@@ -50,7 +49,8 @@ def main() -> None:
     if args.steps > min(total, len(examples) // (cfg.batch_size * cfg.grad_accum)):
         sys.exit(f"--steps {args.steps}: the run has {total} steps, and this script covers the first epoch only")
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
-    batches = micro_batches([len(e["input_ids"]) for e in examples], cfg.batch_size, 1, 0, cfg.seed, 0, cfg.group_by_length)
+    batches = micro_batches([len(e["input_ids"]) for e in examples], cfg.batch_size, 1, 0, cfg.seed, 0,
+                            cfg.group_by_length)
     print(f"python bench/grad_norm_split.py --experiment {args.experiment} --seed {args.seed} --steps {args.steps}"
           + (f" --clip-grad {args.clip_grad}" if args.clip_grad else ""))
     print(f"{exp.label}: {sum(p.numel() for p in groups['router'])} selector and "

@@ -43,7 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=str(cache_dir() / "test-runs" / "gguf-demo-comlora"), help="A ComLoRA run.")
     parser.add_argument("--items-per-task", type=int, default=5, help="Evaluation items per task (8 tasks).")
-    parser.add_argument("--rounds", type=int, default=3, help="Rounds; each backend evaluates every item once per round.")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Rounds; each backend evaluates every item once per round.")
     parser.add_argument("--no-doc", action="store_true", help="Do not update docs/performance.md.")
     args = parser.parse_args()
 
@@ -91,16 +92,19 @@ def main() -> None:
               "items_per_second": {n: items / s for n, s in median.items()},
               "speed_vs_transformers": {n: median["transformers"] / median[n] for n in median},
               "accuracy": {n: r["average"] for n, r in results.items()},
-              "same_prediction_as_transformers": {n: statistics.mean(a == b for a, b in zip(predictions["transformers"], p))
-                                                  for n, p in predictions.items()},
-              "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}}
+              "same_prediction_as_transformers": {
+                  n: statistics.mean(a == b for a, b in zip(predictions["transformers"], p))
+                  for n, p in predictions.items()},
+              "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
+                          "torch": torch.__version__}}
     report = "\n".join([
         f"Command: `{command}` ({items} commonsense-mini items of the demo-trained ComLoRA winner, greedy, "
         f"{MAX_NEW_TOKENS} new tokens, {THREADS} threads, {args.rounds} rounds in rotating order; median seconds).", "",
         "| backend | seconds (median) | items/s | speed vs transformers | accuracy | same prediction as transformers |",
         "|---|---|---|---|---|---|",
         *[f"| {n} | {median[n]:.1f} | {items / median[n]:.2f} | {record['speed_vs_transformers'][n]:.2f}x | "
-          f"{results[n]['average']:.1f} | {100 * record['same_prediction_as_transformers'][n]:.1f}% |" for n in seconds]])
+          f"{results[n]['average']:.1f} | {100 * record['same_prediction_as_transformers'][n]:.1f}% |"
+          for n in seconds]])
     print(report)
     out = ROOT / "bench" / "results" / f"llama-cpp-speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import comlora, load_base, make_batch  # noqa: E402
-
 from comlora.cpu_memory import retain_freed_memory  # noqa: E402
 
 

@@ -12,7 +12,6 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import comlora, load_base, make_batch  # noqa: E402
-
 from comlora.cpu_memory import retain_freed_memory  # noqa: E402
 
 
@@ -21,7 +20,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["quick", "full"], default="full")
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--rows", type=int, default=20)
-    parser.add_argument("--system-malloc", action="store_true", help="Keep glibc's defaults (as --no-retain-cpu-memory).")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="Keep glibc's defaults (as --no-retain-cpu-memory).")
     args = parser.parse_args()
     if not args.system_malloc:
         retain_freed_memory()                          # as `comlora train` on a CPU
@@ -40,7 +40,8 @@ def main() -> None:
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    print(f"python bench/profile_step.py --mode {args.mode} --k {args.k}" + (" --system-malloc" if args.system_malloc else ""))
+    print(f"python bench/profile_step.py --mode {args.mode} --k {args.k}"
+          + (" --system-malloc" if args.system_malloc else ""))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="Base model to evaluate (ignored with --run).")
     parser.add_argument("--run", help="A run directory: evaluate its winner (ComLoRA) or its adapter.")
     parser.add_argument("--items-per-task", type=int, default=100, help="Evaluation items per task (8 tasks).")
-    parser.add_argument("--rounds", type=int, default=1, help="Rounds; each protocol evaluates every item once per round.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Rounds; each protocol evaluates every item once per round.")
     parser.add_argument("--protocols", default="greedy16,loglik", help="Comma-separated: greedy16, beam4, loglik.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads.")
     parser.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call / per loglik pass.")
@@ -90,7 +91,8 @@ def main() -> None:
             print(f"round {round_index + 1} {protocol}: {seconds[protocol][-1]:.1f} s", file=sys.stderr)
 
     median = {p: statistics.median(s) for p, s in seconds.items()}
-    score = {p: (f"acc {r['acc']:.1f}, acc_norm {r['acc_norm']:.1f}" if p == "loglik" else f"accuracy {r['average']:.1f}")
+    score = {p: (f"acc {r['acc']:.1f}, acc_norm {r['acc_norm']:.1f}" if p == "loglik"
+                 else f"accuracy {r['average']:.1f}")
              for p, r in results.items()}
     command = " ".join(["python bench/scoring_speed.py", *sys.argv[1:]])
     record = {"command": command, "model": label, "items": items, "rounds": args.rounds, "threads": args.threads,

@@ -117,7 +117,8 @@ def tiny_model_dir(tmp_path):
 
 
 TASK_ANSWERS = {"boolq": ["true", "false"], "piqa": ["solution1", "solution2"],
-                "social_i_qa": ["answer1", "answer2", "answer3"], "hellaswag": ["ending1", "ending2", "ending3", "ending4"],
+                "social_i_qa": ["answer1", "answer2", "answer3"],
+                "hellaswag": ["ending1", "ending2", "ending3", "ending4"],
                 "winogrande": ["option1", "option2"], "ARC-Challenge": ["answer1", "answer2", "answer3", "answer4"],
                 "ARC-Easy": ["answer1", "answer2", "answer3", "answer4"],
                 "openbookqa": ["answer1", "answer2", "answer3", "answer4"]}

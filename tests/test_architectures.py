@@ -10,21 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import VOCAB, logits, make_batch, randomise_lora_B
 from peft import PeftModel, get_peft_model_state_dict
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 from comlora import ComLoraConfig, ComLoraModel
-from comlora.methods.injection import default_target_modules
 from comlora.methods.comlora.layer import ComLoraLinear
+from comlora.methods.injection import default_target_modules
+from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.loratrf import LORATRF_DEFAULT_TARGETS, LoraTrfConfig, LoraTrfModel
 from comlora.methods.losses import lm_head_logits, sequence_losses
-from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.moelora import MoeLoraConfig, MoeLoraModel
 from comlora.methods.teamlora import TeamLoraConfig, TeamLoraModel
-
-from conftest import VOCAB, logits, make_batch, randomise_lora_B
 
 LLAMA_STYLE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -36,7 +35,8 @@ ARCHITECTURES = {
     "Mistral": ("MistralConfig", "MistralForCausalLM", LLAMA_STYLE),
     "Phi-3": ("Phi3Config", "Phi3ForCausalLM", LLAMA_STYLE),
     "Gemma-2": ("Gemma2Config", "Gemma2ForCausalLM", dict(LLAMA_STYLE, head_dim=8, final_logit_softcapping=2.0)),
-    "Gemma-3 (text)": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(LLAMA_STYLE, head_dim=8, final_logit_softcapping=2.0)),
+    "Gemma-3 (text)": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                       dict(LLAMA_STYLE, head_dim=8, final_logit_softcapping=2.0)),
     "Cohere": ("CohereConfig", "CohereForCausalLM", dict(LLAMA_STYLE, logit_scale=0.5)),
     "GPT-2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -212,7 +212,8 @@ def test_a_model_type_without_a_default_lists_its_linear_layers():
                                            num_attention_heads=4, num_key_value_heads=2)
     model = transformers.Starcoder2ForCausalLM(config)
     listing = r"'c_fc', 'c_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'v_proj'"
-    with pytest.raises(ValueError, match=r"no default target_modules for Starcoder2ForCausalLM.*'starcoder2'.*" + listing):
+    with pytest.raises(ValueError,
+                       match=r"no default target_modules for Starcoder2ForCausalLM.*'starcoder2'.*" + listing):
         ComLoraModel(model, comlora_config())
     with pytest.raises(ValueError, match=r"no default target_modules.*" + listing):
         LoraTrfModel(model, LoraTrfConfig())
@@ -246,14 +247,16 @@ def test_conv1d_component_matches_a_float64_recomputation():
 
 def architecture_table() -> str:
     """docs/architecture.md's table of architectures and default targets, from the code's own resolution."""
-    rows = ["| architecture (tested) | model_type | layers | ComLoRA, LoRA, DoRA, MoELoRA, TeamLoRA | LoRATRF | logits |",
+    rows = ["| architecture (tested) | model_type | layers | ComLoRA, LoRA, DoRA, MoELoRA, TeamLoRA | LoRATRF "
+            "| logits |",
             "| --- | --- | --- | --- | --- | --- |"]
     for name in NAMES:
         model = make_model(name)
         layer_type = "Conv1D" if any(isinstance(m, Conv1D) for m in model.modules()) else "Linear"
         defaults = getattr(transformers, ARCHITECTURES[name][0])()         # the config class's own defaults
         head = ("z" if not hasattr(defaults, "final_logit_softcapping") and not hasattr(defaults, "logit_scale")
-                else f"cap * tanh(z / cap), cap = `final_logit_softcapping` (default {defaults.final_logit_softcapping or 'off'})"
+                else "cap * tanh(z / cap), cap = `final_logit_softcapping` "
+                     f"(default {defaults.final_logit_softcapping or 'off'})"
                 if hasattr(defaults, "final_logit_softcapping")
                 else f"z * `logit_scale` (default {defaults.logit_scale})")
         targets = ", ".join(default_target_modules(model))
@@ -265,7 +268,8 @@ def architecture_table() -> str:
 
 def test_the_docs_table_of_architectures_matches_the_code():
     page = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
-    assert architecture_table() in page, "regenerate the table in docs/architecture.md: python tests/test_architectures.py"
+    assert architecture_table() in page, ("regenerate the table in docs/architecture.md: "
+                                          "python tests/test_architectures.py")
 
 
 if __name__ == "__main__":

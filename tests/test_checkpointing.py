@@ -2,14 +2,20 @@
 
 import pytest
 import torch
+from conftest import (
+    make_batch,
+    make_loratrf_config,
+    make_moelora_config,
+    make_teamlora_config,
+    make_tiny_llama,
+    randomise_lora_B,
+)
 
 from comlora import ComLoraConfig, ComLoraModel
-from comlora.methods.loratrf import LoraTrfModel
 from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
+from comlora.methods.loratrf import LoraTrfModel
 from comlora.methods.moelora import MoeLoraModel
 from comlora.methods.teamlora import TeamLoraModel
-from conftest import (make_batch, make_loratrf_config, make_moelora_config, make_teamlora_config, make_tiny_llama,
-                      randomise_lora_B)
 
 
 def comlora_config(**overrides):
@@ -26,7 +32,8 @@ def build(method: str, checkpointing: bool):
         model = ComLoraModel(base, comlora_config(**extra))
         layers = list(model.adapted.values())
     elif method == "lora":              # PEFT's LoRA (the lora / dora methods)
-        model = PeftLoraModel(base, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj"], seed=3))
+        model = PeftLoraModel(base, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
+                                                   target_modules=["q_proj", "v_proj"], seed=3))
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():           # B = 0 at init makes LoRA a no-op
             for name, p in model.named_parameters():

@@ -11,15 +11,19 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from conftest import make_batch, make_moelora_config, make_tiny_llama, randomise_lora_B
 from safetensors.torch import load_file
 
 from comlora import ComLoraConfig, ComLoraModel
 from comlora.methods.moelora import MoeLoraModel
-from comlora.training.clipping import (clip_gradients, clip_with_accelerator, gradient_groups,
-                                       refuse_unsupported_clipping)
+from comlora.training.clipping import (
+    clip_gradients,
+    clip_with_accelerator,
+    gradient_groups,
+    refuse_unsupported_clipping,
+)
 from comlora.training.config import TrainConfig
 from comlora.training.distributed import refuse_unsupported_sharded_options
-from conftest import make_batch, make_moelora_config, make_tiny_llama, randomise_lora_B
 
 COMLORA = dict(num_components=2, r=4, lora_alpha=8, top_n=2, selector_heads=4, selector_ffn_dim=32,
                selector_dropout=0.0, noise_alpha=0.0, lora_dropout=0.0, seed=3)

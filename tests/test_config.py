@@ -1,8 +1,7 @@
 import pytest
+from conftest import make_tiny_llama
 
 from comlora import ComLoraConfig, ComLoraModel
-
-from conftest import make_tiny_llama
 
 
 @pytest.mark.parametrize("kwargs, message", [

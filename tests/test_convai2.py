@@ -4,9 +4,16 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from comlora.data.convai2 import convai2_examples, convai2_training_items, Dialogue, INSTRUCTION, load_convai2, split_dialogues
-from comlora.evaluation.convai2 import evaluate_convai2, first_line, markdown_table
+from comlora.data.convai2 import (
+    INSTRUCTION,
+    Dialogue,
+    convai2_examples,
+    convai2_training_items,
+    load_convai2,
+    split_dialogues,
+)
 from comlora.data.items import data_root, format_prompt, load_items
+from comlora.evaluation.convai2 import evaluate_convai2, first_line, markdown_table
 from comlora.evaluation.text_metrics import text_metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "convai2" / "dialogues.txt"
@@ -22,7 +29,8 @@ def real_file() -> Path:
 
 def test_parse_fixture():
     dialogues = load_convai2(FIXTURE)
-    assert [(d.index, d.line, len(d.persona), len(d.turns)) for d in dialogues] == [(0, 1, 2, 3), (1, 6, 1, 2), (2, 9, 3, 1)]
+    assert [(d.index, d.line, len(d.persona), len(d.turns)) for d in dialogues] == [(0, 1, 2, 3), (1, 6, 1, 2),
+                                                                                    (2, 9, 3, 1)]
     assert dialogues[0].persona == ["i have a red bicycle.", "i work as a baker."]
     assert dialogues[0].turns[1] == ("nice ! what kind ?", "sourdough , my favorite .")
 
@@ -73,7 +81,8 @@ def test_split_of_the_real_file():
     splits = split_dialogues(dialogues, seed=0)
     assert {k: len(v) for k, v in splits.items()} == {"train": 800, "validation": 100, "test": 100}
     ids = {k: {d.index for d in v} for k, v in splits.items()}
-    assert not (ids["train"] & ids["validation"]) and not (ids["train"] & ids["test"]) and not (ids["validation"] & ids["test"])
+    assert not (ids["train"] & ids["validation"]) and not (ids["train"] & ids["test"])
+    assert not (ids["validation"] & ids["test"])
     assert sum(len(d.turns) for v in splits.values() for d in v) == 7801
     again = split_dialogues(load_convai2(real_file()), seed=0)
     assert {k: [d.index for d in v] for k, v in again.items()} == {k: [d.index for d in v] for k, v in splits.items()}
@@ -108,7 +117,8 @@ def test_training_items_load_as_llm_adapters_items(tmp_path):
     assert load_items(path) == items
 
 
-@pytest.mark.parametrize("text, expected", [("  hi there .\nPartner: more", "hi there ."), ("\n\n ok ", "ok"), ("", "")])
+@pytest.mark.parametrize("text, expected", [("  hi there .\nPartner: more", "hi there ."), ("\n\n ok ", "ok"),
+                                            ("", "")])
 def test_first_line(text, expected):
     assert first_line(text) == expected
 
@@ -124,7 +134,8 @@ def test_evaluate_with_canned_generations(monkeypatch):
     monkeypatch.setattr("comlora.evaluation.convai2.generate_texts", fake_generate)
     r = evaluate_convai2(None, None, examples, num_beams=4, length_penalty=0.8, no_repeat_ngram_size=3, bertscore=False)
     assert seen["prompts"][0] == format_prompt({"instruction": examples[0]["prompt"], "input": ""})
-    assert seen["kw"]["num_beams"] == 4 and seen["kw"]["length_penalty"] == 0.8 and seen["kw"]["no_repeat_ngram_size"] == 3
+    assert seen["kw"]["num_beams"] == 4 and seen["kw"]["length_penalty"] == 0.8
+    assert seen["kw"]["no_repeat_ngram_size"] == 3
     predictions = [row["prediction"] for row in r["items"]]
     assert predictions[0] == examples[0]["response"] and predictions[1] == "i like cats ."
     expected = text_metrics(predictions, [ex["response"] for ex in examples], bertscore=False)

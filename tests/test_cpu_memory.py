@@ -1,4 +1,5 @@
-"""retain_freed_memory: after it, re-allocating a large freed block (in steady state) no longer page-faults it in again."""
+"""retain_freed_memory: after it, re-allocating a large freed block (in steady state) no longer page-faults it in
+again."""
 
 import subprocess
 import sys

@@ -1,11 +1,10 @@
 import json
 
 import pytest
-
-from comlora.data.commonsense import build_commonsense_mini, COMMONSENSE_TASKS
-from comlora.data.items import collate, data_root, format_prompt, load_items, tokenize_item
-
 from conftest import make_tokenizer
+
+from comlora.data.commonsense import COMMONSENSE_TASKS, build_commonsense_mini
+from comlora.data.items import collate, data_root, format_prompt, load_items, tokenize_item
 
 
 def test_commonsense_mini_is_disjoint_and_deterministic(commonsense_root):
@@ -87,7 +86,8 @@ def test_tokenisation_masks_the_prompt_and_appends_eos():
 
 
 def test_collate_right_pads():
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
+                    pad_token_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

@@ -5,14 +5,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import WITH_TRAIN, write_commonsense_root
 
 from comlora.data.check import MMLU_SUBJECTS, check_data_root, format_report
 from comlora.data.commonsense import COMMONSENSE_TASKS
-from comlora.data.items import data_root
 from comlora.data.convai2 import CONVAI2_FILE
+from comlora.data.items import data_root
 from comlora.data.mmlu import HEADER
-
-from conftest import WITH_TRAIN, write_commonsense_root
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

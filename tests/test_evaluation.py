@@ -43,7 +43,8 @@ def test_evaluate_counts_accuracy_per_task_and_average(tiny_model_dir):
 def test_accuracy_from_known_responses(monkeypatch):
     canned = {"q1": "the correct answer is true", "q2": "True", "q3": "false, not true", "q4": "solution2"}
     monkeypatch.setattr("comlora.evaluation.commonsense.generate_texts",
-                        lambda model, tok, prompts, **kw: [canned[p.split("### Instruction:\n")[1][:2]] for p in prompts])
+                        lambda model, tok, prompts, **kw: [canned[p.split("### Instruction:\n")[1][:2]]
+                                                           for p in prompts])
     items = {"boolq": [{"instruction": "q1", "answer": "true"}, {"instruction": "q2", "answer": "true"},
                        {"instruction": "q3", "answer": "false"}],
              "piqa": [{"instruction": "q4", "answer": "solution1"}]}

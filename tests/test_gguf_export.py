@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import make_moelora_config, make_tiny_llama, randomise_lora_B, train_args
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from comlora import ComLoraConfig, ComLoraModel
@@ -20,8 +21,6 @@ from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf, wr
 from comlora.methods.lora import PeftLoraConfig, PeftLoraModel
 from comlora.methods.moelora import MoeLoraModel
 from comlora.provenance import CARD_SECTION, base_model_record, write_model_card
-
-from conftest import make_moelora_config, make_tiny_llama, randomise_lora_B, train_args
 
 # llama.cpp's names for the transformers modules of a Llama block (llama-arch.cpp / gguf-py constants)
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -119,7 +118,8 @@ def test_comlora_component_as_llama_cpp_lora_adapter(tmp_path):
 def test_peft_lora_as_lora_adapter_with_a_per_layer_scale_folded_into_b(tmp_path):
     model = make_tiny_llama()
     method = PeftLoraModel(model, PeftLoraConfig(r=4, lora_alpha=16, target_modules=TARGETS, seed=1))
-    lora_layers = [m for n, m in method.model.named_modules() if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {})]
+    lora_layers = [m for n, m in method.model.named_modules()
+                   if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {})]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in lora_layers:
@@ -145,7 +145,8 @@ def test_methods_without_a_lora_form_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no GGUF LoRA form"):
         adapted_weights(MoeLoraModel(make_tiny_llama(), make_moelora_config()))
     with pytest.raises(ValueError, match="no components"):
-        adapted_weights(PeftLoraModel(make_tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)), component=1)
+        adapted_weights(PeftLoraModel(make_tiny_llama(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)),
+                        component=1)
 
 
 def quantizable(weight: torch.Tensor) -> bool:
@@ -277,7 +278,8 @@ def test_cli_gguf_export_of_comlora_and_lora_runs(tmp_path, tiny_model_dir, comm
     assert field(reader, "general.type") == "adapter"
     assert field(reader, "comlora.exported") == f"component {winner['winner']} (winner)"
     assert field(reader, "comlora.base_model.name") == str(tiny_model_dir)
-    main(["export", str(run), "--format", "gguf", "--component", "0", "--outtype", "f16", "--out", str(tmp_path / "c0.gguf")])
+    main(["export", str(run), "--format", "gguf", "--component", "0", "--outtype", "f16",
+          "--out", str(tmp_path / "c0.gguf")])
     assert {t.tensor_type for t in gguf.GGUFReader(tmp_path / "c0.gguf").tensors} == {gguf.GGMLQuantizationType.F16}
     capsys.readouterr()
     for argv, message in [

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import VOCAB, make_tiny_llama, randomise_lora_B
 from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -11,7 +12,6 @@ from transformers import TrainerCallback, TrainingArguments
 
 from comlora import ComLoraConfig, ComLoraModel, ComLoraTrainer
 from comlora.data.items import collate
-from conftest import VOCAB, make_tiny_llama, randomise_lora_B
 
 CONFIG = dict(num_components=2, r=4, lora_alpha=8, top_n=2, selector_heads=4, selector_ffn_dim=32,
               selector_dropout=0.0, noise_alpha=0.1, lora_dropout=0.1, seed=3)
@@ -140,7 +140,8 @@ def test_training_arguments_bf16_runs_the_forward_in_bfloat16(tmp_path):
     for name, options in (("fp32", {}), ("bf16", {"bf16": True})):
         cm = comlora_model()
         dtypes = set()
-        cm.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+        cm.model.model.layers[0].mlp.down_proj.register_forward_hook(
+            lambda m, i, out, dtypes=dtypes: dtypes.add(out.dtype))
         trainer = ComLoraTrainer(model=cm, args=arguments(tmp_path / name, max_steps=2, **options),
                                  train_dataset=train_set, eval_dataset=val_set)
         trainer.train()
@@ -193,6 +194,7 @@ def test_trainer_clips_per_group_by_default_and_joint_on_request(tmp_path):
         a, b = steps[(1.0, mode)][1], steps[(100.0, mode)][1]
         assert all(torch.equal(a[k], b[k]) for k in components) is same, mode
     held_out = examples(4, seed=2)
-    assert ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), eval_dataset=held_out).clip_grad == "per_group"
+    default_trainer = ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), eval_dataset=held_out)
+    assert default_trainer.clip_grad == "per_group"
     with pytest.raises(ValueError, match="ComLoraTrainer: clip_grad must be one of per_group, joint, got 'all'"):
         ComLoraTrainer(model=comlora_model(), args=arguments(tmp_path), eval_dataset=held_out, clip_grad="all")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama, option_instruction, train_args, write_commonsense_root
 
 from comlora.cli import main
 from comlora.data.items import format_prompt, tokenize_item
@@ -14,8 +15,6 @@ from comlora.data.options import parse_options
 from comlora.evaluation.commonsense import evaluate_commonsense_loglik
 from comlora.evaluation.convai2 import evaluate_convai2_loglik
 from comlora.evaluation.loglik import continuation_logliks, encode_pair, multiple_choice, shared_prefix, split_pair
-
-from conftest import make_tiny_llama, option_instruction, train_args, write_commonsense_root
 
 
 def merging_tokenizer():
@@ -129,7 +128,8 @@ def commonsense_items():
         answers = {"boolq": ["true", "false"], "piqa": ["solution1", "solution2"],
                    "ARC-Easy": ["answer1", "answer2", "answer3", "answer4"]}[task]
         evaluation[task] = [{"instruction": option_instruction(task, question, texts), "input": "", "index": i,
-                             "answer": answers[i % len(answers)], "output": ""} for i, (question, texts) in enumerate(rows)]
+                             "answer": answers[i % len(answers)], "output": ""}
+                            for i, (question, texts) in enumerate(rows)]
     return evaluation
 
 
@@ -216,8 +216,8 @@ def test_cli_loglik_on_a_model_an_adapter_and_a_runs_components(tmp_path, tiny_m
     table = capsys.readouterr().out
     assert f"| run-component{winner}-winner | acc_norm |" in table and f"| run-component{1 - winner} | acc |" in table
     files = sorted((run / "eval").glob("commonsense-loglik-run-component*-limit3.json"))
-    assert [f.name for f in files] == [f"commonsense-loglik-run-component{k}{'-winner' if k == winner else ''}-limit3.json"
-                                       for k in range(2)]
+    assert [f.name for f in files] == [
+        f"commonsense-loglik-run-component{k}{'-winner' if k == winner else ''}-limit3.json" for k in range(2)]
     results = [json.loads(f.read_text()) for f in files]
     assert results[0]["tasks"]["ARC-Easy"]["items"][0]["option_loglik"] != \
         pytest.approx(results[1]["tasks"]["ARC-Easy"]["items"][0]["option_loglik"])      # the components differ
@@ -236,8 +236,8 @@ def test_cli_loglik_on_a_model_an_adapter_and_a_runs_components(tmp_path, tiny_m
                    ["--model", str(tiny_model_dir)]):
         main(["eval", *target, "--task", "convai2", *common, "--out", str(ev)])
     convai2 = {f.name: json.loads(f.read_text()) for f in ev.glob("convai2-loglik-*.json")}
-    assert sorted(convai2) == ["convai2-loglik-base-tiny-llama.json", f"convai2-loglik-run-component{winner}-winner.json",
-                               "convai2-loglik-winner.json"]
+    assert sorted(convai2) == ["convai2-loglik-base-tiny-llama.json",
+                               f"convai2-loglik-run-component{winner}-winner.json", "convai2-loglik-winner.json"]
     run_turns = convai2[f"convai2-loglik-run-component{winner}-winner.json"]
     assert run_turns["n"] == convai2["convai2-loglik-winner.json"]["n"] > 0
     assert [i["nll"] for i in run_turns["items"]] == \

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
+from conftest import make_loratrf_config as make_config
 from peft import LoraConfig, get_peft_model
 
 from comlora.methods.loratrf import LoraTrfModel, TaskFilter
-
-from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
-from conftest import make_loratrf_config as make_config
 
 TARGETS = ["o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -61,7 +61,8 @@ def hand_alignment(sim, loss, top_n, eta, sign):
 @pytest.mark.parametrize("top_n", [1, 2, 3])
 @pytest.mark.parametrize("sign", [1, -1])
 def test_alignment_loss_matches_hand_computation(top_n, sign):
-    got = alignment_loss(torch.tensor(SIM, dtype=torch.float64), torch.tensor(LOSS, dtype=torch.float64), top_n, 0.7, sign)
+    got = alignment_loss(torch.tensor(SIM, dtype=torch.float64), torch.tensor(LOSS, dtype=torch.float64), top_n, 0.7,
+                         sign)
     assert got.item() == pytest.approx(hand_alignment(SIM, LOSS, top_n, 0.7, sign), abs=1e-12)
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_batch, make_tiny_llama, randomise_lora_B
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -15,8 +16,6 @@ from comlora.methods.comlora.export import peft_adapter_state
 from comlora.methods.registry import method_config
 from comlora.training.config import TrainConfig
 from comlora.training.loop import train
-
-from conftest import make_batch, make_tiny_llama, randomise_lora_B
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 

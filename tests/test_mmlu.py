@@ -3,13 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from comlora.data.items import data_root, format_prompt as alpaca_prompt, load_items
-from comlora.data.mmlu import CATEGORIES, format_prompt, LETTERS, load_mmlu, mmlu_training_items, SUBJECT_CATEGORIES
+from comlora.data.items import data_root, load_items
+from comlora.data.items import format_prompt as alpaca_prompt
+from comlora.data.mmlu import CATEGORIES, LETTERS, SUBJECT_CATEGORIES, format_prompt, load_mmlu, mmlu_training_items
 from comlora.evaluation.mmlu import aggregate, evaluate_mmlu, extract_letter, letter_logprobs, markdown_table
-
-from conftest import make_tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -279,6 +279,7 @@ def test_hendrycks_release_format_without_header_and_with_letter_answers(tmp_pat
     for split in ("test", "dev"):
         assert load_mmlu(tmp_path, split) == load_mmlu(FIXTURES, split)
     bad = tmp_path / "mmlu" / "test" / "anatomy_test.csv"
-    bad.write_text("Where is the patella?,Knee,Elbow,Skull,Hip,A\nWhat is the femur?,A bone,A muscle,A nerve,An organ,E\n")
+    bad.write_text("Where is the patella?,Knee,Elbow,Skull,Hip,A\n"
+                   "What is the femur?,A bone,A muscle,A nerve,An organ,E\n")
     with pytest.raises(ValueError, match=f"{bad}:2: field 'answer' must be A, B, C or D, got 'E'"):
         load_mmlu(tmp_path, "test")

@@ -5,13 +5,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from comlora import ComLoraConfig, ComLoraModel
 from comlora.methods.comlora.layer import ComLoraLinear
-
-from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -199,7 +198,8 @@ def test_a_sample_without_target_tokens_is_left_out_not_nan(batch):
     labels[1] = -100
     out = cm.competition_step(batch["input_ids"], batch["attention_mask"], labels, step=2, total_steps=4)
     keep = [0, 2]
-    ref = cm.competition_step(batch["input_ids"][keep], batch["attention_mask"][keep], labels[keep], step=2, total_steps=4)
+    ref = cm.competition_step(batch["input_ids"][keep], batch["attention_mask"][keep], labels[keep], step=2,
+                              total_steps=4)
     assert torch.isfinite(out.loss) and out.valid.tolist() == [True, False, True]
     assert out.loss.item() == pytest.approx(ref.loss.item(), abs=1e-6)
     assert out.per_sample_loss[1].abs().sum() == 0
@@ -368,7 +368,8 @@ def test_layer_output_matches_a_float64_recomputation(dtype, tolerance):
 
     def expected(rows, k):
         h = x[rows].double()
-        return h @ base.weight.double().T + base.bias.double() + 2.0 * h @ layer.lora_A[k].double() @ layer.lora_B[k].double()
+        return (h @ base.weight.double().T + base.bias.double()
+                + 2.0 * h @ layer.lora_A[k].double() @ layer.lora_B[k].double())
 
     layer.competition = True
     y = layer(x)

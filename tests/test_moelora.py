@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
-from comlora.methods.registry import method_config
-from comlora.methods.moelora import MoeLoraLinear, MoeLoraModel, expert_contrastive_loss, load_balancing_loss
-from comlora.training.config import TrainConfig
-
 from conftest import RELATED_TARGETS as TARGETS
 from conftest import make_batch, make_tiny_llama, randomise_lora_B
 from conftest import make_moelora_config as make_config
+from torch import nn
+
+from comlora.methods.moelora import MoeLoraLinear, MoeLoraModel, expert_contrastive_loss, load_balancing_loss
+from comlora.methods.registry import method_config
+from comlora.training.config import TrainConfig
 
 
 def reference_moe_layer(layer, x, top_k):
@@ -110,7 +109,8 @@ def test_training_loss_balance_is_the_layer_mean_over_real_tokens():
     (dict(contrastive_weight=-0.1), "contrastive_weight must be >= 0"),
     (dict(contrastive_temperature=0.0), "contrastive_temperature must be > 0"),
     (dict(contrastive_tokens=1), "contrastive_tokens must be an integer >= 2, got 1"),
-    (dict(contrastive_loss=True, num_experts=1, top_k=None), "contrastive_loss contrasts different experts: it needs num_experts >= 2"),
+    (dict(contrastive_loss=True, num_experts=1, top_k=None),
+     "contrastive_loss contrasts different experts: it needs num_experts >= 2"),
 ])
 def test_bad_config_raises(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -145,7 +145,8 @@ def test_expert_contrastive_loss_by_hand():
         assert got.dtype == torch.float64 and abs(float(got) - expected) < 1e-10
     # scaling an output leaves it unchanged (cosine similarity): the gates g_k > 0 do not matter
     scaled = outputs * torch.tensor([3.0, 0.5, 1.0, 7.0, 2.0, 1.0, 0.1], dtype=torch.float64).unsqueeze(1)
-    assert abs(float(expert_contrastive_loss(scaled, experts, 0.5)) - float(expert_contrastive_loss(outputs, experts, 0.5))) < 1e-12
+    assert abs(float(expert_contrastive_loss(scaled, experts, 0.5))
+               - float(expert_contrastive_loss(outputs, experts, 0.5))) < 1e-12
     # outputs of distinct experts pulled apart give a lower loss than the same outputs mixed across experts
     apart = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
     assert float(expert_contrastive_loss(apart, torch.tensor([0, 0, 1, 1]), 0.5)) < \
@@ -211,7 +212,8 @@ def test_zero_contrastive_weight_trains_exactly_as_the_loss_off():
         loss, parts = mm.training_loss(**batch, step=3, total_steps=5)
         loss.backward()
         rng_after = torch.get_rng_state()
-        results[on] = (loss.detach(), parts, {n: p.grad for n, p in mm.named_parameters() if p.requires_grad}, rng_after)
+        results[on] = (loss.detach(), parts, {n: p.grad for n, p in mm.named_parameters() if p.requires_grad},
+                       rng_after)
     (loss_off, parts_off, grads_off, rng_off), (loss_on, parts_on, grads_on, rng_on) = results[False], results[True]
     assert "contrastive" not in parts_off and parts_on["contrastive"] > 0
     assert torch.equal(loss_off, loss_on) and torch.equal(rng_off, rng_on)
@@ -271,7 +273,7 @@ def test_training_with_the_contrastive_loss_makes_the_experts_more_distinct():
             optimizer.step()
             curve.append((parts["lm"], parts["contrastive"]))
         curves[weight] = curve
-    for weight, curve in curves.items():
+    for curve in curves.values():
         assert curve[-1][0] < curve[0][0] - 0.05                              # the LM loss falls either way
         assert curve[1][1] > 10                                               # the experts start alike
     assert curves[0.1][-1][1] < curves[0.1][1][1] - 5                          # pulled apart with the loss on ...

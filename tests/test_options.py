@@ -3,14 +3,13 @@
 import json
 
 import pytest
+from conftest import make_tokenizer, option_instruction, write_commonsense_root
 
 from comlora.data.commonsense import COMMONSENSE_TASKS
 from comlora.data.items import IGNORE_INDEX, data_root, format_prompt, load_items, tokenize_item
-from comlora.data.options import item_options, parse_options, text_answer_item
+from comlora.data.options import item_options, parse_options
 from comlora.training.config import TrainConfig
 from comlora.training.data import training_items
-
-from conftest import make_tokenizer, option_instruction, write_commonsense_root
 
 TEST_SIZES = {"boolq": 3270, "piqa": 1838, "social_i_qa": 1954, "hellaswag": 10042, "winogrande": 1267,
               "ARC-Challenge": 1172, "ARC-Easy": 2376, "openbookqa": 500}
@@ -74,8 +73,8 @@ def test_unparsable_options_are_clear_errors(instruction, message):
 
 
 def test_gold_label_outside_the_options_names_the_item():
-    item = {"instruction": option_instruction("winogrande", "q?", ["a", "b"]), "answer": "option3", "task": "winogrande",
-            "index": 7}
+    item = {"instruction": option_instruction("winogrande", "q?", ["a", "b"]), "answer": "option3",
+            "task": "winogrande", "index": 7}
     with pytest.raises(ValueError, match="winogrande 7: .*'option3' is none of the item's labels option1/option2"):
         item_options(item)
 
@@ -103,8 +102,9 @@ def test_text_answer_format_trains_on_the_correct_option(tmp_path):
 
 def test_text_answer_format_of_a_json_file_and_its_errors(tmp_path):
     path = tmp_path / "items.json"
-    path.write_text(json.dumps([{"instruction": option_instruction("piqa", f"q{i}?", [f"s{i}a", f"s{i}b"]), "input": "",
-                                 "output": "the correct answer is solution2", "answer": "solution2"} for i in range(5)]))
+    path.write_text(json.dumps([{"instruction": option_instruction("piqa", f"q{i}?", [f"s{i}a", f"s{i}b"]),
+                                 "input": "", "output": "the correct answer is solution2", "answer": "solution2"}
+                                for i in range(5)]))
     train, validation = training_items(TrainConfig(data=str(path), val_size=2, answer_format="text"))
     assert sorted(i["output"] for i in train + validation) == [f"s{i}b" for i in range(5)]
     path.write_text(json.dumps([{"instruction": "no options here", "output": "x", "answer": "x"}] * 3))
@@ -113,5 +113,6 @@ def test_text_answer_format_of_a_json_file_and_its_errors(tmp_path):
     with pytest.raises(ValueError, match="answer_format must be one of label, text, got 'letters'"):
         TrainConfig(answer_format="letters")
     for data in ("convai2", "mmlu", "mmlu:test"):
-        with pytest.raises(ValueError, match=f"answer_format text applies to commonsense items .* not to data '{data}'"):
+        with pytest.raises(ValueError,
+                           match=f"answer_format text applies to commonsense items .* not to data '{data}'"):
             TrainConfig(data=data, answer_format="text")

@@ -48,7 +48,8 @@ def test_the_core_library_imports_without_any_optional_package():
     modules = ["comlora", "comlora.methods.registry", "comlora.training.loop", "comlora.cli", "comlora.data.check",
                "comlora.evaluation.commonsense", "comlora.evaluation.mmlu", "comlora.evaluation.convai2",
                "comlora.export.gguf"]
-    result = subprocess.run([sys.executable, "-c", IMPORT_WITHOUT_EXTRAS, ",".join(OPTIONAL_MODULES), ",".join(modules)],
+    result = subprocess.run([sys.executable, "-c", IMPORT_WITHOUT_EXTRAS, ",".join(OPTIONAL_MODULES),
+                             ",".join(modules)],
                             env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -74,7 +75,8 @@ def test_every_optional_extra_is_listed_here_and_the_core_needs_none():
     core = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
     for extra in EXTRA_MODULES:
         for requirement in extras[extra]:
-            assert canonicalize_name(Requirement(requirement).name) not in core, f"{requirement} (extra {extra}) is also in the core"
+            assert canonicalize_name(Requirement(requirement).name) not in core, \
+                f"{requirement} (extra {extra}) is also in the core"
 
 
 def test_the_all_extra_covers_every_other_extra_except_gguf():

@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 
 from comlora import ComLoraConfig, ComLoraModel
-from comlora.cli import main
 from comlora.base_models import load_model_and_tokenizer
+from comlora.cli import main
 
 pytest.importorskip("bitsandbytes")
 
@@ -135,19 +135,21 @@ def test_the_card_of_a_4bit_run_names_the_4bit_base_and_its_config_gives_the_tra
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path, tiny_model_dir, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ImportError, match=r"needs bitsandbytes: pip install 'comlora\[qlora\]'"):
         load_model_and_tokenizer(str(tiny_model_dir), device="cpu", load_in_4bit=True)
     with pytest.raises(SystemExit):
-        main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--load-in-8bit", "--out", str(tmp_path / "r")])
+        main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--load-in-8bit",
+              "--out", str(tmp_path / "r")])
     assert "error: a 4-bit or 8-bit base needs bitsandbytes" in capsys.readouterr().err
 
 
 # ---- bitsandbytes' AVX512-BF16 CPU path: repacked weights (issue 25, item 1) --------------------------------------
 def repackable_model_dir(tmp_path):
     """A tiny Llama whose linear layers fit bitsandbytes' CPU repacking (d_out % 32 == 0, d_in % 64 == 0)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     from conftest import TINY_TEXT_VOCAB, make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=TINY_TEXT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

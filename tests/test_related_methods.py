@@ -8,13 +8,19 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import (
+    logits,
+    make_batch,
+    make_loratrf_config,
+    make_moelora_config,
+    make_teamlora_config,
+    make_tiny_llama,
+    randomise_lora_B,
+)
 
 from comlora.methods.loratrf import LoraTrfModel
 from comlora.methods.moelora import MoeLoraModel
 from comlora.methods.teamlora import TeamLoraModel
-
-from conftest import (logits, make_batch, make_loratrf_config, make_moelora_config, make_teamlora_config,
-                      make_tiny_llama, randomise_lora_B)
 
 
 @dataclass(frozen=True)

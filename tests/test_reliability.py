@@ -19,9 +19,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from comlora.cli import main
-from comlora.training.run_dir import COMPLETE_FILE, LOCK_FILE, RunLock, RunLocked, open_run_dir
 from comlora.storage import read_json, write_json, write_text
 from comlora.training.config import TrainConfig
+from comlora.training.run_dir import COMPLETE_FILE, LOCK_FILE, RunLock, RunLocked, open_run_dir
 
 # A child `comlora` process that kills itself with SIGKILL just before the KILL_AT-th commit point inside the run
 # directory (an os.replace / os.rename whose target is under RUN: each atomic file, each folder, the completion
@@ -231,7 +231,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 def test_a_full_disk_stops_with_one_line_and_the_run_resumes_to_the_same_bits(tiny, tmp_path, capsys, monkeypatch,
                                                                                where):
     """ENOSPC from the writer of safetensors files inside the first checkpoint, or inside the final save."""
-    import safetensors.torch               # what comlora.storage.write_safetensors calls
+    import safetensors.torch  # what comlora.storage.write_safetensors calls
 
     model_dir, data, reference = tiny
     real_save = safetensors.torch.save_file
@@ -275,9 +275,9 @@ CHECKPOINT_DAMAGE = {
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tiny, tmp_path, capsys):
     """Each kind of damage to the newest checkpoint, at the loading level (what is restored, what is said); one of
     them end to end (the resumed run bitwise equal); every checkpoint damaged: training starts again from 0."""
+    from comlora.base_models import load_model_and_tokenizer
     from comlora.cli import build_parser, train_config_from_args
     from comlora.methods.registry import build_method
-    from comlora.base_models import load_model_and_tokenizer
     from comlora.training.checkpoints import resume_from_checkpoint, trainable_tensors
     from comlora.training.loop import train
 
@@ -331,9 +331,11 @@ def test_a_checkpoint_of_another_method_is_refused_untouched(tiny, tmp_path, cap
     before = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     message = cli_error(lora(foreign, "--resume"), capsys)
     assert "step-00000002 does not match this run's method" in message and "lora_C" in message
-    assert f"Nothing was changed: resume with the version that wrote it, or move {foreign / 'checkpoints'} away" in message
+    assert (f"Nothing was changed: resume with the version that wrote it, or move {foreign / 'checkpoints'} away"
+            in message)
     assert {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
-    save_file({k.replace("lora_C", "lora_A"): v[..., :1].contiguous() if "lora_C" in k else v   # the names, another shape
+    # the names, another shape
+    save_file({k.replace("lora_C", "lora_A"): v[..., :1].contiguous() if "lora_C" in k else v
                for k, v in load_file(str(trainable)).items()}, str(trainable))
     before = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     message = cli_error(lora(foreign, "--resume"), capsys)
@@ -419,7 +421,8 @@ def test_a_peft_adapter_that_disagrees_with_its_weights_or_its_base_is_refused(t
         (edit_config(target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "o_proj"]),
          "missing base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"),
         (edit_config(r=10**9), "this model expects [1000000000, 32]"),
-        (lambda p: truncate(p / "adapter_model.safetensors"), "adapter_model.safetensors: not a valid safetensors file"),
+        (lambda p: truncate(p / "adapter_model.safetensors"),
+         "adapter_model.safetensors: not a valid safetensors file"),
         (lambda p: truncate(p / "adapter_config.json"), "adapter_config.json: not valid JSON"),
         (lambda p: (p / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
     ]
@@ -544,6 +547,7 @@ def test_written_files_get_the_mode_of_a_plain_open(tiny, tmp_path):
     gives it, and every folder 0777 less the umask."""
     from conftest import train_args as short_run_args
     from safetensors.torch import save_file as library_save_file
+
     from comlora.storage import write_safetensors
 
     model_dir, data, _ = tiny

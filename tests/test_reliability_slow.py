@@ -14,16 +14,16 @@ import time
 
 import pytest
 import yaml
+from test_reliability import SRC, assert_same_run, commit_points, one_thread, train_args  # noqa: F401
 
 from comlora.cli import main
 from comlora.training.run_dir import COMPLETE_FILE
-from test_reliability import SRC, assert_same_run, commit_points, one_thread, train_args  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread):
+def tiny(tmp_path_factory):
     from conftest import make_tiny_text_model, write_commonsense_root
 
     root = tmp_path_factory.mktemp("reliability-slow")

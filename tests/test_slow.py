@@ -44,7 +44,7 @@ def test_cli_end_to_end_on_smollm2(tmp_path):
     assert 0 < json.loads((run / "winner.json").read_text())["num_samples"] <= 4   # long items are left out
     subprocess.run([str(BIN / "comlora"), "select", str(run)], check=True)
     subprocess.run([str(BIN / "comlora"), "export", str(run), "--out", str(tmp_path / "adapter")], check=True)
-    subprocess.run([str(BIN / "comlora"), "eval", "--run", str(run), "--limit", "1", "--greedy", "--tasks", "boolq,piqa",
-                    "--max-new-tokens", "8", "--out", str(tmp_path / "ev")], check=True)
+    subprocess.run([str(BIN / "comlora"), "eval", "--run", str(run), "--limit", "1", "--greedy",
+                    "--tasks", "boolq,piqa", "--max-new-tokens", "8", "--out", str(tmp_path / "ev")], check=True)
     result = json.loads(next((tmp_path / "ev").glob("commonsense-*.json")).read_text())
     assert result["tasks"]["boolq"]["n"] == 1

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_args
 
 from comlora.cli import main
 from comlora.training.config import TrainConfig
 from comlora.training.loop import train
-from conftest import train_args
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HEAVY = {"torch", "transformers", "peft", "accelerate", "bitsandbytes", "kernels"}

@@ -63,7 +63,8 @@ def test_study_records_skips_and_resumes(tmp_path, tiny_model_dir, commonsense_r
     assert recorded and not [p for p in recorded if str(work) in p.read_text()]
     assert record["commands"][0].startswith("comlora train --config <study-work>/comlora/seed-0/train.yaml")
     assert yaml.safe_load((run / "config.yaml").read_text())["out"] == "<study-work>/comlora/seed-0/run"
-    assert json.loads(next((run / "eval").iterdir()).read_text())["settings"]["run"] == "<study-work>/comlora/seed-0/run"
+    eval_settings = json.loads(next((run / "eval").iterdir()).read_text())["settings"]
+    assert eval_settings["run"] == "<study-work>/comlora/seed-0/run"
 
 
 def test_a_bad_experiment_file_fails_before_anything_runs(tmp_path, tiny_model_dir, commonsense_root):
@@ -119,7 +120,8 @@ def test_study_jobs_run_at_the_same_time_with_their_share_of_threads(tmp_path, m
     assert len(lines) == 7 and all(line.count("study:") == 1 for line in lines)
     for name in "abc":
         record = json.loads((results / name / "seed-0" / "run.json").read_text())
-        assert record["omp_num_threads"] == "2" and (results / name / "seed-0" / "eval" / "commonsense-base.json").is_file()
+        assert record["omp_num_threads"] == "2"
+        assert (results / name / "seed-0" / "eval" / "commonsense-base.json").is_file()
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")                                     # the environment's value wins
     calls.clear()
@@ -179,7 +181,8 @@ def test_run_command_names_the_failure_and_the_signal_that_killed_the_process(tm
     for code, message in [(2, r"`comlora train --config x` failed \(exit 2\)"),
                           (-9, r"killed by SIGKILL: the kernel's out-of-memory killer .* \(--jobs\)"),
                           (-15, r"killed by SIGTERM; see .*log\. Running the study again resumes it")]:
-        monkeypatch.setattr(runner.subprocess, "run", lambda cmd, code=code, **kw: subprocess.CompletedProcess(cmd, code))
+        monkeypatch.setattr(runner.subprocess, "run",
+                            lambda cmd, code=code, **kw: subprocess.CompletedProcess(cmd, code))
         with pytest.raises(RuntimeError, match=message):
             runner.run_command(["train", "--config", "x"], tmp_path / "log")
 

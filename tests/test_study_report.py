@@ -13,17 +13,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_text_model, write_commonsense_root
 
 import comlora.study.runner as study_module
 from comlora.cli import main
-from comlora.study.runner import run_study
 from comlora.study.cells import p_text
 from comlora.study.comparisons import Paired, loss_comparison
-from comlora.study.records import (TASKS, RecordedRun, answer_habits, fixed_answer_accuracy, load_paper,
-                                   uniform_choice_accuracy)
+from comlora.study.records import (
+    TASKS,
+    RecordedRun,
+    answer_habits,
+    fixed_answer_accuracy,
+    load_paper,
+    uniform_choice_accuracy,
+)
 from comlora.study.report import write_report
+from comlora.study.runner import run_study
 from comlora.study.statistics import at_least_k_successes, block_bootstrap, paired_bootstrap, sign_test
-from conftest import make_tiny_text_model, write_commonsense_root
 
 PAPER = "experiments/study/paper-numbers.json"
 
@@ -63,10 +69,12 @@ def test_paired_bootstrap_against_exact_enumeration():
     d = np.array([1.0, 1.0, 0.0, 1.0])
     # all 4^4 equally likely resamples: the exact distribution of the resampled mean
     means = np.array([d[list(idx)].mean() for idx in itertools.product(range(4), repeat=4)])
-    exact_p = np.mean(np.abs(means - d.mean()) >= d.mean())                          # = P(all four draws are the 0) = 1/256
+    # = P(all four draws are the 0) = 1/256
+    exact_p = np.mean(np.abs(means - d.mean()) >= d.mean())
     assert exact_p == pytest.approx(1 / 256)
     low, high, p = paired_bootstrap(d, resamples=10_000, seed=0)
-    assert (low, high) == (0.25, 1.0)                  # P(mean = 0) = 1/256 < 2.5% < P(mean <= 0.25); P(mean = 1) = 81/256
+    # P(mean = 0) = 1/256 < 2.5% < P(mean <= 0.25); P(mean = 1) = 81/256
+    assert (low, high) == (0.25, 1.0)
     assert abs(p - exact_p) < 4 * math.sqrt(exact_p * (1 - exact_p) / 10_000) + 1e-4
 
 
@@ -79,7 +87,8 @@ def test_paired_bootstrap_edge_cases_and_normal_limit():
     se = d.std() / math.sqrt(d.size)
     normal_p = math.erfc(abs(d.mean()) / se / math.sqrt(2))                          # two-sided z-test
     assert p == pytest.approx(normal_p, abs=0.02)
-    assert low == pytest.approx(d.mean() - 1.96 * se, abs=0.01) and high == pytest.approx(d.mean() + 1.96 * se, abs=0.01)
+    assert low == pytest.approx(d.mean() - 1.96 * se, abs=0.01)
+    assert high == pytest.approx(d.mean() + 1.96 * se, abs=0.01)
     assert paired_bootstrap(d) == (low, high, p)                                     # fixed seed: reproducible
     with pytest.raises(ValueError, match="non-empty"):
         paired_bootstrap([])
@@ -114,7 +123,8 @@ def test_figure2_loss_comparison_by_hand(tmp_path):
     assert (c.seeds, c.steps, c.every_lower) == ([0], 2, 1)
     assert c.difference == pytest.approx(0.0, abs=1e-12) and c.per_seed == [pytest.approx(0.0, abs=1e-12)]
     other = run("other-batches", [{"step": 1, "lm": 1.1, "target_tokens": 6}])
-    with pytest.raises(ValueError, match="step 1 has 5 and 6 target tokens; the runs did not train on the same batches"):
+    with pytest.raises(ValueError,
+                       match="step 1 has 5 and 6 target tokens; the runs did not train on the same batches"):
         loss_comparison([comlora], [other], block=1)
     assert loss_comparison([run("no-metrics", [])], [lora], block=1) is None        # nothing to compare: no verdict
 
@@ -212,7 +222,8 @@ def write_tiny_study(folder, model, root):
         "t3-base-model": {"label": "Base model", "tables": ["table3"], "seeds": [0], "train": None},
         "t3-lora-r8": {"label": "LoRA r=8", "tables": ["table3", "decide"], "seeds": [0, 1],
                        "train": {"method": "lora", "r": 4}},
-        "t3-lora-r16": {"label": "LoRA r=16", "tables": ["table3"], "seeds": [0, 1], "train": {"method": "lora", "r": 8}},
+        "t3-lora-r16": {"label": "LoRA r=16", "tables": ["table3"], "seeds": [0, 1],
+                        "train": {"method": "lora", "r": 8}},
         "t3-comlora-k2-r8": {"label": "ComLoRA (2, 8)", "tables": ["table3", "table5", "table10", "figures", "decide"],
                              "seeds": [0, 1], "components": "all",
                              "train": {"method": "comlora", "num_components": 2, "r": 4, "method_options": selector}},
@@ -313,7 +324,8 @@ def test_report_of_a_real_tiny_study_counts_runs_and_names_the_missing(tiny_stud
 def test_report_table3_matches_the_recorded_files(tiny_study):
     results = tiny_study["results"]
     rows = {row[0]: row for row in table_rows(tiny_study["text"], "| method | seeds | L/S %")}
-    for name, label in [("t3-comlora-k2-r8", "ComLoRA (2, 8)"), ("t3-lora-r8", "LoRA r=8"), ("t3-base-model", "Base model")]:
+    for name, label in [("t3-comlora-k2-r8", "ComLoRA (2, 8)"), ("t3-lora-r8", "LoRA r=8"),
+                        ("t3-base-model", "Base model")]:
         seeds = sorted(results.glob(f"{name}/seed-*"))
         runs = [winner_eval(s) for s in seeds]
         row = rows[label]
@@ -346,14 +358,16 @@ def test_report_table3_matches_the_recorded_files(tiny_study):
     # Table 5: the one-seed ablation is compared with the full run's seed 0, which gets its own row
     table5 = {row[0]: row for row in table_rows(section(tiny_study["text"], "### Table 5"), "| run | seeds | BoolQ")}
     assert table5["ComLoRA (2, 8) (full)"][1] == "2"
-    assert table5["ComLoRA (2, 8) (full), seed 0"][1:] == ["1", *expected_cells([winner_eval(results / "t3-comlora-k2-r8" / "seed-0")])]
+    assert table5["ComLoRA (2, 8) (full), seed 0"][1:] == [
+        "1", *expected_cells([winner_eval(results / "t3-comlora-k2-r8" / "seed-0")])]
 
 
 def test_report_table10_figures_and_early_decision(tiny_study):
     text, results, page = tiny_study["text"], tiny_study["results"], tiny_study["page"]
     rows = table_rows(text, "| run | seed | component |")
+    # MAIN, then by name
     runs = [("ComLoRA (2, 8)", "t3-comlora-k2-r8", 0), ("ComLoRA (2, 8)", "t3-comlora-k2-r8", 1),
-            ("decide_at 0.5", "decide-0.5", 0), ("without L_pairwise", "t5-without-pairwise", 0)]    # MAIN, then by name
+            ("decide_at 0.5", "decide-0.5", 0), ("without L_pairwise", "t5-without-pairwise", 0)]
     assert [r[:2] for r in rows] == [[label, str(seed)] for label, _, seed in runs for _ in range(2)]
     checks = table_rows(text, "| run | seed | K | winner |")
     assert [c[-1] for c in checks] == ["yes", "yes", "no: an ablation", "no: an ablation"]
@@ -368,13 +382,14 @@ def test_report_table10_figures_and_early_decision(tiny_study):
         best = max(e["average"] for e in evals.values())
         winners.append(evals[winner["winner"]]["average"] == best)
         assert check[2:8] == ["2", str(winner["winner"]), str(winner["winner_by_similarity"]),
-                              str(winner["winner_by_loss"]), ", ".join(str(k) for k in range(2) if evals[k]["average"] == best),
+                              str(winner["winner_by_loss"]),
+                              ", ".join(str(k) for k in range(2) if evals[k]["average"] == best),
                               "yes" if winners[-1] else "no"]
     # the claim pools the two runs in it, each with chance |best| / 2 of a random pick being best
     chances = [(c[6].count(",") + 1) / 2 for c in checks[:2]]
     p = at_least_k_successes(sum(winners[:2]), chances)
-    assert f"(2 runs of 1 experiment; the ablations' components, where evaluated, are shown in Table 10 but not counted): " \
-           f"the winner was the best (or tied best) component in {sum(winners[:2])} of 2" in text
+    assert ("(2 runs of 1 experiment; the ablations' components, where evaluated, are shown in Table 10 but not "
+            f"counted): the winner was the best (or tied best) component in {sum(winners[:2])} of 2") in text
     assert f"P(at least {sum(winners[:2])} of 2 by chance) = {p_text(p)}:" in text
     leads = []                          # the winner's accuracy minus the best other component's, over all items
     for seed in (0, 1):
@@ -394,7 +409,8 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     assert "Seed 1: Figure 2 (training loss of each component)" in figures          # LoRA seed 1 is not recorded
 
     def metrics(name, seed):
-        return [json.loads(line) for line in (results / name / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()]
+        lines = (results / name / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
 
     # Figure 2's claim, by hand: the seed both have, LoRA's loss minus the highest component's at each step
     d = np.array([lora["lm"] - max(comlora["component_loss"])
@@ -404,9 +420,12 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     expected = "not distinguishable at this scale" if p2 >= 0.05 else \
         "supported" if d.mean() > 0 else "not supported (the opposite is significant)"
     assert figure2[1:] == ["LoRA r=8", "0 (one seed)", f"{np.sum(d > 0)} of {d.size}",
-                           f"{d.mean():+.3f} [{low:+.3f}, {high:+.3f}]", f"{d.mean():+.3f}", p_text(p2), f"**{expected}**"]
-    norms = {name: statistics.median(s["grad_norm"] for s in metrics(name, 0)) for name in ("t3-comlora-k2-r8", "t3-lora-r8")}
-    assert (f"metrics.jsonl): ComLoRA (2, 8) {norms['t3-comlora-k2-r8']:.2f} against LoRA r=8 {norms['t3-lora-r8']:.2f}. "
+                           f"{d.mean():+.3f} [{low:+.3f}, {high:+.3f}]", f"{d.mean():+.3f}", p_text(p2),
+                           f"**{expected}**"]
+    norms = {name: statistics.median(s["grad_norm"] for s in metrics(name, 0))
+             for name in ("t3-comlora-k2-r8", "t3-lora-r8")}
+    assert (f"metrics.jsonl): ComLoRA (2, 8) {norms['t3-comlora-k2-r8']:.2f} against LoRA r=8 "
+            f"{norms['t3-lora-r8']:.2f}. "
             "Every step clips the whole gradient, the selector's and the components' together, to norm 1 (") in text
     # Figure 3's claim, by hand, over the two runs of Table 10's claim (window 2: the last window is the last 1-2 steps)
     hits, chances = 0, []
@@ -429,7 +448,8 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     assert decide["decide_at 0.5"][4] == f"{run['train_seconds']:.0f}"
     assert decide["decide_at 0.5"][5] == f"{run['tokens_per_s']:.0f}"
     # by hand: both components run the base model on the decided_at_step steps before the decision, one after it
-    steps = [json.loads(line) for line in (results / "decide-0.5" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)
+             for line in (results / "decide-0.5" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     tokens = [s["target_tokens"] for s in steps]
     before = sum(n for s, n in zip(steps, tokens) if s["step"] <= decision["decided_at_step"])
     assert 0 < before < sum(tokens)
@@ -445,7 +465,8 @@ def test_report_table10_figures_and_early_decision(tiny_study):
     assert decide["LoRA r=8"][7] == f"– / {float(np.median(lora)):.1f}" and decide["LoRA r=8"][8] == "–"
     assert decide["ComLoRA (2, 8)"][7].endswith(" / –") and decide["ComLoRA (2, 8)"][8] == "–"
     short = section(text, "## In short")
-    assert "- decide_at 0.5 against LoRA r=8: " in short and f"at {decide['decide_at 0.5'][6]} passes per token." in short
+    assert "- decide_at 0.5 against LoRA r=8: " in short
+    assert f"at {decide['decide_at 0.5'][6]} passes per token." in short
 
 
 def test_report_on_an_empty_results_folder_lists_every_run_as_missing(tmp_path):
@@ -516,7 +537,8 @@ def write_run(results, experiment, seed, evals, commit="aaaa1111", load=1.0, tra
     if winner is not None:
         (folder / "winner.json").write_text(json.dumps(winner))
     (folder / "run.json").write_text(json.dumps({
-        "experiment": experiment, "label": experiment, "seed": seed, "commit": commit, "date": f"2026-01-0{seed + 1} 10:00:00",
+        "experiment": experiment, "label": experiment, "seed": seed, "commit": commit,
+        "date": f"2026-01-0{seed + 1} 10:00:00",
         "cpus": 2, "load_average_start": [load, load, load], "commands": [], "eval_flags": ["--greedy"],
         "train_seconds": train_seconds, "eval_seconds": 450.0, "tokens_per_s": 1000.0, "steps": 50,
         "load_average_end": [load, load, load]}))
@@ -535,7 +557,9 @@ def designed(tmp_path_factory):
              "t3-comlora-k2-r8": ("ComLoRA (2, 8)", ["table3", "table5", "table10", "decide"],
                                   {"method": "comlora", "num_components": 2, "r": 8}),
              "t5-without-selector": ("without selector", ["table5"], {"method": "comlora", "num_components": 2, "r": 8,
-                                                                      "method_options": {"use_selector": False, "align_loss": False, "pairwise_loss": False}})}
+                                                                      "method_options": {"use_selector": False,
+                                                                                         "align_loss": False,
+                                                                                         "pairwise_loss": False}})}
     for name, (label, tables, train) in specs.items():
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({"label": label, "tables": tables, "seeds": [0, 1, 2],
                                                              "components": "all" if "table10" in tables else "winner",
@@ -558,7 +582,8 @@ def designed(tmp_path_factory):
                   commit="bbbb2222" if seed == 2 else "aaaa1111", winner=winner, params=(160, 40))
         write_run(results, "t3-lora-r8", seed, {"run": eval_result(correct[("t3-lora-r8", seed)])}, load=9.0)
         write_run(results, "t3-lora-r16", seed, {"run": eval_result(main_flags)})
-        write_run(results, "t5-without-selector", seed, {"run-component0-winner": eval_result(correct[("t5-without-selector", seed)])})
+        write_run(results, "t5-without-selector", seed,
+                  {"run-component0-winner": eval_result(correct[("t5-without-selector", seed)])})
     page = write_report(folder, results, tmp / "reproduction.md", tmp / "figures", PAPER)
     return {"text": page.read_text(), "correct": correct}
 
@@ -586,8 +611,10 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
     text = designed["text"]
     verdicts = {row[0]: row[-1] for row in table_rows(text, "| claim of the paper")}
     assert verdicts["ComLoRA (2, 8) beats LoRA r=8"] == "**supported**"
-    assert verdicts["ComLoRA (2, 8) beats LoRA r=16 (the same LoRA parameter count)"] == "**not distinguishable at this scale**"
-    assert verdicts["the selector matters: removing it lowers accuracy"] == "**not supported (the opposite is significant)**"
+    assert (verdicts["ComLoRA (2, 8) beats LoRA r=16 (the same LoRA parameter count)"]
+            == "**not distinguishable at this scale**")
+    assert (verdicts["the selector matters: removing it lowers accuracy"]
+            == "**not supported (the opposite is significant)**")
 
     ablation = {row[0]: row for row in table_rows(text, "| run | seeds | Δ points [95% CI]")}
     without = ablation["without selector"]                                          # Δ = this row − full
@@ -596,7 +623,7 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
 
     checks = {row[1]: row for row in table_rows(text, "| run | seed | K | winner |")}
     assert set(checks) == {"0", "1", "2"}
-    for seed, row in checks.items():
+    for row in checks.values():
         assert row[0] == "ComLoRA (2, 8)" and row[2:6] == ["2", "1", "1", "0"] and row[6] == "1"
         assert row[7] == "yes" and row[8] == "no" and row[10] == "yes"
     assert "(3 runs of 1 experiment; the ablations' components, where evaluated, are shown in Table 10 but not " \
@@ -606,9 +633,11 @@ def test_designed_records_verdicts_table10_commits_and_load(designed):
 
     assert "The recorded runs ran at different commits:" in text
     assert "- `bbbb2222`: t3-comlora-k2-r8/seed-2" in text
-    assert "**The recorded load averages differ a lot** (each run's mean of start and end: from 1.0 to 9.0 on 2 CPUs)" in text
+    assert ("**The recorded load averages differ a lot** (each run's mean of start and end: from 1.0 to 9.0 "
+            "on 2 CPUs)") in text
     assert "Not yet recorded" not in section(text, "## Table 3 analogue")
-    assert "In all, the 12 recorded runs took 0.3 h of training and 1.5 h of evaluation" in text  # 12 x 100 s, 12 x 450 s
+    # 12 x 100 s, 12 x 450 s
+    assert "In all, the 12 recorded runs took 0.3 h of training and 1.5 h of evaluation" in text
 
     # Figure 2: every step, LoRA's loss (3 - 0.1 t) minus the highest component's (3 - 0.1 t + 0.05) is -0.05
     figure2 = {row[0]: row for row in table_rows(text, "| ComLoRA | LoRA |")}

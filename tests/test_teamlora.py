@@ -8,15 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
+from conftest import make_teamlora_config as make_config
 from torch import nn
 
 from comlora.methods.registry import method_config
 from comlora.methods.teamlora import TeamLoraConfig, TeamLoraLinear, TeamLoraModel
 from comlora.training.config import TrainConfig
-
-from conftest import make_teamlora_config as make_config
-from conftest import logits, make_batch, make_tiny_llama, randomise_lora_B
-
 
 ACTIVATIONS = {"relu": lambda v: max(v, 0.0), "tanh": math.tanh,
                "gelu": lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))), "silu": lambda v: v / (1 + math.exp(-v))}
@@ -109,7 +107,8 @@ def test_total_rank_is_filled_in_and_checked():
     (dict(num_experts=4, r_A=10), "r_A=10 is not divisible by num_experts K=4"),
     (dict(num_experts=4, r=2, r_A=16), r"r_A=16 is inconsistent with K \* r_B = 4 \* 2 = 8; set r=4"),
     (dict(interaction_init_range=-0.1), "interaction_init_range"),
-    (dict(interaction_matrix="fixed"), r"interaction_matrix must be one of \('learned', 'frozen', 'off'\), got 'fixed'"),
+    (dict(interaction_matrix="fixed"),
+     r"interaction_matrix must be one of \('learned', 'frozen', 'off'\), got 'fixed'"),
     (dict(share_A=1), "share_A must be true or false, got 1"),
     (dict(router_hidden_size=-1), "router_hidden_size must be an integer >= 0, got -1"),
     (dict(router_hidden_size=2.5), "router_hidden_size must be an integer >= 0"),

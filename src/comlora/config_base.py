@@ -17,7 +17,8 @@ class ConfigDict:
 
     def integer_checks(self, names, minimum: int) -> list[tuple[bool, str]]:
         """Each named field is an integer (not a bool) >= ``minimum``."""
-        return [(isinstance(getattr(self, n), int) and not isinstance(getattr(self, n), bool) and getattr(self, n) >= minimum,
+        return [(isinstance(getattr(self, n), int) and not isinstance(getattr(self, n), bool)
+                 and getattr(self, n) >= minimum,
                  f"{n} must be an integer >= {minimum}, got {getattr(self, n)!r}") for n in names]
 
     def finite_checks(self) -> list[tuple[bool, str]]:

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
+from comlora.base_models import load_model_and_tokenizer
 from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.items import data_root
 from comlora.evaluation.commonsense import evaluate_commonsense, markdown_table
 from comlora.evaluation.results import write_results
-from comlora.base_models import load_model_and_tokenizer
 from comlora.plots import plot_loss_curves
 from comlora.storage import read_json, write_json, write_text
 from comlora.training.config import TrainConfig, load_yaml
-from comlora.training.runs import reload_method
 from comlora.training.loop import train
+from comlora.training.runs import reload_method
 
 
 def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments")) -> dict:
@@ -49,7 +49,8 @@ def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments"))
     comlora, tokenizer, _ = reload_method(out / "comlora")
     winner = comlora.winner
     merged = comlora.merge(winner, inplace=True).eval()
-    results[f"ComLoRA K={cfg.num_components} r={cfg.r} winner (component {winner}, merged)"] = evaluate(merged, tokenizer)
+    winner_label = f"ComLoRA K={cfg.num_components} r={cfg.r} winner (component {winner}, merged)"
+    results[winner_label] = evaluate(merged, tokenizer)
     seconds["evaluate 3 models"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
 
@@ -71,7 +72,8 @@ def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments"))
     print("\n" + table)
     print(f"winner: component {winner}; selector similarity {winner_report['similarity']}, "
           f"validation loss {winner_report['val_loss']}")
-    print(f"wall time: {seconds['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items() if k != 'total')})")
+    print(f"wall time: {seconds['total']:.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items() if k != 'total')})")
     print(f"plots: {figure2}, {out / 'comlora' / 'lowest_loss_share.png'}")
     print(f"results: {out / 'results.md'}")
     return summary

@@ -48,7 +48,8 @@ def plot_loss_curves(runs: dict[str, str | Path], out: str | Path, span: int = 5
         steps = [r["step"] for r in rows]
         if rows and "component_loss" in rows[0]:
             competing = [r for r in rows if "component_loss" in r]
-            decision = json.loads((Path(run) / "decision.json").read_text()) if (Path(run) / "decision.json").is_file() else None
+            decision_file = Path(run) / "decision.json"
+            decision = json.loads(decision_file.read_text()) if decision_file.is_file() else None
             for k in range(len(rows[0]["component_loss"])):
                 values = [r["component_loss"][k] for r in competing]
                 k_steps = [r["step"] for r in competing]

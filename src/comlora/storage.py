@@ -92,7 +92,8 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
     """safetensors only (no pickle); tensors are made contiguous and moved to the CPU first."""
     from safetensors.torch import save_file
 
@@ -170,7 +171,8 @@ def load_state_tensors(expected: dict[str, torch.Tensor], saved: dict[str, torch
 
     problems = state_fit_problems({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in saved.items()})
     if problems:
-        raise ValueError(f"{source} does not fit this base model (was it saved from another one?): {summarize(problems)}")
+        raise ValueError(f"{source} does not fit this base model (was it saved from another one?): "
+                         f"{summarize(problems)}")
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(saved[k])

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from comlora.data.commonsense import COMMONSENSE_TASKS
-from comlora.data.items import load_items
 from comlora.data.convai2 import CONVAI2_FILE, load_convai2
-from comlora.data.mmlu import load_mmlu, SUBJECT_CATEGORIES
+from comlora.data.items import load_items
+from comlora.data.mmlu import SUBJECT_CATEGORIES, load_mmlu
 
 LLM_ADAPTERS_FIELDS = ("instruction", "input", "output", "answer")
 MMLU_SUBJECTS = sorted(SUBJECT_CATEGORIES)
@@ -87,7 +87,7 @@ def check_commonsense(root: Path) -> DatasetReport:
                     no_train.append(task)
                 continue
             report.found.append(relative)
-            problem = _read_problem(path, lambda p: _llm_adapters_file(p, require_answer=split == "test"))
+            problem = _read_problem(path, lambda p, split=split: _llm_adapters_file(p, require_answer=split == "test"))
             if problem:
                 report.problems.append(problem)
     if no_train:
@@ -107,7 +107,7 @@ def check_mmlu(root: Path, split: str) -> DatasetReport:
             report.missing.append(relative)
             continue
         report.found.append(relative)
-        problem = _read_problem(root / relative, lambda _: load_mmlu(root / "mmlu", split, [subject]))
+        problem = _read_problem(root / relative, lambda _, subject=subject: load_mmlu(root / "mmlu", split, [subject]))
         if problem:
             report.problems.append(problem)
     return report

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from comlora.data.items import load_items
 
-COMMONSENSE_TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa"]
+COMMONSENSE_TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy",
+                     "openbookqa"]
 
 
 @dataclass
@@ -50,7 +51,8 @@ def build_commonsense_mini(root: str | Path, tasks: list[str] | None = None, eva
         random.Random(f"{seed}:{task}:eval").shuffle(order)
         evaluation[task] = [dict(test[i], task=task, index=i) for i in order[:eval_size]]
         if train_file is not None:
-            candidates = [dict(item, task=task, index=i, source="train") for i, item in enumerate(load_items(train_file))]
+            candidates = [dict(item, task=task, index=i, source="train")
+                          for i, item in enumerate(load_items(train_file))]
         else:
             candidates = [dict(test[i], task=task, index=i, source="test") for i in order[eval_size:]]
         random.Random(f"{seed}:{task}:train").shuffle(candidates)

@@ -42,7 +42,8 @@ def load_convai2(path: str | Path) -> list[Dialogue]:
         if number == 1:
             dialogues.append(Dialogue(index=len(dialogues), line=line_no))
         elif number != expected:
-            raise ValueError(f"{path}:{line_no}: line number {number} breaks the dialogue's count (expected {expected} or 1)")
+            raise ValueError(f"{path}:{line_no}: line number {number} breaks the dialogue's count "
+                             f"(expected {expected} or 1)")
         expected = number + 1
         dialogue = dialogues[-1]
         if text.startswith(PERSONA_PREFIX):
@@ -77,7 +78,8 @@ def split_dialogues(dialogues: list[Dialogue], seed: int = 0,
 
 
 def dialogue_prompt(persona: list[str], history: list[tuple[str, str]], utterance: str) -> str:
-    """The instruction text: task line, persona sentences, earlier turns ('Partner:' / 'You:'), the partner's message."""
+    """The instruction text: task line, persona sentences, earlier turns ('Partner:' / 'You:'), the partner's
+    message."""
     lines = [INSTRUCTION, "", "Persona:", *persona, "", "Conversation:"]
     for partner, response in history:
         lines += [f"Partner: {partner}", f"You: {response}"]

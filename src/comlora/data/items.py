@@ -21,7 +21,8 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
 
 
 def data_root(override: str | Path | None = None) -> Path:
-    """``override``, else ``$COMLORA_DATA``, else ``../shared/data`` beside the repository (or the working directory)."""
+    """``override``, else ``$COMLORA_DATA``, else ``../shared/data`` beside the repository (or the working
+    directory)."""
     if override is None:
         override = os.environ.get("COMLORA_DATA")
     if override is not None:
@@ -80,19 +81,21 @@ def tokenize_item(tokenizer, item: dict, cutoff_len: int, train_on_inputs: bool 
     """LLM-Adapters' tokenisation: prompt + output truncated to ``cutoff_len``, EOS appended when it fits,
     labels = input_ids with the prompt tokens set to -100 unless ``train_on_inputs``."""
     prompt = format_prompt(item)
-    ids = tokenizer(prompt + item["output"], truncation=True, max_length=cutoff_len, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(prompt + item["output"], truncation=True, max_length=cutoff_len,
+                    add_special_tokens=True)["input_ids"]
     if ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
         ids = ids + [tokenizer.eos_token_id]
     labels = list(ids)
     if not train_on_inputs:
-        prompt_len = len(tokenizer(prompt, truncation=True, max_length=cutoff_len, add_special_tokens=True)["input_ids"])
+        prompt_len = len(tokenizer(prompt, truncation=True, max_length=cutoff_len,
+                                   add_special_tokens=True)["input_ids"])
         labels[:prompt_len] = [IGNORE_INDEX] * min(prompt_len, len(labels))
     return {"input_ids": ids, "labels": labels}
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding gets attention 0 and label -100."""
-    import torch          # here, not at the top: the command line's options load this module
+    import torch  # here, not at the top: the command line's options load this module
 
     length = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": [], "attention_mask": [], "labels": []}

@@ -45,12 +45,14 @@ def _split_folder(root: str | Path, split: str) -> Path:
     for folder in (root / "mmlu" / split, root / split, root):
         if folder.is_dir() and any(folder.glob(f"*_{split}.csv")):
             return folder
-    raise FileNotFoundError(f"no MMLU {split} files (*_{split}.csv) in {root}, {root / split} or {root / 'mmlu' / split}")
+    raise FileNotFoundError(f"no MMLU {split} files (*_{split}.csv) in {root}, {root / split} or "
+                            f"{root / 'mmlu' / split}")
 
 
 def _read_csv(path: Path, subject: str, limit: int | None) -> list[dict]:
     """Rows of one MMLU CSV: with the header ``question,choice0..choice3,answer`` and answers 0-3, or as Hendrycks et
-    al.'s release ships them (no header, answers A-D). Every problem names the file and the line where the row starts."""
+    al.'s release ships them (no header, answers A-D). Every problem names the file and the line where the row
+    starts."""
     items = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, strict=True)
@@ -62,8 +64,9 @@ def _read_csv(path: Path, subject: str, limit: int | None) -> list[dict]:
             raise ValueError(f"{path}:1: malformed CSV ({err})") from err
         if first is not None and first != HEADER:
             if len(first) != len(HEADER) or first[5].strip() not in LETTERS:
-                raise ValueError(f"{path}:1: expected the header {','.join(HEADER)} (answers 0-3), or Hendrycks et al.'s "
-                                 f"rows without a header (question, 4 choices, answer A-D), got {first}")
+                raise ValueError(f"{path}:1: expected the header {','.join(HEADER)} (answers 0-3), or "
+                                 f"Hendrycks et al.'s rows without a header (question, 4 choices, answer A-D), "
+                                 f"got {first}")
             answers, pending = LETTERS, (1, first)
         while limit is None or len(items) < limit:
             line = reader.line_num + 1
@@ -108,7 +111,8 @@ def load_mmlu(root: str | Path, split: str = "test", subjects: list[str] | None 
 
 def _question_block(item: dict) -> str:
     """The question and its lettered choices, without the 'Answer:' line."""
-    return item["question"].strip() + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, item["choices"]))
+    return item["question"].strip() + "".join(f"\n{letter}. {choice}"
+                                              for letter, choice in zip(LETTERS, item["choices"]))
 
 
 def _header(subject: str) -> str:

@@ -41,8 +41,8 @@ def evaluate_convai2(model, tokenizer, examples: list[dict], num_beams: int = 1,
     items = [{"dialogue": ex.get("dialogue"), "turn": ex.get("turn"), "response": ex["response"],
               "generation": g, "prediction": p} for ex, g, p in zip(examples, generations, predictions)]
     settings = {"scoring": "generate", "num_beams": num_beams, "length_penalty": length_penalty,
-                "no_repeat_ngram_size": no_repeat_ngram_size, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                "bertscore": bertscore}
+                "no_repeat_ngram_size": no_repeat_ngram_size, "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size, "bertscore": bertscore}
     return {"settings": settings, "n": len(items), "metrics": metrics, "items": items,
             "seconds": time.perf_counter() - started}
 
@@ -59,7 +59,7 @@ def evaluate_convai2_loglik(model, tokenizer, examples: list[dict], batch_size: 
     """Per turn, the gold reply's summed NLL -sum_t log p(y_t | prompt, y_<t) over its ``tokens`` (EOS included)
     after the Alpaca prompt; ``nll_per_token`` = sum of NLLs / sum of tokens over the turns, ``perplexity`` = its
     exp."""
-    from comlora.evaluation.loglik import continuation_logliks, pad_token_id   # imports torch
+    from comlora.evaluation.loglik import continuation_logliks, pad_token_id  # imports torch
     started = time.perf_counter()
     prompts = [format_prompt({"instruction": ex["prompt"], "input": ""}) for ex in examples]
     pairs = [response_pair(tokenizer, prompt, ex["response"]) for prompt, ex in zip(prompts, examples)]

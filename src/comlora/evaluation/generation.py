@@ -14,7 +14,7 @@ def generate_texts(model, tokenizer, prompts: list[str], batch_size: int = 8, ma
     if hasattr(model, "generate_texts"):
         return model.generate_texts(prompts, max_new_tokens=max_new_tokens, num_beams=num_beams, progress=progress,
                                     **generate_kwargs)
-    import torch          # here, not at the top: the command line's options load this module (comlora eval --help)
+    import torch  # here, not at the top: the command line's options load this module (comlora eval --help)
 
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"

@@ -26,7 +26,8 @@ def gguf_model_path(model: str) -> Path:
         return smollm2_gguf_path()
     path = Path(model)
     if path.suffix != ".gguf" or not path.is_file():
-        raise ValueError(f"the llama.cpp backend runs GGUF files: --model {DEFAULT_MODEL} or a .gguf file, not {model!r}")
+        raise ValueError(f"the llama.cpp backend runs GGUF files: --model {DEFAULT_MODEL} or a .gguf file, "
+                         f"not {model!r}")
     return path
 
 
@@ -69,7 +70,8 @@ class LlamaCppGenerator:
 
     def generate_texts(self, prompts: list[str], max_new_tokens: int = 32, num_beams: int = 1, progress=None,
                        **generate_kwargs) -> list[str]:
-        """``generation.generate_texts`` for llama.cpp: the decoded new text of each prompt (special tokens left out)."""
+        """``generation.generate_texts`` for llama.cpp: the decoded new text of each prompt (special tokens left
+        out)."""
         if num_beams != 1:
             raise ValueError("the llama.cpp backend decodes greedily (llama.cpp has no beam search): use --greedy")
         unsupported = {k: v for k, v in generate_kwargs.items() if v}
@@ -84,7 +86,8 @@ class LlamaCppGenerator:
         return texts
 
     def close(self) -> None:
-        """Free llama.cpp's model and context now (not at interpreter exit, where llama-cpp-python's finalizer fails)."""
+        """Free llama.cpp's model and context now (not at interpreter exit, where llama-cpp-python's finalizer
+        fails)."""
         self.llm.close()
 
     def next_token_logits(self, token_ids: list[int]):
@@ -108,5 +111,6 @@ def run_generator(method, model: str, component: int | None = None, **kwargs) ->
                          f"(the default {DEFAULT_MODEL} does)")
     weights, alpha, _ = adapted_weights(method, component)
     with tempfile.TemporaryDirectory(prefix="comlora-gguf-") as folder:
-        adapter = write_lora_gguf(Path(folder) / "adapter.gguf", weights, alpha, GgufLayout.from_config(method.model.config))
+        adapter = write_lora_gguf(Path(folder) / "adapter.gguf", weights, alpha,
+                                  GgufLayout.from_config(method.model.config))
         return LlamaCppGenerator(base, adapter, **kwargs)

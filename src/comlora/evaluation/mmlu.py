@@ -13,8 +13,16 @@ from tqdm.auto import tqdm
 
 from comlora import markdown
 from comlora.data.items import format_prompt as alpaca_prompt
-from comlora.data.mmlu import (ANSWER_PREFIX, CATEGORIES, LETTERS, SUBJECT_CATEGORIES, UNCATEGORIZED, format_prompt,
-                               load_mmlu, mmlu_training_item)
+from comlora.data.mmlu import (
+    ANSWER_PREFIX,
+    CATEGORIES,
+    LETTERS,
+    SUBJECT_CATEGORIES,
+    UNCATEGORIZED,
+    format_prompt,
+    load_mmlu,
+    mmlu_training_item,
+)
 from comlora.evaluation.generation import generate_texts
 from comlora.evaluation.settings import EvalSettings, option
 
@@ -49,7 +57,7 @@ def _continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[
 
 def _last_logprobs(model, sequences: list[list[int]], keep: int, pad_id: int) -> torch.Tensor:
     """Log-softmax over the vocabulary at the last ``keep`` positions of each left-padded sequence."""
-    import torch          # here, not at the top: the command line's options load this module (comlora eval --help)
+    import torch  # here, not at the top: the command line's options load this module (comlora eval --help)
 
     device = next(model.parameters()).device
     length = max(len(s) for s in sequences)
@@ -99,7 +107,8 @@ def letter_logprobs(model, tokenizer, contexts: list[str], batch_size: int = 8, 
             scores.extend(flat[i:i + len(LETTERS)] for i in range(0, len(flat), len(LETTERS)))
         if progress is not None:
             progress(len(chunk))
-    tokens = {letter: tokenizer.convert_ids_to_tokens(cont) for letter, (_, cont) in zip(LETTERS, encoded[0])} if encoded else {}
+    tokens = ({letter: tokenizer.convert_ids_to_tokens(cont) for letter, (_, cont) in zip(LETTERS, encoded[0])}
+              if encoded else {})
     return scores, {"continuation_tokens": tokens, "single_token": single, "truncated": truncated}
 
 
@@ -171,7 +180,8 @@ def evaluate_mmlu(model, tokenizer, items: list[dict], shots_per_subject: int = 
     settings = {"mode": mode, "prompt_style": prompt_style, "shots_per_subject": shots_per_subject,
                 "batch_size": batch_size, "max_new_tokens": max_new_tokens if mode == "generate" else None,
                 "max_length": max_length if mode == "logits" else None}
-    rows = [{"subject": item["subject"], "index": item.get("index"), "answer": LETTERS[item["answer"]]} for item in items]
+    rows = [{"subject": item["subject"], "index": item.get("index"), "answer": LETTERS[item["answer"]]}
+            for item in items]
     with tqdm(total=len(items), desc=f"mmlu ({mode})", dynamic_ncols=True) as bar:
         if mode == "logits":
             contexts = prompts if prompt_style == "harness" else [p + ANSWER_PREFIX for p in prompts]

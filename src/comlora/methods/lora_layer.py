@@ -20,7 +20,8 @@ def linear_dims(layer: nn.Module, adapter: str) -> tuple[int, int, bool]:
     if isinstance(layer, Conv1D):
         d_in, d_out = layer.weight.shape
         return d_in, d_out, True
-    raise TypeError(f"{adapter} adapts torch.nn.Linear and transformers' Conv1D layers only, got {type(layer).__name__}")
+    raise TypeError(f"{adapter} adapts torch.nn.Linear and transformers' Conv1D layers only, "
+                    f"got {type(layer).__name__}")
 
 
 @torch.no_grad()

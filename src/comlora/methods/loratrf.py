@@ -47,10 +47,12 @@ class LoraTrfConfig(AdapterConfig):
     """Configuration of LoRATRF: rank-r LoRA on the target modules and a task-aware filter per decoder layer."""
 
     target_modules: list[str] | str | None = field(default=None, metadata={
-        "help": "Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against the "
-                "full module name; None = the attention output and MLP layers (o_proj, gate_proj, up_proj, down_proj on "
-                "Llama; the same roles on Phi-3, GPT-2, GPT-NeoX, OPT, Falcon), an error on other architectures."})
-    filter_rank: int = field(default=8, metadata={"help": "Rank of the filter's transform T = T1 T2 (d x filter_rank x d)."})
+        "help": "Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched "
+                "against the full module name; None = the attention output and MLP layers (o_proj, gate_proj, "
+                "up_proj, down_proj on Llama; the same roles on Phi-3, GPT-2, GPT-NeoX, OPT, Falcon), an error on "
+                "other architectures."})
+    filter_rank: int = field(default=8, metadata={
+        "help": "Rank of the filter's transform T = T1 T2 (d x filter_rank x d)."})
 
     def __post_init__(self) -> None:
         self.validate(self.adapter_checks("filter_rank"))

@@ -20,7 +20,8 @@ def per_sample_token_loss(logits: torch.Tensor, targets: torch.Tensor, sample_in
     """
     nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
     total = torch.zeros(num_samples, dtype=nll.dtype, device=nll.device).index_add(0, sample_index, nll)
-    count = torch.zeros(num_samples, dtype=nll.dtype, device=nll.device).index_add(0, sample_index, torch.ones_like(nll))
+    count = torch.zeros(num_samples, dtype=nll.dtype, device=nll.device).index_add(0, sample_index,
+                                                                                  torch.ones_like(nll))
     if reduction == "sum":
         return total, count
     return total / count.clamp_min(1.0), count

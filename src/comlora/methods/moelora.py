@@ -1,4 +1,5 @@
-"""MoELoRA: K LoRA experts per adapted linear layer, mixed per token by a softmax router (docs/method.md, related methods).
+"""MoELoRA: K LoRA experts per adapted linear layer, mixed per token by a softmax router (docs/method.md, related
+methods).
 
 Not mergeable: the router weights depend on the input token, so no fixed weight update reproduces a layer.
 
@@ -27,8 +28,12 @@ class MoeLoraConfig(AdapterConfig):
     """Configuration of a mixture of K LoRA experts of rank r per target module."""
 
     num_experts: int = field(default=4, metadata={"help": "K: LoRA experts per adapted layer."})
-    top_k: int | None = field(default=None, metadata={"help": "None = dense routing (every expert, softmax weights); k = keep the k largest weights per token, renormalised to sum to 1."})
-    load_balance_weight: float = field(default=0.0, metadata={"help": "Weight of the Switch-Transformer load-balancing loss in the total loss (0 = off; it is still logged)."})
+    top_k: int | None = field(default=None, metadata={
+        "help": "None = dense routing (every expert, softmax weights); k = keep the k largest weights per token, "
+                "renormalised to sum to 1."})
+    load_balance_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the Switch-Transformer load-balancing loss in the total loss (0 = off; it is still "
+                "logged)."})
     contrastive_loss: bool = field(default=False, metadata={
         "help": "Add the contrastive loss among experts of Luo et al. (2024): each (token, expert) output is an "
                 "anchor, the same expert's outputs on the other sampled tokens its positives, every other expert's "
@@ -49,9 +54,11 @@ class MoeLoraConfig(AdapterConfig):
             (self.top_k is None or (isinstance(self.top_k, int) and 1 <= self.top_k <= max(k, 1)),
              f"top_k must be None (dense) or an integer in 1..K={k}, got {self.top_k!r}"),
             (self.load_balance_weight >= 0, f"load_balance_weight must be >= 0, got {self.load_balance_weight!r}"),
-            (isinstance(self.contrastive_loss, bool), f"contrastive_loss must be true or false, got {self.contrastive_loss!r}"),
+            (isinstance(self.contrastive_loss, bool),
+             f"contrastive_loss must be true or false, got {self.contrastive_loss!r}"),
             (self.contrastive_weight >= 0, f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}"),
-            (self.contrastive_temperature > 0, f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}"),
+            (self.contrastive_temperature > 0,
+             f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}"),
             (not self.contrastive_loss or k >= 2,
              f"contrastive_loss contrasts different experts: it needs num_experts >= 2, got {k!r}"),
         ] + self.integer_checks(["contrastive_tokens"], 2)
@@ -134,7 +141,8 @@ def load_balancing_loss(probs: torch.Tensor) -> torch.Tensor:
 def expert_contrastive_loss(outputs: torch.Tensor, experts: torch.Tensor, temperature: float) -> torch.Tensor:
     """Supervised InfoNCE over expert outputs, the expert index as the label (Khosla et al.'s L_out):
 
-        L = mean over anchors a with a positive of  -1/|P(a)| sum_{p in P(a)} log( exp(s_ap / tau) / sum_{b != a} exp(s_ab / tau) )
+        L = mean over anchors a with a positive of
+            -1/|P(a)| sum_{p in P(a)} log( exp(s_ap / tau) / sum_{b != a} exp(s_ab / tau) )
 
     with s_ab the cosine similarity of outputs a and b and P(a) the other outputs of a's expert. ``outputs
     [P, d]``, ``experts [P]``; 0 (still in the graph) when no output has a positive.
@@ -180,7 +188,8 @@ class MoeLoraModel(LayerAdapterModel):
             real = attention_mask.bool()
             balance = torch.stack([load_balancing_loss(layer.router_probs[real]) for layer in layers]).mean()
             contrastive = None if rows is None else torch.stack(
-                [expert_contrastive_loss(*layer.expert_outputs, cfg.contrastive_temperature) for layer in layers]).mean()
+                [expert_contrastive_loss(*layer.expert_outputs, cfg.contrastive_temperature)
+                 for layer in layers]).mean()
         finally:
             for layer in layers:
                 layer.record_router, layer.router_probs = False, None

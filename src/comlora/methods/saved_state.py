@@ -72,7 +72,8 @@ def load_peft_adapter(model: nn.Module, path: str | Path, is_trainable: bool = F
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a PEFT adapter folder: {PEFT_CONFIG} is missing")
     if not weights_file.is_file():
-        pickled = " (adapter_model.bin is a pickle, which comlora does not load)" if (path / "adapter_model.bin").exists() else ""
+        pickled = (" (adapter_model.bin is a pickle, which comlora does not load)"
+                   if (path / "adapter_model.bin").exists() else "")
         raise FileNotFoundError(f"{path} is not a PEFT adapter folder: {PEFT_WEIGHTS} is missing{pickled}")
     read_json_object(config_file, "peft_type")
     try:

@@ -49,9 +49,12 @@ class TeamLoraConfig(AdapterConfig):
     """Configuration of TeamLoRA: K experts of rank r_B sharing one A of rank r_A = K * r_B per target module."""
 
     num_experts: int = field(default=4, metadata={"help": "K: expert matrices B_i per adapted layer."})
-    r: int = field(default=8, metadata={"help": "r_B: rank of every expert B_i (the paper's 'Rank' column); the scaling is lora_alpha / r_B."})
-    r_A: int | None = field(default=None, metadata={"help": "Rank of the shared A; None = K * r_B. If given it must equal K * r_B (a check, not a second knob)."})
-    interaction_init_range: float = field(default=0.1, metadata={"help": "a: off-diagonal entries of M start ~ U(-a, a); the diagonal starts at 1 (a = 0: M = I)."})
+    r: int = field(default=8, metadata={
+        "help": "r_B: rank of every expert B_i (the paper's 'Rank' column); the scaling is lora_alpha / r_B."})
+    r_A: int | None = field(default=None, metadata={
+        "help": "Rank of the shared A; None = K * r_B. If given it must equal K * r_B (a check, not a second knob)."})
+    interaction_init_range: float = field(default=0.1, metadata={
+        "help": "a: off-diagonal entries of M start ~ U(-a, a); the diagonal starts at 1 (a = 0: M = I)."})
     interaction_matrix: str = field(default="learned", metadata={
         "help": "M of Eq. 12: 'learned' (trained), 'frozen' (kept at its initialisation: no gradient, still saved) or "
                 "'off' (no M: omega = phi, plain softmax routing; Table 4's rows without the competition module)."})
@@ -64,7 +67,8 @@ class TeamLoraConfig(AdapterConfig):
                 "Linear(d_in -> K), as in the authors' released code and Table 2's parameter shares; h > 0 = "
                 "Linear(d_in -> h) with bias, router_activation, bias-free Linear(h -> K)."})
     router_activation: str = field(default="gelu", metadata={
-        "help": f"Activation of the router's hidden layer (used when router_hidden_size > 0): one of {tuple(ROUTER_ACTIVATIONS)}."})
+        "help": "Activation of the router's hidden layer (used when router_hidden_size > 0): "
+                f"one of {tuple(ROUTER_ACTIVATIONS)}."})
 
     def __post_init__(self) -> None:
         k = self.num_experts

@@ -13,8 +13,7 @@ import numpy as np
 
 from comlora.study.cells import signed
 from comlora.study.records import TASKS, RecordedRun
-from comlora.study.statistics import (ALPHA, NOT_DISTINGUISHABLE, block_bootstrap, paired_bootstrap, sign_test,
-                                      verdict)
+from comlora.study.statistics import ALPHA, NOT_DISTINGUISHABLE, block_bootstrap, paired_bootstrap, sign_test, verdict
 
 
 def item_correctness(result: dict, source: str) -> dict[tuple[str, object], tuple[str, float]]:

@@ -18,8 +18,8 @@ from pathlib import Path
 from comlora.storage import write_text
 from comlora.study.analysis import Study
 from comlora.study.figures import draw_figures
-from comlora.study.prose import render
 from comlora.study.pilot import Study2
+from comlora.study.prose import render
 from comlora.study.sections import claims, runs, study2, tables
 from comlora.study.sections.page import Page
 

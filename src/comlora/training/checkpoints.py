@@ -18,8 +18,15 @@ from torch import nn
 
 from comlora.storage import atomic_write, fsync_path, read_json_object, read_safetensors, write_json, write_safetensors
 from comlora.training.processes import on_main_process
-from comlora.training.run_dir import (CHECKPOINTS, RunError, checkpoint_dirs, commit_folder, new_temp_folder,
-                                      temp_folder, trained_steps)
+from comlora.training.run_dir import (
+    CHECKPOINTS,
+    RunError,
+    checkpoint_dirs,
+    commit_folder,
+    new_temp_folder,
+    temp_folder,
+    trained_steps,
+)
 
 TRAINER_STATE = "trainer_state.json"
 

@@ -12,7 +12,6 @@ from comlora.data.mmlu import mmlu_training_items
 from comlora.data.options import text_answer_item
 from comlora.training.config import TrainConfig
 
-
 ROOT_DATA = ("commonsense-mini", "convai2", "mmlu", "mmlu:dev", "mmlu:test")    # read from the data root
 
 
@@ -70,7 +69,8 @@ def subset(items: list[dict], size: int, seed: int, source: str) -> list[dict]:
 def _training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     root = lambda: data_root(cfg.data_root)  # noqa: E731
     if cfg.data == "commonsense-mini":
-        suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size, cfg.split_seed)
+        suite = build_commonsense_mini(root(), cfg.tasks, cfg.eval_size, cfg.train_per_task, cfg.val_size,
+                                       cfg.split_seed)
         return suite.train, suite.validation
     if cfg.data == "convai2":
         splits = split_dialogues(load_convai2(root() / CONVAI2_FILE), seed=cfg.split_seed)
@@ -83,7 +83,7 @@ def _training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
         items = load_items(cfg.data)
     if cfg.val_size >= len(items):
         raise ValueError(f"{cfg.data}: {len(items)} items cannot hold out val_size={cfg.val_size} for validation")
-    import torch          # here, not at the top: the command line checks the data before torch loads
+    import torch  # here, not at the top: the command line checks the data before torch loads
 
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
     return [items[i] for i in order[cfg.val_size:]], [items[i] for i in order[:cfg.val_size]]

@@ -28,7 +28,8 @@ class ComLoraLinear(StackedLoraLinear):
         self.reset_parameters()
 
     def delta_weight(self, component: int) -> torch.Tensor:
-        """scaling * (A_k B_k)^T shaped like an nn.Linear weight [d_out, d_in]; scaling * A_k B_k [d_in, d_out] for a Conv1D."""
+        """scaling * (A_k B_k)^T shaped like an nn.Linear weight [d_out, d_in]; scaling * A_k B_k [d_in, d_out] for a
+        Conv1D."""
         delta = self.scaling * (self.lora_A[component] @ self.lora_B[component])
         return delta if self.fan_in_fan_out else delta.T
 

@@ -59,7 +59,8 @@ def pairwise_loss(sim: torch.Tensor, noisy_losses: torch.Tensor, direction: str 
 
 
 def alignment_loss(sim: torch.Tensor, losses: torch.Tensor, top_n: int, eta: float, sign: int = 1) -> torch.Tensor:
-    """L_align = sign * eta * mean_b sum_{k in topN(sim_b)} p[b,k] l[b,k], p = softmax(sim over the top N), detached (Eq. 5)."""
+    """L_align = sign * eta * mean_b sum_{k in topN(sim_b)} p[b,k] l[b,k], p = softmax(sim over the top N),
+    detached (Eq. 5)."""
     top_sim, top_idx = sim.detach().topk(top_n, dim=-1)
     weights = torch.softmax(top_sim, dim=-1)
     return sign * eta * (weights * losses.gather(1, top_idx)).sum(-1).mean()

@@ -21,7 +21,6 @@ from comlora.study.sections.page import Page, claims_tested
 from comlora.study.statistics import ALPHA, BOOTSTRAP_SEED, NOT_DISTINGUISHABLE, RESAMPLES
 from comlora.training.config import TrainConfig
 
-
 # ---- header -------------------------------------------------------------------------------------------------------
 
 @dataclass

@@ -16,7 +16,6 @@ from comlora.study.cells import p_text
 from comlora.study.prose import fill
 from comlora.study.sections.page import Page, missing_line
 
-
 # ---- figures ------------------------------------------------------------------------------------------------------
 
 @dataclass

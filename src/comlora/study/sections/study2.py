@@ -11,8 +11,17 @@ from typing import ClassVar
 from comlora import markdown
 from comlora.study import prose
 from comlora.study.cells import signed
-from comlora.study.pilot import (BUDGET_HOURS, PLANNED_ROWS, REGIME_STANDARD_ERRORS, SEEDS, TRACK_BUDGET_HOURS,
-                                 PilotRow, Regime, SizeEstimate, Study2)
+from comlora.study.pilot import (
+    BUDGET_HOURS,
+    PLANNED_ROWS,
+    REGIME_STANDARD_ERRORS,
+    SEEDS,
+    TRACK_BUDGET_HOURS,
+    PilotRow,
+    Regime,
+    SizeEstimate,
+    Study2,
+)
 from comlora.study.prose import fill
 from comlora.study.runner import BASE_FILE
 from comlora.study.tracks import CONVAI2, PILOT, Track

@@ -18,7 +18,6 @@ from comlora.study.records import TASKS
 from comlora.study.sections.page import COLUMNS, Page, accuracy_cells, missing_line, no_accuracy
 from comlora.study.statistics import ALPHA
 
-
 # ---- Table 3 ------------------------------------------------------------------------------------------------------
 
 @dataclass
