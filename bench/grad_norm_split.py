@@ -15,7 +15,7 @@ from transformers import get_scheduler
 from comlora.base_models import load_model_and_tokenizer
 from comlora.data.items import collate
 from comlora.methods.registry import build_method
-from comlora.study.runner import load_experiments, train_config
+from comlora.study.experiments import load_experiments, train_config
 from comlora.training.batches import micro_batches
 from comlora.training.clipping import clip_gradients, gradient_groups, gradient_norm
 from comlora.training.config import CLIP_GRAD

@@ -32,7 +32,7 @@ from comlora.evaluation.commonsense import evaluate_commonsense
 from comlora.evaluation.llama_cpp import LlamaCppGenerator, run_generator
 from comlora.export.gguf import GgufLayout, adapted_weights, write_merged_gguf
 from comlora.provenance import base_gguf_file
-from comlora.training.runs import reload_method
+from comlora.training.finished_run import reload_method
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2

@@ -43,7 +43,7 @@ def load(args):
         model, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
         return model.eval(), tokenizer, contextlib.nullcontext, f"base {args.model}"
     from comlora.methods.comlora.model import ComLoraModel
-    from comlora.training.runs import reload_method
+    from comlora.training.finished_run import reload_method
 
     method, tokenizer, _ = reload_method(args.run, device="cpu")
     if isinstance(method, ComLoraModel):

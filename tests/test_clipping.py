@@ -233,8 +233,8 @@ def test_clip_grad_option():
 def test_study_one_and_the_demo_keep_joint_clipping():
     """Study I's recorded runs clipped jointly: every experiment of experiments/study resolves to joint, as the
     demo's configs do; its recorded config.yaml files (written before clip_grad existed) read as joint."""
-    from comlora.study.runner import load_experiments, train_config
-    from comlora.training.runs import run_config
+    from comlora.study.experiments import load_experiments, train_config
+    from comlora.training.finished_run import run_config
 
     base, experiments = load_experiments("experiments/study")
     trained = [e for e in experiments if e.train is not None]
@@ -252,7 +252,7 @@ def test_study_one_and_the_demo_keep_joint_clipping():
 def test_a_run_older_than_clip_grad_resumes_joint_only(tmp_path):
     """A config.yaml without clip_grad was trained jointly: resuming it with today's default is refused with the
     command that keeps its clipping, and that command's options pass."""
-    from comlora.training.run_dir import check_run_dir
+    from comlora.training.safe_run_dir import check_run_dir
 
     run = tmp_path / "run"
     run.mkdir()

@@ -70,8 +70,8 @@ def test_each_kind_of_run_resumes_only_from_its_own_kind_of_checkpoint(tmp_path)
     import torch
     from torch import nn
 
-    from comlora.training.checkpoints import resume_from_checkpoint, resume_from_sharded_checkpoint, save_checkpoint
-    from comlora.training.run_dir import RunError
+    from comlora.training.run_checkpoints import resume_from_checkpoint, resume_from_sharded_checkpoint, save_checkpoint
+    from comlora.training.safe_run_dir import RunError
 
     sharded = tmp_path / "sharded" / "checkpoints" / "step-00000002"
     sharded.mkdir(parents=True)

@@ -25,7 +25,7 @@ from comlora.evaluation.llama_cpp import LlamaCppGenerator, run_generator  # noq
 from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf, write_merged_gguf  # noqa: E402
 from comlora.methods.base import LoraWeight  # noqa: E402
 from comlora.base_models import cache_dir, smollm2_gguf_path  # noqa: E402
-from comlora.training.runs import reload_method  # noqa: E402
+from comlora.training.finished_run import reload_method  # noqa: E402
 
 BIN = Path(sys.executable).parent
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from comlora.training.checkpoints import load_checkpoint, rng_state, save_checkpoint
+from comlora.training.run_checkpoints import load_checkpoint, rng_state, save_checkpoint
 from comlora.training.processes import on_main_process
 
 BIN = Path(sys.executable).parent

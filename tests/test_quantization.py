@@ -106,7 +106,7 @@ def test_the_card_of_a_4bit_run_names_the_4bit_base_and_its_config_gives_the_tra
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from comlora.training.runs import reload_method
+    from comlora.training.finished_run import reload_method
 
     run = tmp_path / "run"
     main(["train", "--model", str(tiny_model_dir), "--data-root", str(commonsense_root), "--out", str(run),

@@ -17,7 +17,7 @@ import yaml
 from test_reliability import SRC, assert_same_run, commit_points, one_thread, train_args  # noqa: F401
 
 from comlora.cli import main
-from comlora.training.run_dir import COMPLETE_FILE
+from comlora.training.safe_run_dir import COMPLETE_FILE
 
 pytestmark = pytest.mark.slow
 

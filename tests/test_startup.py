@@ -95,7 +95,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the bad path was noticed")
 
     modules = [importlib.import_module(name) for name in ("comlora.base_models", "comlora.training.loop",
-                                                          "comlora.training.runs")]
+                                                          "comlora.training.finished_run")]
     for module in modules:          # imported first: one imported while another is patched would keep the patch
         monkeypatch.setattr(module, "load_model_and_tokenizer", load)
 

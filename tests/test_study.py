@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from comlora.study.runner import load_experiments, run_study
+from comlora.study.experiments import load_experiments, run_study
 
 
 def write_study(folder, tiny_model_dir, commonsense_root):
@@ -47,7 +47,7 @@ def test_study_records_skips_and_resumes(tmp_path, tiny_model_dir, commonsense_r
     from comlora.training.config import TrainConfig
     from comlora.training.loop import train
     _, experiments = load_experiments(study)
-    from comlora.study.runner import train_config
+    from comlora.study.experiments import train_config
     exp = next(e for e in experiments if e.name == "comlora")
     train(train_config(yaml.safe_load((study / "base.yaml").read_text()), exp, 1, work / "comlora" / "seed-1" / "run"),
           stop_after=2)
@@ -103,7 +103,7 @@ def fake_eval(calls, on_call):
 
 
 def test_study_jobs_run_at_the_same_time_with_their_share_of_threads(tmp_path, monkeypatch, capsys):
-    import comlora.study.runner as runner
+    import comlora.study.experiments as runner
 
     study = write_base_model_study(tmp_path / "study", [("a", 1), ("b", 1), ("c", 2)])
     both_running = threading.Barrier(2, timeout=60)        # broken (an error) unless a and b run at the same time
@@ -131,7 +131,7 @@ def test_study_jobs_run_at_the_same_time_with_their_share_of_threads(tmp_path, m
 
 
 def test_a_failed_run_stops_the_study_and_the_running_runs_finish(tmp_path, monkeypatch):
-    import comlora.study.runner as runner
+    import comlora.study.experiments as runner
 
     study = write_base_model_study(tmp_path / "study", [("a", 1), ("b", 1), ("c", 2), ("d", 3)])
     both_running = threading.Barrier(2, timeout=60)
@@ -160,7 +160,7 @@ def test_a_failed_run_stops_the_study_and_the_running_runs_finish(tmp_path, monk
 def test_run_command_gives_the_process_its_threads(tmp_path, monkeypatch):
     import subprocess
 
-    import comlora.study.runner as runner
+    import comlora.study.experiments as runner
 
     seen = []
     monkeypatch.setattr(runner.subprocess, "run",
@@ -176,7 +176,7 @@ def test_run_command_gives_the_process_its_threads(tmp_path, monkeypatch):
 def test_run_command_names_the_failure_and_the_signal_that_killed_the_process(tmp_path, monkeypatch):
     import subprocess
 
-    import comlora.study.runner as runner
+    import comlora.study.experiments as runner
 
     for code, message in [(2, r"`comlora train --config x` failed \(exit 2\)"),
                           (-9, r"killed by SIGKILL: the kernel's out-of-memory killer .* \(--jobs\)"),
@@ -190,7 +190,7 @@ def test_run_command_names_the_failure_and_the_signal_that_killed_the_process(tm
 def test_a_killed_evaluation_resumes_at_the_first_component_without_a_result(tmp_path, tiny_model_dir,
                                                                               commonsense_root, monkeypatch):
     from comlora.cli import main
-    from comlora.study.runner import train_config
+    from comlora.study.experiments import train_config
     from comlora.training.loop import train
 
     monkeypatch.setenv("COMLORA_DATA", str(commonsense_root))

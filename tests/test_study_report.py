@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import make_tiny_text_model, write_commonsense_root
 
-import comlora.study.runner as study_module
+import comlora.study.experiments as study_module
 from comlora.cli import main
 from comlora.study.cells import p_text
 from comlora.study.comparisons import Paired, loss_comparison
@@ -28,7 +28,7 @@ from comlora.study.records import (
     uniform_choice_accuracy,
 )
 from comlora.study.report import write_report
-from comlora.study.runner import run_study
+from comlora.study.experiments import run_study
 from comlora.study.statistics import at_least_k_successes, block_bootstrap, paired_bootstrap, sign_test
 
 PAPER = "experiments/study/paper-numbers.json"
@@ -181,7 +181,7 @@ def test_verdict_rule():
 # ---- the paper's numbers ----------------------------------------------------------------------------
 
 def test_paper_numbers_are_consistent_and_map_to_study_experiments():
-    from comlora.study.runner import load_experiments
+    from comlora.study.experiments import load_experiments
 
     paper = load_paper(__import__("pathlib").Path(PAPER))
     _, experiments = load_experiments("experiments/study")

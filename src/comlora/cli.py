@@ -22,7 +22,7 @@ from comlora.export.registry import FORMATS as EXPORT_FORMATS
 from comlora.methods.registry import METHODS, get_method
 from comlora.training.config import TrainConfig, apply_overrides, load_yaml
 from comlora.training.processes import MainProcessFailed
-from comlora.training.run_dir import RunError, lock_run
+from comlora.training.safe_run_dir import RunError, lock_run
 
 STUDY2_EXPERIMENTS, STUDY2_RESULTS = "experiments/study2", "experiments/results/study2"   # study-report's defaults
 
@@ -150,7 +150,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 def select_winner_again(args: argparse.Namespace) -> None:
     from comlora.storage import write_json
-    from comlora.training.runs import reload_method, run_config, run_validation_batches, run_validation_items
+    from comlora.training.finished_run import reload_method, run_config, run_validation_batches, run_validation_items
 
     cfg = run_config(Path(args.run))
     if not get_method(cfg.method).selects_winner:
@@ -249,7 +249,7 @@ def cmd_check_data(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from comlora.study.runner import run_study
+    from comlora.study.experiments import run_study
 
     run_study(args.experiments, args.work, args.results, args.only.split(",") if args.only else None, args.max_runs,
               args.jobs)

@@ -95,7 +95,7 @@ class EvalSettings:
         commonsense subset must be the run's own held-out items); without a run, seed 0 unless given."""
         if not self.run:
             return replace(self, seed=0 if self.seed is None else self.seed)
-        from comlora.training.runs import run_config
+        from comlora.training.finished_run import run_config
 
         config = run_config(Path(self.run))
         return replace(self, run_config=config, model=config.model,

@@ -19,7 +19,7 @@ def target_label(run_name: str, method, component: int | None) -> str:
 def evaluation_targets(settings: EvalSettings):
     """Yield (label, model, tokenizer) for every model the eval command names."""
     from comlora.base_models import load_model_and_tokenizer
-    from comlora.training.runs import reload_method
+    from comlora.training.finished_run import reload_method
 
     if settings.backend == "llama.cpp":
         yield from llama_cpp_targets(settings)
@@ -46,7 +46,7 @@ def llama_cpp_targets(settings: EvalSettings):
     """Yield (label, LlamaCppGenerator, None) for ``--backend llama.cpp``: a run's components or LoRA through a
     GGUF adapter on its base GGUF, or ``--model`` (the default or a .gguf file) with an optional GGUF ``--adapter``."""
     from comlora.evaluation.llama_cpp import LlamaCppGenerator, gguf_model_path, run_generator
-    from comlora.training.runs import reload_method
+    from comlora.training.finished_run import reload_method
 
     if settings.run:
         method, _, cfg = reload_method(settings.run, device="cpu")

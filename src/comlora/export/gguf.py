@@ -251,7 +251,7 @@ def export_run_gguf(run: str | Path, out: str | Path, component: int | None = No
                     outtype: str | None = None) -> str:
     """``comlora export RUN --format gguf``: the winner (or ``component``) of a ComLoRA run, or a plain LoRA run,
     as a GGUF LoRA adapter, or with ``merge`` as a standalone GGUF model. Returns a one-line summary."""
-    from comlora.training.runs import reload_method
+    from comlora.training.finished_run import reload_method
 
     out = Path(out)
     if out.suffix != ".gguf":

@@ -10,8 +10,8 @@ from pathlib import Path
 from comlora.base_models import without_transformers_bars
 from comlora.provenance import base_model_record, write_model_card
 from comlora.quantization import quantization_record
-from comlora.training.run_dir import commit_folder, new_temp_folder
-from comlora.training.runs import reload_method
+from comlora.training.safe_run_dir import commit_folder, new_temp_folder
+from comlora.training.finished_run import reload_method
 
 
 def export_run(run: str | Path, out: Path, component: int | None = None, merge: bool = False) -> str:

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from comlora.methods.checkpointing import ActivationCheckpointing
+from comlora.methods.activation_checkpointing import ActivationCheckpointing
 from comlora.methods.injection import PAPER_TARGET_MODULES, inject_linear_layers, with_resolved_targets
 from comlora.methods.losses import mean_lm_loss
 from comlora.methods.saved_state import check_weights_fit, config_from_file

@@ -1,2 +1,2 @@
-"""The reproduction study: ``runner`` (``comlora study``: every experiment not yet recorded) and ``report``
+"""The reproduction study: ``experiments`` (``comlora study``: every experiment not yet recorded) and ``report``
 (``comlora study-report``: docs/reproduction.md and its figures)."""

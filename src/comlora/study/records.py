@@ -1,5 +1,5 @@
 """The recorded study, loaded and checked: the experiments of a study folder (experiments/study/*.yaml), the runs
-``comlora study`` recorded for them (``RESULTS/<experiment>/seed-<s>/``, see runner.py) and the paper's numbers
+``comlora study`` recorded for them (``RESULTS/<experiment>/seed-<s>/``, see experiments.py) and the paper's numbers
 (``paper-numbers.json``), with lookups by experiment name."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import NamedTuple
 from comlora.evaluation.commonsense import ANSWER_PATTERNS
 from comlora.evaluation.results import parse_component_label
 from comlora.storage import read_json
-from comlora.study.runner import Experiment, load_experiments
+from comlora.study.experiments import Experiment, load_experiments
 from comlora.training.config import TrainConfig, load_yaml
 
 PAPER_FILE = "paper-numbers.json"

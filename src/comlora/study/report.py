@@ -1,5 +1,5 @@
 """``comlora study-report``: the reproduction page (docs/reproduction.md) and its figures, computed from the runs
-``comlora study`` recorded (``RESULTS/<experiment>/seed-<s>/``, see runner.py) and shown beside the paper's numbers
+``comlora study`` recorded (``RESULTS/<experiment>/seed-<s>/``, see experiments.py) and shown beside the paper's numbers
 (``experiments/study/paper-numbers.json``). No number on the page is typed: each comes from those files.
 
 The layers: statistics.py (pure functions) <- records.py (the loaded runs) <- comparisons.py and analysis.py (the

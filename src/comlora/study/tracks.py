@@ -1,5 +1,5 @@
 """Study II's records, loaded and checked: its tracks (each a subfolder of ``experiments/study2`` holding a base.yaml
-and experiment files, see runner.py) and the runs ``comlora study`` recorded for them
+and experiment files, see experiments.py) and the runs ``comlora study`` recorded for them
 (``RESULTS/<experiment>/seed-<s>/``, one results folder for every track), each with its teacher-forced evaluation
 (``eval/<name>/<task>-loglik-<label>.json``, the track's ``--scoring loglik`` evaluation)."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from comlora.evaluation.results import parse_component_label
 from comlora.storage import read_json
-from comlora.study.runner import BASE_FILE, Experiment, load_evaluations, load_experiments, train_config
+from comlora.study.experiments import BASE_FILE, Experiment, load_evaluations, load_experiments, train_config
 from comlora.study.statistics import PairedDifference, paired_accuracy_difference, paired_nll_difference
 from comlora.training.config import TrainConfig, load_yaml
 

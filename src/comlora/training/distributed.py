@@ -86,7 +86,7 @@ def unsharded_method(cfg, state: dict[str, torch.Tensor]) -> tuple[nn.Module, ob
     """(the method on a freshly loaded base with ``state`` copied into its trainable tensors, tokenizer)."""
     from comlora.base_models import load_model_and_tokenizer
     from comlora.methods.registry import build_method
-    from comlora.training.checkpoints import copy_trainable_tensors
+    from comlora.training.run_checkpoints import copy_trainable_tensors
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                                 load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)

@@ -10,7 +10,7 @@ Run directory (``cfg.out``):
   winner.json         ComLoRA winner selection on the validation set; validation.json for other methods
   adapter/            the winner (or the LoRA) as a standard PEFT adapter, when the method is mergeable
   *.png               Figure 2 (per-component loss curves) and Figure 3 (lowest-loss share)
-  complete.json       written last: the run is complete (run_dir.py: the lock, atomic folders, the marker)
+  complete.json       written last: the run is complete (safe_run_dir.py: the lock, atomic folders, the marker)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from comlora.quantization import quantization_record
 from comlora.methods.registry import build_method, method_config
 from comlora.storage import json_line, write_json, write_text
 from comlora.training.batches import micro_batches, validation_batches
-from comlora.training.checkpoints import (resume_from_checkpoint, resume_from_sharded_checkpoint, rng_state,
+from comlora.training.run_checkpoints import (resume_from_checkpoint, resume_from_sharded_checkpoint, rng_state,
                                          save_checkpoint, save_sharded_checkpoint)
 from comlora.training.clipping import clip_with_accelerator, gradient_groups
 from comlora.training.config import TrainConfig
@@ -48,7 +48,7 @@ from comlora.training.data import load_training_data, training_items
 from comlora.training.distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options,
                                           unsharded_method, use_fsdp_on_cpu, with_launcher_mixed_precision)
 from comlora.training.processes import on_main_process
-from comlora.training.run_dir import CHECKPOINTS, RunError, check_run_dir, checkpoint_dirs, final_save, open_run_dir
+from comlora.training.safe_run_dir import CHECKPOINTS, RunError, check_run_dir, checkpoint_dirs, final_save, open_run_dir
 from comlora.training.tracking import TRACKER_PROJECT, tracker_config, tracker_logging_dir, tracker_values
 
 

@@ -23,7 +23,7 @@ from comlora.study.pilot import (
     Study2,
 )
 from comlora.study.prose import fill
-from comlora.study.runner import BASE_FILE
+from comlora.study.experiments import BASE_FILE
 from comlora.study.tracks import CONVAI2, PILOT, Track
 from comlora.training.config import TrainConfig
 

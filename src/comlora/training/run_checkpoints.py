@@ -18,7 +18,7 @@ from torch import nn
 
 from comlora.storage import atomic_write, fsync_path, read_json_object, read_safetensors, write_json, write_safetensors
 from comlora.training.processes import on_main_process
-from comlora.training.run_dir import (
+from comlora.training.safe_run_dir import (
     CHECKPOINTS,
     RunError,
     checkpoint_dirs,

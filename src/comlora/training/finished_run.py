@@ -10,7 +10,7 @@ from comlora.methods.registry import load_method
 from comlora.training.batches import validation_batches
 from comlora.training.config import EARLIER_RUN_VALUES, TrainConfig, load_yaml
 from comlora.training.data import tokenize_with_targets, training_items, with_answer_format
-from comlora.training.run_dir import require_complete
+from comlora.training.safe_run_dir import require_complete
 
 
 def reload_method(run: str | Path, device: str | None = None):
