@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import yaml
+from conftest import train_args
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -13,7 +14,6 @@ from transformers import AutoModelForCausalLM
 from comlora.cli import main
 from comlora.training.config import TrainConfig
 from comlora.training.loop import train
-from conftest import train_args
 
 
 def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, capsys):
@@ -68,12 +68,14 @@ def test_train_select_export_eval(tmp_path, tiny_model_dir, commonsense_root, ca
     assert len(files) == 3 and f"component{winner['winner']}-winner" in files[winner["winner"]].name
     result = json.loads(files[1].read_text())
     assert set(result["tasks"]) == {"boolq", "piqa"} and result["tasks"]["boolq"]["n"] == 2
-    main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "c1"), "--data-root", str(commonsense_root),
+    main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "c1"),
+          "--data-root", str(commonsense_root),
           "--eval-size", "4", "--limit", "1", "--greedy", "--max-new-tokens", "3", "--tasks", "winogrande",
           "--out", str(tmp_path / "ev")])
     assert (tmp_path / "ev" / "commonsense-c1-limit1.json").is_file()
     first = (tmp_path / "ev" / "commonsense-c1-limit1.json").read_text()
-    main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "c1"), "--data-root", str(commonsense_root),
+    main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "c1"),
+          "--data-root", str(commonsense_root),
           "--eval-size", "4", "--limit", "1", "--greedy", "--max-new-tokens", "3", "--tasks", "winogrande",
           "--out", str(tmp_path / "ev")])                                  # the same evaluation again: a new file
     assert (tmp_path / "ev" / "commonsense-c1-limit1.json").read_text() == first
@@ -164,7 +166,8 @@ def test_launchers_pass_every_train_flag_on_to_comlora():
 
 def test_every_method_trains_evaluates_and_compares(tmp_path, tiny_model_dir, commonsense_root, capsys):
     runs = []
-    for method, extra in [("comlora", ["--set", "method_options.selector_heads=4", "--set", "method_options.selector_ffn_dim=32"]),
+    for method, extra in [("comlora", ["--set", "method_options.selector_heads=4",
+                                       "--set", "method_options.selector_ffn_dim=32"]),
                           ("lora", ["--seed", "0"]), ("lora", ["--seed", "1"]), ("dora", []),
                           ("moelora", ["--num-components", "2", "--set", "method_options.top_k=1",
                                        "--set", "method_options.load_balance_weight=0.01"]),
@@ -203,7 +206,8 @@ def test_mmlu_and_convai2_train_and_evaluate(tmp_path, tiny_model_dir, capsys):
     common = ["--model", str(tiny_model_dir), "--data-root", root, "--device", "cpu", "--batch-size", "4",
               "--max-steps", "2", "--cutoff-len", "1024", "--method", "lora"]
     main(["train", *common, "--data", "mmlu", "--val-size", "8", "--out", str(tmp_path / "mmlu")])
-    main(["train", *common, "--data", "convai2", "--history-turns", "0", "--val-size", "8", "--out", str(tmp_path / "convai2")])
+    main(["train", *common, "--data", "convai2", "--history-turns", "0", "--val-size", "8",
+          "--out", str(tmp_path / "convai2")])
     assert json.loads((tmp_path / "convai2" / "validation.json").read_text())["num_samples"] == 8
     capsys.readouterr()
     main(["eval", "--run", str(tmp_path / "mmlu"), "--task", "mmlu", "--data-root", root, "--subjects",
@@ -246,6 +250,6 @@ def test_cpu_training_and_evaluation_keep_freed_memory_unless_told_not_to(tmp_pa
     main(train_args(tiny_model_dir, commonsense_root, tmp_path / "run", "--method", "lora", "--max-steps", "1", *flag))
     assert len(called) == calls
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["retain_cpu_memory"] is (calls == 1)
-    main(["eval", "--run", str(tmp_path / "run"), "--data-root", str(commonsense_root), "--limit", "1", "--device", "cpu",
-          *flag])
+    main(["eval", "--run", str(tmp_path / "run"), "--data-root", str(commonsense_root), "--limit", "1",
+          "--device", "cpu", *flag])
     assert len(called) == 2 * calls

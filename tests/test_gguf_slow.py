@@ -16,15 +16,16 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.slow
-llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: make setup-gguf (pip install 'comlora[gguf]')")
+llama_cpp = pytest.importorskip("llama_cpp",
+                                reason="needs llama-cpp-python: make setup-gguf (pip install 'comlora[gguf]')")
 
+from comlora.base_models import cache_dir, smollm2_gguf_path  # noqa: E402
 from comlora.data.commonsense import build_commonsense_mini  # noqa: E402
 from comlora.data.items import data_root, format_prompt  # noqa: E402
 from comlora.evaluation.commonsense import evaluate_commonsense  # noqa: E402
 from comlora.evaluation.llama_cpp import LlamaCppGenerator, run_generator  # noqa: E402
 from comlora.export.gguf import GgufLayout, adapted_weights, write_lora_gguf, write_merged_gguf  # noqa: E402
 from comlora.methods.base import LoraWeight  # noqa: E402
-from comlora.base_models import cache_dir, smollm2_gguf_path  # noqa: E402
 from comlora.training.finished_run import reload_method  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -110,8 +111,10 @@ def test_llama_cpp_logits_with_the_comlora_adapter_match_ours(comlora_run, evalu
     method, tokenizer, _ = reload_method(comlora_run, device="cpu")
     winner = method.winner
     adapter = tmp_path / "winner.gguf"
-    subprocess.run([str(BIN / "comlora"), "export", str(comlora_run), "--format", "gguf", "--out", str(adapter)], check=True)
-    llama_adapted = LlamaCppGenerator(smollm2_gguf_path(), adapter, n_threads=THREADS, n_ctx=LOGITS_CTX, logits_all=True)
+    subprocess.run([str(BIN / "comlora"), "export", str(comlora_run), "--format", "gguf", "--out", str(adapter)],
+                   check=True)
+    llama_adapted = LlamaCppGenerator(smollm2_gguf_path(), adapter, n_threads=THREADS, n_ctx=LOGITS_CTX,
+                                      logits_all=True)
     llama_base = LlamaCppGenerator(smollm2_gguf_path(), n_threads=THREADS, n_ctx=LOGITS_CTX, logits_all=True)
     with method.use_component(winner):
         figures = compare_logits(method, tokenizer, llama_adapted, llama_base, held_out_texts(evaluation))
@@ -126,8 +129,10 @@ def test_llama_cpp_logits_with_the_comlora_adapter_match_ours(comlora_run, evalu
 def test_llama_cpp_logits_with_a_plain_lora_adapter_match_peft(lora_run, evaluation, tmp_path):
     method, tokenizer, _ = reload_method(lora_run, device="cpu")
     adapter = tmp_path / "lora.gguf"
-    subprocess.run([str(BIN / "comlora"), "export", str(lora_run), "--format", "gguf", "--out", str(adapter)], check=True)
-    llama_adapted = LlamaCppGenerator(smollm2_gguf_path(), adapter, n_threads=THREADS, n_ctx=LOGITS_CTX, logits_all=True)
+    subprocess.run([str(BIN / "comlora"), "export", str(lora_run), "--format", "gguf", "--out", str(adapter)],
+                   check=True)
+    llama_adapted = LlamaCppGenerator(smollm2_gguf_path(), adapter, n_threads=THREADS, n_ctx=LOGITS_CTX,
+                                      logits_all=True)
     llama_base = LlamaCppGenerator(smollm2_gguf_path(), n_threads=THREADS, n_ctx=LOGITS_CTX, logits_all=True)
     figures = compare_logits(method.peft_model, tokenizer, llama_adapted, llama_base, held_out_texts(evaluation, 20))
     record("logits, plain LoRA (PEFT)", figures)
@@ -167,8 +172,8 @@ def test_commonsense_accuracy_through_llama_cpp_matches_ours(commonsense_answers
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 def test_merged_gguf_answers_as_base_plus_adapter(comlora_run, evaluation, commonsense_answers, tmp_path, outtype):
     merged = tmp_path / f"merged-{outtype}.gguf"
-    subprocess.run([str(BIN / "comlora"), "export", str(comlora_run), "--merge", "--format", "gguf", "--outtype", outtype,
-                    "--out", str(merged)], check=True)
+    subprocess.run([str(BIN / "comlora"), "export", str(comlora_run), "--merge", "--format", "gguf",
+                    "--outtype", outtype, "--out", str(merged)], check=True)
     _, with_adapter = commonsense_answers
     result = evaluate_commonsense(LlamaCppGenerator(merged, n_threads=THREADS), None, evaluation, ITEMS_PER_TASK, 8,
                                   MAX_NEW_TOKENS, 1)
@@ -194,8 +199,10 @@ def test_merged_gguf_equals_base_plus_adapter_at_the_same_precision(comlora_run,
     weights, alpha, _ = adapted_weights(method)
     layout = GgufLayout.from_config(method.model.config)
     unchanged = [LoraWeight(w.module, w.base, w.A, torch.zeros_like(w.B), w.scale) for w in weights]
-    write_merged_gguf(smollm2_gguf_path(), tmp_path / "base-f32.gguf", unchanged, layout, outtype="f32", whole_model=True)
-    write_merged_gguf(smollm2_gguf_path(), tmp_path / "merged-f32.gguf", weights, layout, outtype="f32", whole_model=True)
+    write_merged_gguf(smollm2_gguf_path(), tmp_path / "base-f32.gguf", unchanged, layout, outtype="f32",
+                      whole_model=True)
+    write_merged_gguf(smollm2_gguf_path(), tmp_path / "merged-f32.gguf", weights, layout, outtype="f32",
+                      whole_model=True)
     write_lora_gguf(tmp_path / "adapter.gguf", weights, alpha, layout)
     with_adapter = LlamaCppGenerator(tmp_path / "base-f32.gguf", tmp_path / "adapter.gguf", n_threads=THREADS,
                                      n_ctx=LOGITS_CTX, logits_all=True)
@@ -210,7 +217,8 @@ def test_merged_gguf_equals_base_plus_adapter_at_the_same_precision(comlora_run,
         positions += len(ids)
         gaps.append(np.abs(a - m).mean(-1))
         gaps_without.append(np.abs(b - m).mean(-1))
-    figures = {"positions": positions, "same_argmax": same / positions, "mean_abs_logit_diff": float(np.concatenate(gaps).mean()),
+    figures = {"positions": positions, "same_argmax": same / positions,
+               "mean_abs_logit_diff": float(np.concatenate(gaps).mean()),
                "same_argmax_without_adapter": same_without / positions,
                "mean_abs_logit_diff_without_adapter": float(np.concatenate(gaps_without).mean())}
     record("logits, merged GGUF (all f32) vs the same base in f32 + adapter, both llama.cpp", figures)
@@ -222,13 +230,15 @@ def test_eval_backend_llama_cpp_runs_every_generation_task(comlora_run, tmp_path
     out = tmp_path / "ev"
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
     common = ["--backend", "llama.cpp", "--greedy", "--limit", "2", "--max-new-tokens", "8", "--out", str(out)]
-    subprocess.run([str(BIN / "comlora"), "eval", "--run", str(comlora_run), "--tasks", "boolq", *common], check=True, env=env)
-    subprocess.run([str(BIN / "comlora"), "eval", "--run", str(comlora_run), "--task", "mmlu", "--mmlu-mode", "generate",
-                    "--subjects", "astronomy", *common], check=True, env=env)
+    subprocess.run([str(BIN / "comlora"), "eval", "--run", str(comlora_run), "--tasks", "boolq", *common],
+                   check=True, env=env)
+    subprocess.run([str(BIN / "comlora"), "eval", "--run", str(comlora_run), "--task", "mmlu",
+                    "--mmlu-mode", "generate", "--subjects", "astronomy", *common], check=True, env=env)
     subprocess.run([str(BIN / "comlora"), "eval", "--task", "convai2", "--no-bertscore", *common], check=True, env=env)
     results = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert len(results) == 3 and all(r["settings"]["backend"] == "llama.cpp" for r in results.values())
     commonsense = next(r for n, r in results.items() if n.startswith("commonsense-"))
-    assert commonsense["tasks"]["boolq"]["n"] == 2 and "winner-llama.cpp" in next(n for n in results if "commonsense" in n)
+    assert (commonsense["tasks"]["boolq"]["n"] == 2
+            and "winner-llama.cpp" in next(n for n in results if "commonsense" in n))
     assert next(r for n, r in results.items() if n.startswith("mmlu-"))["n"] == 2
     assert next(r for n, r in results.items() if n.startswith("convai2-"))["n"] == 2

@@ -12,15 +12,14 @@ import textwrap
 import gguf
 import pytest
 import torch
+from conftest import train_args
 from peft import PeftModel
+from test_gguf_export import write_tiny_base_gguf
 from transformers import AutoModelForCausalLM
 
 from comlora.cli import main
 from comlora.methods.base import AdapterModel
 from comlora.methods.registry import METHODS, Method
-
-from conftest import train_args
-from test_gguf_export import write_tiny_base_gguf
 
 PLANTED = '''
 """Two LoRA adapters trained side by side on the LM loss; the one with the lower validation loss wins."""

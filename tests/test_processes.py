@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from comlora.training.run_checkpoints import load_checkpoint, rng_state, save_checkpoint
 from comlora.training.processes import on_main_process
+from comlora.training.run_checkpoints import load_checkpoint, rng_state, save_checkpoint
 
 BIN = Path(sys.executable).parent
 ONE_PROCESS = SimpleNamespace(is_main_process=True, num_processes=1)

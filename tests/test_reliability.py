@@ -214,7 +214,8 @@ def test_the_run_directory_is_checked_again_under_the_lock(tmp_path, monkeypatch
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     (tmp_path / "run").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from comlora.training.safe_run_dir import RunLock; RunLock(sys.argv[2], 'train').acquire();"
+                               "from comlora.training.safe_run_dir import RunLock; "
+                               "RunLock(sys.argv[2], 'train').acquire();"
                                "print('locked', flush=True); time.sleep(600)", SRC, str(tmp_path / "run")],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -278,8 +279,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tiny, t
     from comlora.base_models import load_model_and_tokenizer
     from comlora.cli import build_parser, train_config_from_args
     from comlora.methods.registry import build_method
-    from comlora.training.run_checkpoints import resume_from_checkpoint, trainable_tensors
     from comlora.training.loop import train
+    from comlora.training.run_checkpoints import resume_from_checkpoint, trainable_tensors
 
     model_dir, data, reference = tiny
     argv = train_args(model_dir, data, tmp_path / "killed", "--save-every", "1", "--keep-checkpoints", "3")

@@ -19,6 +19,7 @@ import comlora.study.experiments as study_module
 from comlora.cli import main
 from comlora.study.cells import p_text
 from comlora.study.comparisons import Paired, loss_comparison
+from comlora.study.experiments import run_study
 from comlora.study.records import (
     TASKS,
     RecordedRun,
@@ -28,7 +29,6 @@ from comlora.study.records import (
     uniform_choice_accuracy,
 )
 from comlora.study.report import write_report
-from comlora.study.experiments import run_study
 from comlora.study.statistics import at_least_k_successes, block_bootstrap, paired_bootstrap, sign_test
 
 PAPER = "experiments/study/paper-numbers.json"

@@ -28,8 +28,8 @@ STUDY2_EXPERIMENTS, STUDY2_RESULTS = "experiments/study2", "experiments/results/
 
 # What reaches the user as one line "error: ..." and exit code 2 (with --debug, after the traceback): bad values,
 # files that are missing, corrupt or cut short, refusals. Anything else is a bug and shows its traceback.
-USER_ERRORS = (ValueError, OSError, NotImplementedError, ImportError, RunError, MainProcessFailed, SafetensorError, EOFError,
-               pickle.UnpicklingError, yaml.YAMLError)
+USER_ERRORS = (ValueError, OSError, NotImplementedError, ImportError, RunError, MainProcessFailed, SafetensorError,
+               EOFError, pickle.UnpicklingError, yaml.YAMLError)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -108,7 +108,8 @@ def method_help(name: str) -> str:
     own = [f for f in fields(method.config_class) if f.name not in from_flags and f.name not in method.fixed]
     if own:
         example = ", ".join(f"{f.name}: {json.dumps(field_default(f))}" for f in own[:2])
-        lines += ["", f"In a YAML config the method's own options go under method_options, e.g. method_options: {{{example}}}"]
+        lines += ["", "In a YAML config the method's own options go under method_options, "
+                      f"e.g. method_options: {{{example}}}"]
     return "\n".join(lines)
 
 
@@ -165,7 +166,8 @@ def select_winner_again(args: argparse.Namespace) -> None:
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another --out (nothing was written)")
     write_json(out, report.to_dict())
-    print(f"winner: component {report.winner} (similarity {report.similarity}, validation loss {report.val_loss}) -> {out}")
+    print(f"winner: component {report.winner} (similarity {report.similarity}, "
+          f"validation loss {report.val_loss}) -> {out}")
     print(f"the run's own winner.json, state/ and adapter/ are unchanged; to export this one: "
           f"comlora export {args.run} --component {report.winner} --out DIR")
 
@@ -191,11 +193,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def evaluate_and_write(settings: EvalSettings, options) -> None:
     """Evaluate every model ``settings`` names on its task (with the task's ``options``) and write each result."""
+    from comlora.base_models import resolve_device
     from comlora.cpu_memory import retain_freed_memory
     from comlora.data.items import data_root
     from comlora.evaluation.results import write_results
     from comlora.evaluation.targets import evaluation_targets
-    from comlora.base_models import resolve_device
 
     settings = settings.with_run_defaults()
     if settings.retain_cpu_memory and resolve_device(settings.device).type == "cpu":
@@ -269,7 +271,8 @@ def cmd_study_report(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="comlora", description="Competitive LoRA fine-tuning (ComLoRA) and baselines.")
+    parser = argparse.ArgumentParser(prog="comlora",
+                                     description="Competitive LoRA fine-tuning (ComLoRA) and baselines.")
     parser.add_argument("--debug", action="store_true", help="On an error, show its full traceback too.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser = partial(sub.add_parser, formatter_class=DefaultsHelpFormatter)
@@ -309,14 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_flags(p.add_argument_group(name), task.Options)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="Table of evaluated runs: params %% (L/S), accuracy per task, average, inference cost.")
+    p = sub.add_parser("compare", help="Table of evaluated runs: params %% (L/S), accuracy per task, average, "
+                                       "inference cost.")
     p.add_argument("runs", nargs="+", help="Run directories (each evaluated with `comlora eval --run`).")
-    p.add_argument("--group-by", default="method,r,num_components", help="config.yaml keys that define a configuration; "
-                   "runs sharing them (e.g. other seeds) give mean ± std.")
+    p.add_argument("--group-by", default="method,r,num_components",
+                   help="config.yaml keys that define a configuration; "
+                        "runs sharing them (e.g. other seeds) give mean ± std.")
     p.add_argument("--out", help="Also write OUT.md and OUT.csv.")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="The main job: train ComLoRA and LoRA on SmolLM2, evaluate base, LoRA and the winner.")
+    p = sub.add_parser("demo", help="The main job: train ComLoRA and LoRA on SmolLM2, "
+                                    "evaluate base, LoRA and the winner.")
     p.add_argument("--out", default="runs/demo", help="Folder for the demo's runs and results.")
     p.add_argument("--limit", type=int, default=25, help="Evaluation items per task.")
     p.add_argument("--configs", default="experiments", help="Folder holding demo-comlora.yaml and demo-lora.yaml.")
@@ -327,10 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="Data root (default: $COMLORA_DATA or ../shared/data).")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("study", help="The reproduction study: run every experiment of experiments/study not yet recorded.")
-    p.add_argument("--experiments", default="experiments/study", help="Folder of experiment YAML files (and base.yaml).")
+    p = sub.add_parser("study", help="The reproduction study: run every experiment of experiments/study "
+                                     "not yet recorded.")
+    p.add_argument("--experiments", default="experiments/study",
+                   help="Folder of experiment YAML files (and base.yaml).")
     p.add_argument("--results", default="experiments/results/study", help="Where each finished run is recorded.")
-    p.add_argument("--work", default="runs/study", help="Working run directories (checkpoints; a killed study resumes).")
+    p.add_argument("--work", default="runs/study",
+                   help="Working run directories (checkpoints; a killed study resumes).")
     p.add_argument("--only", help="Comma-separated experiment names (file stems) to run.")
     p.add_argument("--max-runs", type=int, help="Stop after this many runs.")
     p.add_argument("--jobs", type=int, default=1,
@@ -339,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study-report", help="The reproduction page (tables, paired tests, verdicts, figures) from the "
                        "recorded study runs, beside the paper's numbers.")
-    p.add_argument("--experiments", default="experiments/study", help="Folder of experiment YAML files (and base.yaml).")
-    p.add_argument("--results", default="experiments/results/study", help="Where `comlora study` recorded the runs (read only).")
+    p.add_argument("--experiments", default="experiments/study",
+                   help="Folder of experiment YAML files (and base.yaml).")
+    p.add_argument("--results", default="experiments/results/study",
+                   help="Where `comlora study` recorded the runs (read only).")
     p.add_argument("--out", default="docs/reproduction.md", help="The page to write.")
     p.add_argument("--figures", default="docs/figures/reproduction", help="Folder for the figures' PNG files.")
     p.add_argument("--paper", help="The paper's numbers (default: EXPERIMENTS/paper-numbers.json).")
@@ -350,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Where `comlora study` recorded Study II's runs (read only).")
     p.set_defaults(func=cmd_study_report)
     for command in sub.choices.values():         # --debug also after the command
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show an error's traceback.")
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="Show an error's traceback.")
     return parser
 
 

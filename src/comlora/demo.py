@@ -18,8 +18,8 @@ from comlora.evaluation.results import write_results
 from comlora.plots import plot_loss_curves
 from comlora.storage import read_json, write_json, write_text
 from comlora.training.config import TrainConfig, load_yaml
-from comlora.training.loop import train
 from comlora.training.finished_run import reload_method
+from comlora.training.loop import train
 
 
 def run_demo(out: Path, limit: int = 25, config_dir: Path = Path("experiments")) -> dict:

@@ -59,7 +59,8 @@ def llama_cpp_targets(settings: EvalSettings):
         raise ValueError(f"--backend llama.cpp takes a GGUF adapter file (comlora export RUN --format gguf), "
                          f"not {settings.adapter}")
     label = Path(settings.adapter).stem if settings.adapter else f"base-{Path(settings.model).name}"
-    yield from freed_after_use(f"{label}-llama.cpp", LlamaCppGenerator(gguf_model_path(settings.model), settings.adapter))
+    yield from freed_after_use(f"{label}-llama.cpp",
+                               LlamaCppGenerator(gguf_model_path(settings.model), settings.adapter))
 
 
 def freed_after_use(label: str, generator):

@@ -61,7 +61,7 @@ class GgufLayout:
     num_kv_heads: int
 
     @classmethod
-    def from_config(cls, config) -> "GgufLayout":
+    def from_config(cls, config) -> GgufLayout:
         model_type = getattr(config, "model_type", None)
         if model_type not in ARCHITECTURES:
             raise ValueError(f"GGUF export supports the transformers model types {', '.join(ARCHITECTURES)}, "
@@ -199,7 +199,8 @@ def write_merged_gguf(base_path: str | Path, path: str | Path, weights: list[Lor
         w0 = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
         trained = layout.to_gguf_rows(w.module, w.base.detach().double().cpu()).numpy()
         if w0.shape != trained.shape:
-            raise ValueError(f"{base_path.name}: {name} is {list(w0.shape)}, the run's {w.module} is {list(trained.shape)}")
+            raise ValueError(f"{base_path.name}: {name} is {list(w0.shape)}, "
+                             f"the run's {w.module} is {list(trained.shape)}")
         gap = float(np.abs(w0 - trained).max())
         if gap > BASE_TOLERANCE * float(np.abs(w0).max()):
             raise ValueError(f"{base_path.name}: {name} differs from the weights the run trained on (max |diff| "
@@ -271,7 +272,8 @@ def export_run_gguf(run: str | Path, out: str | Path, component: int | None = No
         if base is None:
             raise ValueError(f"--merge --format gguf rewrites the base's GGUF file, and the base {cfg.model!r} did not "
                              "come from one (the default smollm2-135m does): write the merged transformers model "
-                             "(comlora export RUN --merge --out DIR) and convert it with llama.cpp's convert_hf_to_gguf.py")
+                             "(comlora export RUN --merge --out DIR) and convert it with llama.cpp's "
+                             "convert_hf_to_gguf.py")
         types = write_merged_gguf(base, out, weights, layout, metadata, outtype or "f16")
         kinds = ", ".join(sorted(set(types.values())))
         return f"exported {label} merged into {base.name} ({len(types)} tensors now {kinds}) -> {out}"

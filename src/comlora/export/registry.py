@@ -9,8 +9,8 @@ one module under ``export/`` plus one line in ``FORMATS`` (docs/extending.md).
 from __future__ import annotations
 
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ from pathlib import Path
 from comlora.base_models import without_transformers_bars
 from comlora.provenance import base_model_record, write_model_card
 from comlora.quantization import quantization_record
-from comlora.training.safe_run_dir import commit_folder, new_temp_folder
 from comlora.training.finished_run import reload_method
+from comlora.training.safe_run_dir import commit_folder, new_temp_folder
 
 
 def export_run(run: str | Path, out: Path, component: int | None = None, merge: bool = False) -> str:
-    """Write the export into the folder ``out`` (with a model card naming the base weights); returns what was exported."""
+    """Write the export into the folder ``out`` (with a model card naming the base weights); returns what was
+    exported."""
     method, tokenizer, cfg = reload_method(run)
     record = base_model_record(cfg.model, quantization_record(method.model))    # before a merge dequantizes it
     component = method.resolve_component(component)

@@ -8,10 +8,11 @@ from typing import ClassVar
 
 from comlora.config_base import ConfigDict
 
-TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched against "
-                       "the full module name; None = the architecture's default (the paper's q,k,v,up,down where the "
-                       "model's names fit, e.g. Llama, Qwen, Mistral, Gemma, Phi-3; otherwise PEFT's default for the "
-                       "model type, e.g. c_attn on GPT-2). Resolved against the model when the adapter is built.")
+TARGET_MODULES_HELP = ("Linear / Conv1D modules to adapt: a list of name suffixes (PEFT style) or one regex matched "
+                       "against the full module name; None = the architecture's default (the paper's q,k,v,up,down "
+                       "where the model's names fit, e.g. Llama, Qwen, Mistral, Gemma, Phi-3; otherwise PEFT's "
+                       "default for the model type, e.g. c_attn on GPT-2). Resolved against the model when the "
+                       "adapter is built.")
 
 
 @dataclass
@@ -23,7 +24,8 @@ class AdapterConfig(ConfigDict):
     selects_winner: ClassVar[bool] = False
 
     r: int = field(default=8, metadata={"help": "Rank of every LoRA pair A (d_in x r), B (r x d_out)."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: each update is scaled by lora_alpha / r."})
+    lora_alpha: float = field(default=16, metadata={
+        "help": "LoRA scaling numerator: each update is scaled by lora_alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input x (0 = off)."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGET_MODULES_HELP})
     seed: int = field(default=0, metadata={"help": "Seed of the adapter's initialisation."})

@@ -5,10 +5,10 @@ config builds on ``adapter_config.AdapterConfig``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -246,8 +246,8 @@ class AdapterModel(ActivationCheckpointing, nn.Module):
         return path / f"{cls.state_name}_config.json", path / f"{cls.state_name}_model.safetensors"
 
     def save(self, path: str | Path) -> Path:
-        """``<state_name>_config.json`` (the config, the base's name, ``training_state``) + ``<state_name>_model.safetensors``
-        (every added tensor)."""
+        """``<state_name>_config.json`` (the config, the base's name, ``training_state``) +
+        ``<state_name>_model.safetensors`` (every added tensor)."""
         config_file, weights_file = self.state_files(path)
         write_safetensors(weights_file, self.state_tensors())
         write_json(config_file, {"method": self.state_name, f"{self.state_name}_config": self.config.to_dict(),

@@ -90,7 +90,7 @@ class PeftLoraModel(AdapterModel):
         return Path(path)
 
     @classmethod
-    def load(cls, model: nn.Module, path: str | Path) -> "PeftLoraModel":
+    def load(cls, model: nn.Module, path: str | Path) -> PeftLoraModel:
         peft_model = load_peft_adapter(model, path, is_trainable=True)
         saved = peft_model.peft_config["default"]
         targets = saved.target_modules if isinstance(saved.target_modules, str) else sorted(saved.target_modules)

@@ -85,7 +85,8 @@ def method_config(cfg):
         values[method.components_field] = cfg.num_components
     for name in method.fixed:
         if name in cfg.method_options:
-            raise ValueError(f"method {cfg.method} sets {name}={method.fixed[name]!r}; it cannot be changed in method_options")
+            raise ValueError(f"method {cfg.method} sets {name}={method.fixed[name]!r}; "
+                             "it cannot be changed in method_options")
     return method.config_class.from_dict({**values, **method.fixed, **cfg.method_options})
 
 

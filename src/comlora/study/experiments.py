@@ -125,7 +125,8 @@ def code_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).resolve().parent,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent,
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -177,7 +178,7 @@ def missing_evaluations(run: Path, exp: Experiment, cfg: TrainConfig,
         out = [] if name is None else ["--out", str(folder)]
         have = [p.name for p in folder.glob("*.json")]
         if exp.components == "all" and get_method(cfg.method).selects_winner:
-            def done(k: int) -> bool:
+            def done(k: int, have: list[str] = have) -> bool:
                 return any(n.endswith(f"-{component_label(run.name, k, winner)}.json") for n in have
                            for winner in (False, True))
             commands += [["eval", "--run", str(run), "--components", str(k), *flags, *out]
@@ -207,7 +208,8 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
         for name, flags in evaluations.items():
             folder = evaluation_dir(eval_dir, name)
             if not any(folder.glob("*.json")):
-                argv = ["eval", "--model", base.get("model", "smollm2-135m"), "--seed", str(base.get("data_seed", seed)),
+                argv = ["eval", "--model", base.get("model", "smollm2-135m"),
+                        "--seed", str(base.get("data_seed", seed)),
                         *(["--eval-size", str(base["eval_size"])] if "eval_size" in base else []), "--out", str(folder),
                         *flags]
                 record["commands"].append("comlora " + " ".join(argv))

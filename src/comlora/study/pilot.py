@@ -11,8 +11,8 @@ from functools import cached_property
 from typing import NamedTuple
 
 from comlora.methods.registry import get_method
-from comlora.study.records import StudyRecords
 from comlora.study.experiments import train_config
+from comlora.study.records import StudyRecords
 from comlora.study.statistics import PairedDifference
 from comlora.study.tracks import CONVAI2, PILOT, TRACK_TASKS, Study2Records, Track, TrackRun
 

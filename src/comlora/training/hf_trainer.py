@@ -105,7 +105,8 @@ def pad_token_id_of(comlora_model: AdapterModel, processing_class=None) -> int:
 
 
 class ComLoraTrainerMixin:
-    """What ComLoraTrainer and ComLoraSFTTrainer share, over a Trainer whose ``self.model`` is a CompetitionObjective."""
+    """What ComLoraTrainer and ComLoraSFTTrainer share, over a Trainer whose ``self.model`` is a
+    CompetitionObjective."""
 
     comlora_model: AdapterModel
     winner_report: WinnerReport | None = None
@@ -232,7 +233,8 @@ class ComLoraTrainerMixin:
     # ---- saving and resuming -------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """A checkpoint (``_internal_call``): the trainable state. Otherwise the winner, selected on ``eval_dataset``,
-        as a PEFT adapter, plus ``winner.json`` and the full state (``comlora_config.json`` + ``comlora_model.safetensors``)."""
+        as a PEFT adapter, plus ``winner.json`` and the full state (``comlora_config.json`` +
+        ``comlora_model.safetensors``)."""
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
         if _internal_call:
             self._save(str(output_dir))
@@ -254,7 +256,8 @@ class ComLoraTrainerMixin:
         path = Path(resume_from_checkpoint)
         config_file, weights_file = self.comlora_model.state_files(path)
         if not weights_file.is_file() or not config_file.is_file():
-            raise ValueError(f"{path} is not a ComLoRA trainer checkpoint: {weights_file.name} / {config_file.name} missing")
+            raise ValueError(f"{path} is not a ComLoRA trainer checkpoint: "
+                             f"{weights_file.name} / {config_file.name} missing")
         key = f"{self.comlora_model.state_name}_config"
         saved = read_json_object(config_file, key)[key]
         ours = self.comlora_model.config.to_dict()

@@ -30,25 +30,45 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import comlora.peft_import  # noqa: F401  (before transformers' get_scheduler, which imports peft: peft_import.py)
+
+# isort: split
 from transformers import get_scheduler
 
 from comlora.base_models import load_model_and_tokenizer, resolve_device
 from comlora.cpu_memory import peak_rss_mb, retain_freed_memory
 from comlora.data.items import collate
+from comlora.methods.registry import build_method, method_config
 from comlora.provenance import base_model_record
 from comlora.quantization import quantization_record
-from comlora.methods.registry import build_method, method_config
 from comlora.storage import json_line, write_json, write_text
 from comlora.training.batches import micro_batches, validation_batches
-from comlora.training.run_checkpoints import (resume_from_checkpoint, resume_from_sharded_checkpoint, rng_state,
-                                         save_checkpoint, save_sharded_checkpoint)
 from comlora.training.clipping import clip_with_accelerator, gradient_groups
 from comlora.training.config import TrainConfig
 from comlora.training.data import load_training_data, training_items
-from comlora.training.distributed import (full_trainable_state, is_sharded, refuse_unsupported_sharded_options,
-                                          unsharded_method, use_fsdp_on_cpu, with_launcher_mixed_precision)
+from comlora.training.distributed import (
+    full_trainable_state,
+    is_sharded,
+    refuse_unsupported_sharded_options,
+    unsharded_method,
+    use_fsdp_on_cpu,
+    with_launcher_mixed_precision,
+)
 from comlora.training.processes import on_main_process
-from comlora.training.safe_run_dir import CHECKPOINTS, RunError, check_run_dir, checkpoint_dirs, final_save, open_run_dir
+from comlora.training.run_checkpoints import (
+    resume_from_checkpoint,
+    resume_from_sharded_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from comlora.training.safe_run_dir import (
+    CHECKPOINTS,
+    RunError,
+    check_run_dir,
+    checkpoint_dirs,
+    final_save,
+    open_run_dir,
+)
 from comlora.training.tracking import TRACKER_PROJECT, tracker_config, tracker_logging_dir, tracker_values
 
 
@@ -64,7 +84,8 @@ class TrainingObjective(nn.Module):
         self.method = method
 
     def forward(self, batch: dict, step: int, total_steps: int):
-        return self.method.training_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], step, total_steps)
+        return self.method.training_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], step,
+                                         total_steps)
 
 
 def train(cfg: TrainConfig, resume: bool = False, accelerator: Accelerator | None = None,
@@ -109,7 +130,8 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
     steps_per_epoch = len(train_examples) // per_step
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_examples)} training items are fewer than one optimizer step needs "
-                         f"(batch_size {cfg.batch_size} x {accelerator.num_processes} processes x grad_accum {cfg.grad_accum})")
+                         f"(batch_size {cfg.batch_size} x {accelerator.num_processes} processes "
+                         f"x grad_accum {cfg.grad_accum})")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -121,7 +143,8 @@ def _train(cfg: TrainConfig, resume: bool, accelerator: Accelerator | None, stop
         accelerator.register_for_checkpointing(scheduler)
     params = [p for p in objective.parameters() if p.requires_grad]
     groups = gradient_groups(method, params)        # what clip_grad per_group clips one by one
-    lock = on_main_process(accelerator, open_run_dir, cfg, resume)    # every check passed: lock --out, write config.yaml
+    # every check passed: lock --out, write config.yaml
+    lock = on_main_process(accelerator, open_run_dir, cfg, resume)
     if lock is not None:
         run_lock.enter_context(lock)
     if cfg.report_to:
@@ -268,7 +291,8 @@ def finish_run(cfg: TrainConfig, run: Path, method: nn.Module, tokenizer, val_ex
 
 
 def draw_plots(run: Path, window: int, into: Path) -> None:
-    """Figures 2 and 3 of the run into ``into``; without matplotlib (the ``plots`` extra) a note says how to get them."""
+    """Figures 2 and 3 of the run into ``into``; without matplotlib (the ``plots`` extra) a note says how to get
+    them."""
     try:
         from comlora.plots import plot_run
     except ImportError as err:

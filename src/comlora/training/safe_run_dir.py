@@ -55,7 +55,7 @@ class RunLock:
         self.run, self.command, self.optional = Path(run), command, optional
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         path = self.run / LOCK_FILE
         if not self.run.is_dir():
             raise FileNotFoundError(f"{self.run} is not a run directory (no such folder)")
@@ -89,7 +89,7 @@ class RunLock:
             os.close(self.fd)            # closing the file drops the lock
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self if self.fd is not None else self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -107,7 +107,7 @@ def lock_run(run: str | Path, command: str, optional: bool = False) -> RunLock:
 # ---- folders written whole --------------------------------------------------------------------
 def fsync_tree(folder: Path) -> None:
     """fsync every file below ``folder``, then every folder bottom-up (their entries), ``folder`` last."""
-    for root, dirs, files in os.walk(folder, topdown=False):
+    for root, _dirs, files in os.walk(folder, topdown=False):
         for name in files:
             fsync_path(Path(root) / name)
         fsync_path(root)
@@ -210,7 +210,8 @@ def require_complete(run: Path) -> None:
         raise RunError(f"{run} has not finished ({COMPLETE_FILE} is missing: it is still training, or it was stopped "
                        f"before its final save completed); finish it from its last checkpoint with: {resume}")
     raise RunError(f"{run} has not finished ({COMPLETE_FILE} is missing) and has no checkpoint: the "
-                   f"{trained_steps(run)} optimizer steps it trained are lost; train it again from step 0 with: {resume}")
+                   f"{trained_steps(run)} optimizer steps it trained are lost; "
+                   f"train it again from step 0 with: {resume}")
 
 
 # ---- starting or resuming a run ---------------------------------------------------------------

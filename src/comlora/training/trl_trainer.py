@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-from comlora.training.clipping import refuse_unsupported_clipping
-from comlora.training.hf_trainer import CompetitionObjective, ComLoraTrainerMixin
 from comlora.methods.base import AdapterModel
+from comlora.training.clipping import refuse_unsupported_clipping
+from comlora.training.hf_trainer import ComLoraTrainerMixin, CompetitionObjective
 
 try:
     from trl import SFTTrainer

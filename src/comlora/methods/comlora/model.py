@@ -165,7 +165,8 @@ class ComLoraModel(LayerAdapterModel):
                      step: int, total_steps: int) -> CompetitionOutput:
         """After an early decision: L = L_LM of the decided component alone (a batch of B rows, not K*B)."""
         with self.use_component(self.decided):
-            losses, counts = sequence_losses(self.model, input_ids, attention_mask, labels, 1, self.config.loss_reduction)
+            losses, counts = sequence_losses(self.model, input_ids, attention_mask, labels, 1,
+                                             self.config.loss_reduction)
         valid = self._valid_samples(counts)
         lm = losses[valid, 0].mean()
         eta = anneal_eta(self.config.anneal, step, total_steps, self.config.anneal_rate)
@@ -233,7 +234,8 @@ class ComLoraModel(LayerAdapterModel):
             raise ValueError(f"saved training state: winner must be null or a component 0..{k - 1}, got {winner!r}")
         if decided is not None and (not isinstance(decided, int) or isinstance(decided, bool) or not 0 <= decided < k):
             raise ValueError(f"saved training state: decided must be null or a component 0..{k - 1}, got {decided!r}")
-        if (decided is None) != (at_step is None) or (at_step is not None and (not isinstance(at_step, int) or at_step < 1)):
+        if (decided is None) != (at_step is None) or (at_step is not None
+                                                       and (not isinstance(at_step, int) or at_step < 1)):
             raise ValueError(f"saved training state: decided_at_step must be a step >= 1 exactly when decided is set, "
                              f"got decided={decided!r}, decided_at_step={at_step!r}")
         self.winner, self.decided, self.decided_at_step = winner, decided, at_step
@@ -367,7 +369,7 @@ class LowMemoryComponentLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cm: "ComLoraModel", input_ids, attention_mask, labels, anchor):
+    def forward(ctx, cm: ComLoraModel, input_ids, attention_mask, labels, anchor):
         ctx.cm = cm
         ctx.save_for_backward(input_ids, attention_mask, labels)
         with torch.no_grad():
@@ -384,7 +386,8 @@ class LowMemoryComponentLosses(torch.autograd.Function):
                 if not bool(grad_losses[:, k].any()):
                     continue
                 with cm.use_component(k):
-                    loss_k, _ = sequence_losses(cm.model, input_ids, attention_mask, labels, 1, cm.config.loss_reduction)
+                    loss_k, _ = sequence_losses(cm.model, input_ids, attention_mask, labels, 1,
+                                                cm.config.loss_reduction)
                 torch.autograd.backward(loss_k[:, 0], grad_losses[:, k])
         return None, None, None, None, None
 

@@ -11,6 +11,7 @@ from typing import ClassVar
 from comlora import markdown
 from comlora.study import prose
 from comlora.study.cells import signed
+from comlora.study.experiments import BASE_FILE
 from comlora.study.pilot import (
     BUDGET_HOURS,
     PLANNED_ROWS,
@@ -23,7 +24,6 @@ from comlora.study.pilot import (
     Study2,
 )
 from comlora.study.prose import fill
-from comlora.study.experiments import BASE_FILE
 from comlora.study.tracks import CONVAI2, PILOT, Track
 from comlora.training.config import TrainConfig
 
