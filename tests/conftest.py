@@ -1,10 +1,23 @@
 """Shared fixtures: tiny randomly initialised Llama models (milliseconds per forward)."""
 
+import sys
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts without Accelerate's process-wide state: a Trainer run with bf16 leaves an AcceleratorState
+    that a later Accelerator(mixed_precision="no") in the same process refuses (as accelerate's own tests reset it)."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def make_tiny_llama(seed: int = 0, hidden_size: int = 32, layers: int = 2, vocab: int = VOCAB) -> LlamaForCausalLM:

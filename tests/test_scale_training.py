@@ -13,7 +13,7 @@ from comlora.training.loop import train
 
 def run_config(tmp_path, tiny_model_dir, commonsense_root, name, **extra):
     values = dict(model=str(tiny_model_dir), data_root=str(commonsense_root), device="cpu", train_per_task=2,
-                  val_size=4, eval_size=4, batch_size=4, max_steps=3, lr=0.01, noise_alpha=0.1, lora_dropout=0.1,
+                  val_size=4, eval_size=4, batch_size=4, max_steps=3, lr=0.01, lora_dropout=0.1,
                   method_options={"selector_heads": 4, "selector_ffn_dim": 32})
     return TrainConfig(out=str(tmp_path / name), **{**values, **extra})
 

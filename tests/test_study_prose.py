@@ -9,6 +9,7 @@ import pytest
 
 from comlora.study import report
 from comlora.study.prose import block, fill, render
+from comlora.study.sections import runs
 
 
 def test_a_wrapped_template_joins_its_continuation_lines():
@@ -56,7 +57,8 @@ $experiments experiments planned.
         return NewSection(len(page.study.experiments))
 
     assert render(NewSection(3)) == "## Study II: a new section\n\n3 experiments planned."
-    monkeypatch.setattr(report, "SECTIONS", [*report.SECTIONS[:-1], new_section, report.SECTIONS[-1]])
+    at = report.SECTIONS.index(runs.run_list)                       # Study I's last section: its run list
+    monkeypatch.setattr(report, "SECTIONS", [*report.SECTIONS[:at], new_section, *report.SECTIONS[at:]])
     page = report.write_report("experiments/study", tmp_path / "none", tmp_path / "page.md", tmp_path / "fig")
     experiments = len(list(Path("experiments/study").glob("*.yaml"))) - 1                # less base.yaml
     assert page.read_text().endswith(f"\n\n## Study II: a new section\n\n{experiments} experiments planned.\n\n"
