@@ -157,34 +157,87 @@ def test_a_failed_run_stops_the_study_and_the_running_runs_finish(tmp_path, monk
             run_study(study, tmp_path / "work", results, jobs=jobs)
 
 
-def test_run_command_gives_the_process_its_threads(tmp_path, monkeypatch):
-    import subprocess
-
+def fake_python(tmp_path, monkeypatch, body: str) -> None:
+    """Make the runner's ``sys.executable -m comlora ARGV`` a shell script running ``body``."""
     import comlora.study.experiments as runner
 
-    seen = []
-    monkeypatch.setattr(runner.subprocess, "run",
-                        lambda cmd, **kw: seen.append((cmd[-1], kw["env"])) or subprocess.CompletedProcess(cmd, 0))
+    script = tmp_path / "python"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(runner.sys, "executable", str(script))
+
+
+def test_run_command_gives_the_process_its_threads(tmp_path, monkeypatch):
+    import comlora.study.experiments as runner
+
+    fake_python(tmp_path, monkeypatch, 'echo "threads=${OMP_NUM_THREADS:-unset} kept=$KEPT"')
     monkeypatch.setenv("KEPT", "yes")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     runner.run_command(["--version"], tmp_path / "log", "2")
-    runner.run_command(["--help"], tmp_path / "log")
-    assert seen[0][1]["OMP_NUM_THREADS"] == "2" and seen[0][1]["KEPT"] == "yes"    # the rest of the environment kept
-    assert seen[1][1] is None                                                      # None: inherit it unchanged
-    assert (tmp_path / "log").read_text() == "$ comlora --version\n$ comlora --help\n"
+    runner.run_command(["--help"], tmp_path / "log")        # None: the environment inherited unchanged
+    assert (tmp_path / "log").read_text() == ("$ comlora --version\nthreads=2 kept=yes\n"
+                                              "$ comlora --help\nthreads=unset kept=yes\n")
 
 
 def test_run_command_names_the_failure_and_the_signal_that_killed_the_process(tmp_path, monkeypatch):
-    import subprocess
-
     import comlora.study.experiments as runner
 
-    for code, message in [(2, r"`comlora train --config x` failed \(exit 2\)"),
-                          (-9, r"killed by SIGKILL: the kernel's out-of-memory killer .* \(--jobs\)"),
-                          (-15, r"killed by SIGTERM; see .*log\. Running the study again resumes it")]:
-        monkeypatch.setattr(runner.subprocess, "run",
-                            lambda cmd, code=code, **kw: subprocess.CompletedProcess(cmd, code))
+    for body, message in [("exit 2", r"`comlora train --config x` failed \(exit 2\)"),
+                          ("kill -9 $$", r"killed by SIGKILL: the kernel's out-of-memory killer .* \(--jobs\)"),
+                          ("kill -15 $$", r"killed by SIGTERM; see .*log\. Running the study again resumes it")]:
+        fake_python(tmp_path, monkeypatch, body)
+        seen = []
         with pytest.raises(RuntimeError, match=message):
-            runner.run_command(["train", "--config", "x"], tmp_path / "log")
+            runner.run_command(["train", "--config", "x"], tmp_path / "log", elapsed=seen.append)
+        assert len(seen) == 1 and seen[0] >= 0                                      # a failure's time is kept
+
+
+def test_run_command_reports_its_time_while_it_runs_and_when_the_study_is_interrupted(tmp_path, monkeypatch):
+    import comlora.study.experiments as runner
+
+    monkeypatch.setattr(runner, "TIMING_INTERVAL", 0.05)
+    fake_python(tmp_path, monkeypatch, "sleep 0.5")
+    seen = []
+    seconds = runner.run_command(["train"], tmp_path / "log", elapsed=seen.append)
+    assert len(seen) >= 3 and seen == sorted(seen) and seen[-1] == pytest.approx(seconds, abs=0.01) and seconds >= 0.5
+
+    fake_python(tmp_path, monkeypatch, f"echo $$ > {tmp_path / 'pid'}; sleep 30")
+    calls = []
+
+    def interrupt_once_running(value):
+        calls.append(value)
+        if len(calls) == 2:                                   # as a Ctrl-C (or a kill) of the study would
+            raise KeyboardInterrupt
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_command(["train"], tmp_path / "log", elapsed=interrupt_once_running)
+    assert time.perf_counter() - started < 10 and len(calls) == 3 and calls[2] >= calls[1]   # the time so far kept
+    pid = int((tmp_path / "pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()  # not left behind
+
+
+def test_a_killed_training_segment_keeps_its_time_and_the_next_adds_to_it(tmp_path, tiny_model_dir, commonsense_root,
+                                                                         monkeypatch):
+    import comlora.study.experiments as runner
+
+    study = write_study(tmp_path / "study", tiny_model_dir, commonsense_root)
+    base, experiments = load_experiments(study)
+    exp = next(e for e in experiments if e.name == "comlora")
+
+    def killed_after(seconds):
+        def run_command(argv, log, threads=None, elapsed=None):
+            (tmp_path / "work" / "comlora" / "seed-0" / "run").mkdir(exist_ok=True)
+            (tmp_path / "work" / "comlora" / "seed-0" / "run" / "config.yaml").write_text("{}")
+            elapsed(seconds / 2)
+            elapsed(seconds)
+            raise RuntimeError("killed by SIGKILL")
+        return run_command
+    timing = tmp_path / "work" / "comlora" / "seed-0" / "train_seconds.json"
+    for seconds, total, segments, resumed in [(5.0, 5.0, 1, None), (7.0, 12.0, 2, True)]:
+        monkeypatch.setattr(runner, "run_command", killed_after(seconds))
+        with pytest.raises(RuntimeError, match="SIGKILL"):
+            runner.run_one(base, exp, 0, tmp_path / "work", tmp_path / "results")
+        assert json.loads(timing.read_text()) == {"seconds": total, "segments": segments, "resumed": resumed}
 
 
 def test_a_killed_evaluation_resumes_at_the_first_component_without_a_result(tmp_path, tiny_model_dir,

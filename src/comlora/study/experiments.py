@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from comlora.storage import write_json, write_text
 from comlora.training.config import TrainConfig, load_yaml
 
 BASE_FILE = "base.yaml"
+TIMING_INTERVAL = 30              # seconds between the runner's writes of a running command's wall time
 EVAL_FLAGS = ["--greedy", "--max-new-tokens", "16", "--batch-size", "8"]
 RUN_FILES = ("config.yaml", "metrics.jsonl", "winner.json", "validation.json", "decision.json", "parameters.json")
 WORK_PLACEHOLDER = "<study-work>"
@@ -145,22 +147,39 @@ def record_file(source: Path, target: Path, work_root: Path) -> None:
     write_text(target, portable(source.read_text(), work_root))
 
 
-def run_command(argv: list[str], log: Path, threads: str | None = None) -> float:
+def run_command(argv: list[str], log: Path, threads: str | None = None,
+                elapsed: Callable[[float], None] | None = None) -> float:
     """Run ``python -m comlora ARGV`` (its output appended to ``log``; ``threads``: its OMP_NUM_THREADS, None to
-    inherit); returns its wall time in seconds."""
+    inherit); returns its wall time in seconds. ``elapsed`` receives the wall time so far every TIMING_INTERVAL
+    seconds and once at the end, failed or not, so a kill of the study itself loses at most one interval."""
     started = time.perf_counter()
     env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": threads}
     with log.open("a") as f:
         f.write(f"$ comlora {' '.join(argv)}\n")
         f.flush()
-        done = subprocess.run([sys.executable, "-m", "comlora", *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
-    if done.returncode > 0:
-        raise RuntimeError(f"`comlora {' '.join(argv)}` failed (exit {done.returncode}); see {log}")
-    if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name
+        process = subprocess.Popen([sys.executable, "-m", "comlora", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                   env=env)
+        try:
+            while True:
+                try:
+                    process.wait(timeout=TIMING_INTERVAL)
+                    break
+                except subprocess.TimeoutExpired:
+                    if elapsed:
+                        elapsed(time.perf_counter() - started)
+        finally:
+            if process.poll() is None:          # the study itself was interrupted: its command goes with it
+                process.kill()
+                process.wait()
+            if elapsed:
+                elapsed(time.perf_counter() - started)
+    if process.returncode > 0:
+        raise RuntimeError(f"`comlora {' '.join(argv)}` failed (exit {process.returncode}); see {log}")
+    if process.returncode < 0:
+        name = signal.Signals(-process.returncode).name
         hint = (": the kernel's out-of-memory killer sends it when memory runs out; run fewer jobs at a time (--jobs) "
                 "or lower the run's memory (gradient_checkpointing, ComLoRA's competition: low_memory)"
-                if -done.returncode == signal.SIGKILL else "")
+                if -process.returncode == signal.SIGKILL else "")
         raise RuntimeError(f"`comlora {' '.join(argv)}` was killed by {name}{hint}; see {log}. Running the study "
                            "again resumes it from its last checkpoint")
     return time.perf_counter() - started
@@ -223,16 +242,21 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
             resume = (run / "config.yaml").is_file()
             argv = ["train", "--config", str(config_file)] + (["--resume"] if resume else [])
             record["commands"].append("comlora " + " ".join(argv))
-            seconds = run_command(argv, log, threads)
-            previous = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else 0.0
-            write_json(timing_file, {"seconds": previous + seconds, "resumed": resume or None})
+            timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {"seconds": 0.0, "segments": 0}
+            previous, segments = timing["seconds"], timing.get("segments", 1 if timing["seconds"] else 0) + 1
+            run_command(argv, log, threads, lambda seconds: write_json(
+                timing_file, {"seconds": previous + seconds, "segments": segments, "resumed": resume or None}))
         record["train_seconds"] = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else None
         eval_timing = work / "eval_seconds.json"
         evaluated = json.loads(eval_timing.read_text()) if eval_timing.is_file() else {"seconds": 0.0, "commands": []}
         for argv in missing_evaluations(run, exp, cfg, evaluations):
-            evaluated["seconds"] += run_command(argv, log, threads)
+            previous = evaluated["seconds"]
             evaluated["commands"].append("comlora " + " ".join(argv))
-            write_json(eval_timing, evaluated)
+
+            def elapsed(seconds: float, previous: float = previous) -> None:
+                evaluated["seconds"] = previous + seconds
+                write_json(eval_timing, evaluated)
+            run_command(argv, log, threads, elapsed)
         record["commands"] += evaluated["commands"]
         record["eval_seconds"] = evaluated["seconds"] if evaluated["commands"] else None
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
