@@ -282,12 +282,13 @@ def test_a_killed_evaluation_resumes_at_the_first_component_without_a_result(tmp
 
 def test_named_evaluations_each_write_and_record_their_own_folder(tmp_path, tiny_model_dir, commonsense_root,
                                                                   monkeypatch):
-    """Study II's base.yaml names its evaluations: each runs for the base model and for every component of a run,
-    lands in eval/<name>/, is recorded there, and is skipped once its files exist."""
+    """Study II's base.yaml names its evaluations: each runs for the base model and for every component of a run
+    (or only the winner, given its own --components), lands in eval/<name>/, is recorded there, and is skipped once
+    its files exist."""
     monkeypatch.setenv("COMLORA_DATA", str(commonsense_root))
     study = write_study(tmp_path / "study", tiny_model_dir, commonsense_root)
     base = yaml.safe_load((study / "base.yaml").read_text())
-    base["evaluations"] = {"short": ["--greedy", "--max-new-tokens", 2], "first": ["--greedy", "--limit", 1]}
+    base["evaluations"] = {"short": ["--greedy", "--max-new-tokens", 2], "first": ["--greedy", "--limit", 1, "--components", "winner"]}
     (study / "base.yaml").write_text(yaml.safe_dump(base))
     results, work = tmp_path / "results", tmp_path / "work"
     done = run_study(study, work, results, max_runs=2)
@@ -296,12 +297,21 @@ def test_named_evaluations_each_write_and_record_their_own_folder(tmp_path, tiny
         record = results / run / "seed-0"
         assert sorted(p.name for p in (record / "eval").iterdir()) == ["first", "short"]
         assert len(list((record / "eval" / "short").glob("commonsense-*.json"))) == files
-        first = json.loads(next((record / "eval" / "first").glob("*.json")).read_text())
+        [first_file] = (record / "eval" / "first").glob("*.json")              # the winner only
+        assert run == "base-model" or "-winner" in first_file.stem
+        first = json.loads(first_file.read_text())
         assert len(first["tasks"]["boolq"]["items"]) == 1                       # --limit 1 reached the eval
-        assert json.loads((record / "run.json").read_text())["evaluations"]["first"] == ["--greedy", "--limit", "1"]
+        assert json.loads((record / "run.json").read_text())["evaluations"]["first"] == [
+            "--greedy", "--limit", "1", "--components", "winner"]
     log = (work / "comlora" / "seed-0" / "study.log").read_text()
-    assert log.count("$ comlora eval") == 4
+    assert log.count("$ comlora eval") == 3
+    assert run_study(study, work, results, max_runs=1) == [results / "comlora" / "seed-1"]     # nothing redone
+    assert (work / "comlora" / "seed-0" / "study.log").read_text() == log
     bad = yaml.safe_load((study / "base.yaml").read_text()) | {"evaluations": {"Bad Name": []}}
     (study / "base.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match="evaluations must map names"):
         load_experiments(study)
+    from comlora.study.experiments import load_evaluations
+    (study / "base.yaml").write_text(yaml.safe_dump(bad | {"evaluations": {"gen": ["--greedy", "--components"]}}))
+    with pytest.raises(ValueError, match="evaluation gen: .*--components takes winner or all"):
+        load_evaluations(study)

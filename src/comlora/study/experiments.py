@@ -14,7 +14,7 @@ The folder's base.yaml may name the evaluations every run gets (Study II), each 
 
     evaluations:
       loglik: [--task, convai2, --scoring, loglik]
-      generate: [--task, convai2, --greedy, --limit, 300]
+      generate: [--task, convai2, --greedy, --limit, 300, --components, winner]
 
 Each writes its result files into its own ``eval/<name>/`` folder. Without the key a run gets Study I's one
 evaluation, ``EVAL_FLAGS`` on the commonsense suite, written into ``eval/``.
@@ -79,7 +79,13 @@ def load_evaluations(folder: str | Path) -> dict[str | None, list[str]]:
             and all(isinstance(f, (str, int, float)) for f in flags) for name, flags in evaluations.items()):
         raise ValueError(f"{path}: evaluations must map names (lower-case letters, digits, - and _) to lists of "
                          f"`comlora eval` flags, got {evaluations!r}")
-    return {name: [str(f) for f in flags] for name, flags in evaluations.items()}
+    out = {name: [str(f) for f in flags] for name, flags in evaluations.items()}
+    for name, flags in out.items():
+        try:
+            own_components(flags)
+        except ValueError as e:
+            raise ValueError(f"{path}: evaluation {name}: {e}") from None
+    return out
 
 
 def evaluation_dir(eval_root: Path, name: str | None) -> Path:
@@ -185,25 +191,37 @@ def run_command(argv: list[str], log: Path, threads: str | None = None,
     return time.perf_counter() - started
 
 
+def own_components(flags: list[str]) -> tuple[str | None, list[str]]:
+    """An evaluation's own ``--components`` value (None: it has none, the experiment's holds) and its other flags."""
+    if "--components" not in flags:
+        return None, flags
+    at = flags.index("--components")
+    if at + 1 == len(flags) or flags[at + 1] not in ("winner", "all"):
+        raise ValueError(f"evaluation flags {flags}: --components takes winner or all")
+    return flags[at + 1], flags[:at] + flags[at + 2:]
+
+
 def missing_evaluations(run: Path, exp: Experiment, cfg: TrainConfig,
                         evaluations: dict[str | None, list[str]] | None = None) -> list[list[str]]:
     """The ``comlora eval`` commands a trained run still needs, for each evaluation (default: Study I's): under
-    ``components: all``, for a method that selects a winner, one per component without its result file (each file is
-    written whole when its component is done, so a kill loses at most the component being evaluated); otherwise one
+    ``components: all`` (the experiment's, or the evaluation's own ``--components`` flag), for a method that selects
+    a winner, one per component without its result file (each file is written whole when its component is done, so a kill loses at most the component being evaluated); otherwise one
     for the winner (or the run) unless its file exists."""
     commands = []
     for name, flags in (evaluations or {None: EVAL_FLAGS}).items():
         folder = evaluation_dir(run / "eval", name)
         out = [] if name is None else ["--out", str(folder)]
         have = [p.name for p in folder.glob("*.json")]
-        if exp.components == "all" and get_method(cfg.method).selects_winner:
+        components, flags = own_components(flags)
+        components = components or exp.components
+        if components == "all" and get_method(cfg.method).selects_winner:
             def done(k: int, have: list[str] = have) -> bool:
                 return any(n.endswith(f"-{component_label(run.name, k, winner)}.json") for n in have
                            for winner in (False, True))
             commands += [["eval", "--run", str(run), "--components", str(k), *flags, *out]
                          for k in range(cfg.num_components) if not done(k)]
         elif not have:
-            commands.append(["eval", "--run", str(run), "--components", exp.components, *flags, *out])
+            commands.append(["eval", "--run", str(run), "--components", components, *flags, *out])
     return commands
 
 
@@ -230,7 +248,7 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
                 argv = ["eval", "--model", base.get("model", "smollm2-135m"),
                         "--seed", str(base.get("data_seed", seed)),
                         *(["--eval-size", str(base["eval_size"])] if "eval_size" in base else []), "--out", str(folder),
-                        *flags]
+                        *own_components(flags)[1]]
                 record["commands"].append("comlora " + " ".join(argv))
                 record["eval_seconds"] = record.get("eval_seconds", 0.0) + run_command(argv, log, threads)
     else:
