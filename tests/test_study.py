@@ -288,7 +288,8 @@ def test_named_evaluations_each_write_and_record_their_own_folder(tmp_path, tiny
     monkeypatch.setenv("COMLORA_DATA", str(commonsense_root))
     study = write_study(tmp_path / "study", tiny_model_dir, commonsense_root)
     base = yaml.safe_load((study / "base.yaml").read_text())
-    base["evaluations"] = {"short": ["--greedy", "--max-new-tokens", 2], "first": ["--greedy", "--limit", 1, "--components", "winner"]}
+    base["evaluations"] = {"short": ["--greedy", "--max-new-tokens", 2],
+                           "first": ["--greedy", "--limit", 1, "--components", "winner"]}
     (study / "base.yaml").write_text(yaml.safe_dump(base))
     results, work = tmp_path / "results", tmp_path / "work"
     done = run_study(study, work, results, max_runs=2)

@@ -205,8 +205,9 @@ def missing_evaluations(run: Path, exp: Experiment, cfg: TrainConfig,
                         evaluations: dict[str | None, list[str]] | None = None) -> list[list[str]]:
     """The ``comlora eval`` commands a trained run still needs, for each evaluation (default: Study I's): under
     ``components: all`` (the experiment's, or the evaluation's own ``--components`` flag), for a method that selects
-    a winner, one per component without its result file (each file is written whole when its component is done, so a kill loses at most the component being evaluated); otherwise one
-    for the winner (or the run) unless its file exists."""
+    a winner, one per component without its result file (each file is written whole when its component is done, so
+    a kill loses at most the component being evaluated); otherwise one for the winner (or the run) unless its file
+    exists."""
     commands = []
     for name, flags in (evaluations or {None: EVAL_FLAGS}).items():
         folder = evaluation_dir(run / "eval", name)
