@@ -70,7 +70,7 @@ def write_record(results, experiment, task, result, train_seconds=None, eval_sec
     write_yaml(folder / "config.yaml", {"method": "lora"}) if train_seconds is not None else None
     (folder / "eval" / "loglik").mkdir(parents=True, exist_ok=True)
     (folder / "eval" / "loglik" / f"{task}-loglik-run.json").write_text(json.dumps(result))
-    record = {"experiment": experiment, "seed": 0, "eval_seconds": eval_seconds, "steps": steps}
+    record = {"experiment": experiment, "seed": 0, "eval_seconds": eval_seconds, "steps": steps, "omp_num_threads": "1"}
     if train_seconds is not None:
         record["train_seconds"] = train_seconds
     (folder / "run.json").write_text(json.dumps(record))
@@ -230,7 +230,7 @@ def test_pilot_table_regime_and_estimate_by_hand(folders):
     estimate = part(text, "## Pilot: the cost of Study II")
     assert "### ConvAI2 at 1,000 turns" not in estimate
     rows = table(part(estimate, "### ConvAI2 at 3,000 turns (the pilot's LoRA r=8: 1.00 h training, 0.20 h "
-                               "evaluation)"), "| row | seeds |")
+                               "evaluation, OMP_NUM_THREADS 1)"), "| row | seeds |")
     assert rows["Base model"][1:] == ["1", "0.00", "0.10"]
     for label, ratio in RATIOS.items():
         assert rows[label][1:] == ["3", f"{1.0 * ratio * 3:.2f}", f"{0.2 * EVALUATIONS.get(label, 1) * 3:.2f}"]

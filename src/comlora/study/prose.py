@@ -518,7 +518,8 @@ ESTIMATE_TRACK = block("""
 $table
 """)
 ESTIMATE_NONE = "No estimate yet: no LoRA r=8 pilot run is recorded."
-ESTIMATE_HEADING = block("$size (the pilot's LoRA r=8: $train h training, $eval h evaluation)")
+ESTIMATE_HEADING = block("""
+$size (the pilot's LoRA r=8: $train h training, $eval h evaluation, OMP_NUM_THREADS $threads)""")
 BUDGET = block("""
 The budget (issue 26): about $track_budget h of training per track and $budget h for both tracks together. $sizes
 $together

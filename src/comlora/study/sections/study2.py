@@ -289,7 +289,8 @@ def estimate(page) -> Estimate | None:
     for track in study2.tracks:
         tables = [fill(prose.ESTIMATE_TRACK, title=fill(prose.ESTIMATE_HEADING, size=f"{track.title} at {e.size.text}",
                                                         train=hours(e.lora.hours("train_seconds")),
-                                                        eval=hours(e.lora.hours("eval_seconds"))),
+                                                        eval=hours(e.lora.hours("eval_seconds")),
+                                                        threads=e.lora.record.get("omp_num_threads") or "unset"),
                        table=estimate_table(e)) for e in estimates[track.name]]
         blocks += tables or [fill(prose.ESTIMATE_TRACK, title=track.title, table=prose.ESTIMATE_NONE)]
     return Estimate(study1_results=str(study2.study1.results), seeds=SEEDS, costs=costs_table(study2),
