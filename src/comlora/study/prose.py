@@ -539,8 +539,8 @@ RESULTS2 = block("""
 ## Study II on $title: results
 
 The rows: the experiments of `$folder` tagged $main_table (the paper's $paper_table), decide or clipping, with their
-    seeds (the base model once: nothing is trained). Every run is scored on the same test items as the
-    pilot's$generation.
+    seeds (the base model once: nothing is trained). Every run is scored on the track's test items (runs scored on
+    other items are refused)$generation.
 
 $missing
 
@@ -640,7 +640,7 @@ $table
 """)
 TABLE10_2 = block("""
 $claim, over the $runs runs of the experiments tagged table10 with every component scored: the winner was the best
-    (or tied best) component on the test $metric in $best of $runs; a component picked at random is best with
+    (or tied best) component by $metric in $best of $runs; a component picked at random is best with
     probability |best| / K in each run ($chances), so P(at least $best of $runs by chance) = $p: **$verdict**. Each
     winner against the best other component of its run, paired on the test items (Δ > 0: the winner better):
 
@@ -682,6 +682,6 @@ $label, seed $seed: Figure 2 (training loss of each component$beside) and Figure
 TRACK_NO_FIGURE = block("$label, seed $seed: no figure, `$metrics` is missing.")
 BESIDE_RUNS = block(", beside $runs of the same seed")
 IN_SHORT2 = block("Of the $tested claims tested on $title, $measured.$sentences")
-MEASURED2 = block("$count are measured: $counts")
+MEASURED2 = block("$count $are measured: $counts")
 NONE_MEASURED2 = block("none is measured yet ($recorded of $planned runs of its table are recorded)")
 SENTENCE2 = block(" $claim: $verdict$evidence.")

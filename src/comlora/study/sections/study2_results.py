@@ -263,9 +263,8 @@ def named_verdicts(track: Track, results: TrackResults, names: dict[str, str]) -
     text, out = Text(track), []
     for key, claim in results.claims.items():
         measured = [p for p in claim.pairs if p.comparison is not None]
-        evidence = "; ".join(f"Δ {text.interval(c)}{text.unit} against {results.label(p.b)} (p {p_text(c.p)}; per "
-                             f"seed {per_seed_text(c.per_seed, text.digits)})"
-                             for p in measured for c in [p.comparison])
+        evidence = "; ".join(f"{results.label(p.a)} against {results.label(p.b)} Δ {text.interval(p.comparison)}"
+                             f"{text.unit}, p {p_text(p.comparison.p)}" for p in measured)
         extra = claim_detail(track, results, key, claim.pairs) if claim.verdict != NOT_MEASURED else ""
         out.append((names[key], claim.verdict, f" ({evidence}{extra})" if evidence else ""))
     outcome = results.table10
@@ -293,7 +292,7 @@ def in_short(track: Track, results: TrackResults, names: dict[str, str]) -> str:
                     measured=fill(prose.NONE_MEASURED2, recorded=recorded, planned=track.planned(results.names)))
     counts = Counter(v for _, v, _ in measured)
     return fill(prose.IN_SHORT2, tested=len(named), title=track.title,
-                measured=fill(prose.MEASURED2, count=len(measured),
+                measured=fill(prose.MEASURED2, count=len(measured), are="is" if len(measured) == 1 else "are",
                               counts=", ".join(f"{n} {v}" for v, n in counts.items())),
                 sentences="".join(fill(prose.SENTENCE2, claim=claim, verdict=v, evidence=e)
                                   for claim, v, e in measured))
