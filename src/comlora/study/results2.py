@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from comlora.study.comparisons import LossComparison, loss_comparison
+from comlora.storage import read_json
+from comlora.study.comparisons import LossComparison, figure2_difference, loss_comparison
 from comlora.study.statistics import (
     NOT_DISTINGUISHABLE,
     NOT_SUPPORTED,
@@ -350,8 +351,6 @@ class TrackResults:
 
     def components(self, run: TrackRun) -> ComponentScores:
         """Each component's test metric, the best, and the winner against the best other component."""
-        from comlora.storage import read_json
-
         results = {k: replace(run, result=read_json(f), result_file=f) for k, f in run.component_files.items()}
         winner = run.winner["winner"]
         if winner not in results or results[winner].result_file != run.result_file:
@@ -383,15 +382,16 @@ class TrackResults:
                 out.append((comlora, lora, self.loss_pair(comlora, lora)))
         return out
 
-    def loss_pair(self, a: str, b: str, step_difference=None) -> LossComparison | None:
+    def loss_pair(self, a: str, b: str, step_difference=figure2_difference) -> LossComparison | None:
+        """comparisons.loss_comparison of role ``a``'s runs and role ``b``'s over their common seeds (blocks of
+        ``a``'s window), None before a seed has training steps in both."""
         track = self.track
         names = [self.roles[a], self.roles[b]]
         seeds = sorted(set(track.runs[names[0]]) & set(track.runs[names[1]]))
         if not seeds:
             return None
         runs = [[track.runs[n][s] for s in seeds] for n in names]
-        extra = {} if step_difference is None else {"step_difference": step_difference}
-        return loss_comparison(*runs, runs[0][0].window, **extra)
+        return loss_comparison(*runs, runs[0][0].window, step_difference)
 
     @cached_property
     def clipping_loss(self) -> LossComparison | None:
