@@ -5,6 +5,7 @@ moving-block bootstrap, Figure 2), and a ComLoRA run's components against each o
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -104,9 +105,16 @@ class LossComparison:
         return verdict(self.difference, self.p_bootstrap)
 
 
-def loss_comparison(comlora: list[RecordedRun], lora: list[RecordedRun], block: int) -> LossComparison | None:
-    """Figure 2's d_t (LossComparison) over the competing steps of paired runs (one per common seed); None when no
-    seed has a training step in both."""
+def figure2_difference(comlora_step: dict, lora_step: dict) -> float:
+    """Figure 2's d_t: LoRA's loss minus the highest of the components' losses at one step."""
+    return lora_step["lm"] - max(comlora_step["component_loss"])
+
+
+def loss_comparison(comlora: list, lora: list, block: int,
+                    step_difference: Callable[[dict, dict], float] = figure2_difference) -> LossComparison | None:
+    """Figure 2's d_t (LossComparison) over the competing steps of paired runs (one per common seed; RecordedRun or
+    tracks.TrackRun), or another ``step_difference`` of the two runs' metrics at a step; None when no seed has a
+    training step in both."""
     series, seeds = [], []
     for a, b in zip(comlora, lora):
         lora_steps = {s["step"]: s for s in b.training_steps}
@@ -116,7 +124,7 @@ def loss_comparison(comlora: list[RecordedRun], lora: list[RecordedRun], block: 
             if {"target_tokens"} <= step.keys() & other.keys() and step["target_tokens"] != other["target_tokens"]:
                 raise ValueError(f"{a.source} and {b.source}: step {step['step']} has {step['target_tokens']} and "
                                  f"{other['target_tokens']} target tokens; the runs did not train on the same batches")
-            d.append(other["lm"] - max(step["component_loss"]))
+            d.append(step_difference(step, other))
         if d:
             series.append(d)
             seeds.append(a.seed)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from comlora.methods.registry import get_method
 from comlora.study.experiments import train_config
 from comlora.study.records import StudyRecords
+from comlora.study.results2 import TrackResults
 from comlora.study.statistics import PairedDifference
 from comlora.study.tracks import CONVAI2, PILOT, TRACK_TASKS, Study2Records, Track, TrackRun
 
@@ -145,6 +146,13 @@ class Study2(Study2Records):
         super().__init__(experiments_dir, results)
         self.study1 = study1
         self._pilot: dict[str, list[PilotRow]] = {}
+        self._results: dict[str, TrackResults] = {}
+
+    def track_results(self, track: Track) -> TrackResults:
+        """The track's results table and claims (results2.TrackResults), computed once."""
+        if track.name not in self._results:
+            self._results[track.name] = TrackResults(track)
+        return self._results[track.name]
 
     def pilot(self, track: Track) -> list[PilotRow]:
         """Every recorded pilot run of ``track``: the base model first, then by training items and name."""

@@ -533,3 +533,156 @@ WITHIN = block("within the $budget h")
 OVER = block("""
 over the $budget h, so as the issue says, ConvAI2 runs in full first and commonsense's rows are trimmed
 """)
+
+# ---- Study II: results per track ----------------------------------------------------------------------------------
+
+RESULTS2 = block("""
+## Study II on $title: results
+
+The rows: the experiments of `$folder` tagged $main_table (the paper's $paper_table), decide or clipping, with their
+    seeds (the base model once: nothing is trained). Every run is scored on the track's test items (runs scored on
+    other items are refused)$generation.
+
+$missing
+
+### In short
+
+$in_short
+
+### The runs
+
+$table
+
+$columns
+
+### Verdicts
+
+$method
+
+$comparisons
+
+$claims
+
+$generated
+
+$table10
+
+$costs
+
+$figure2
+
+$clipping
+
+$figures
+""")
+RESULTS2_GENERATION = block("""
+, and its winner generates replies for the paper's metrics on $turns (evaluation `$evaluation`)
+""")
+FIRST_TURNS = block("the first $limit test turns")
+COLUMNS_CONVAI2 = block("""
+Test NLL per token: a run's Σ NLL / Σ tokens over the test turns, mean ± sd over the recorded seeds (a single value:
+    one seed); perplexity: its exp, likewise. BLEU (corpus), METEOR, ROUGE-L and BERTScore F1 (0-100): of the winner's
+    replies as its generated evaluation records them; Average: the paper's Table 4 average, of BLEU, METEOR, ROUGE-L
+    and BERTScore F1, R and P. $costs
+""")
+COLUMNS_COMMONSENSE = block("""
+acc_norm and acc: per task 100 × the share of its items correct (acc_norm: each option's log-likelihood divided by
+    its length in bytes), averaged over the tasks, mean ± sd over the recorded seeds (a single value: one seed).
+    $costs
+""")
+COLUMNS_COSTS = unwrap("""
+Training h: `run.json`'s train_seconds; passes per token: base-model passes per training token from `metrics.jsonl`
+    (K while ComLoRA's components compete, 1 for LoRA and after an early decision), mean over the seeds.
+""")
+METHOD2 = block("""
+Each comparison pairs two rows, A claimed better than B, over the seeds both have recorded, on the same test items:
+    $unit A and B are their values on the paired items. The 95% interval and two-sided p come from a paired
+    bootstrap over the items ($resamples resamples, seed $seed); Δ per seed: the same difference within each common
+    seed, which shows how the seeds vary. A comparison is *supported* when Δ > 0 with p < $alpha, *not supported*
+    when Δ < 0 with p < $alpha, *not distinguishable at this scale* otherwise; a claim made of several comparisons is
+    supported when all are, not supported when one is not. $generated
+""")
+UNIT_CONVAI2 = unwrap("""
+per test turn, its NLL averaged over the seeds; Δ = Σ (NLL_B − NLL_A) / Σ tokens in nats per token (> 0: A has the
+    lower NLL).
+""")
+UNIT_COMMONSENSE = unwrap("""
+per item, its acc_norm correctness averaged over the seeds; Δ = 100 × mean(c_A − c_B) in points of acc_norm (over the
+    items of all tasks).
+""")
+GENERATED_UNTESTED = unwrap("""
+The generated metrics are recorded per run only (no per-turn BLEU, METEOR, ROUGE-L or BERTScore is stored), so they
+    are compared by their values per seed, not tested.
+""")
+CLAIM_MAIN = block("$table: $main beats $lora8 and $lora16 on $metric")
+CLAIM_SECOND = block("$table: $k4 comes second among the four (behind $main, ahead of $lora8 and $lora16)")
+CLAIM_DECIDE = block("Early decision: $decide reaches the quality of $main at lower cost")
+CLAIM_COMPUTE = block("Compute-matched control: $main beats $compute")
+CLAIM_CLIPPING = block("Clipping: $main (per-group clipping) beats $joint on $metric")
+CLAIM_CLIPPING_LOSS = block("Clipping: $joint's components train to a higher loss than those of $main")
+TABLE10_NAMED2 = "Table 10: the selector's winner is the best component on the test metric"
+CLAIM_LINE = block("- $claim: **$verdict**$detail")
+NOT_MEASURED_DETAIL = block(" (missing: $missing)")
+ORDER_DETAIL = block("; the order by mean $metric over the recorded seeds: $order")
+PASSES_DETAIL = block("; base-model passes per training token $a against $b")
+DECIDE_NOTE = unwrap("""
+The early decision's claim is the same quality: *not distinguishable* is what it predicts (the interval bounds the
+    difference), *supported* means the early decision is better.
+""")
+GENERATED_DETAIL = block("""
+; on the generated metrics (untested), $main's mean is higher in $higher of $pairs (metric, LoRA row) comparisons, in
+    every common seed in $every
+""")
+GENERATED2 = block("""
+The generated metrics, A − B averaged over the common seeds with a generated evaluation (each seed's in brackets;
+    > 0: A higher), untested:
+
+$table
+""")
+TABLE10_2 = block("""
+$claim, over the $runs runs of the experiments tagged table10 with every component scored: the winner was the best
+    (or tied best) component by $metric in $best of $runs; a component picked at random is best with
+    probability |best| / K in each run ($chances), so P(at least $best of $runs by chance) = $p: **$verdict**. Each
+    winner against the best other component of its run, paired on the test items (Δ > 0: the winner better):
+
+$table
+""")
+TABLE10_2_NOT_MEASURED = block("""
+$claim: not measured yet (no run of an experiment tagged table10 with its components scored is recorded).
+""")
+COSTS2 = block("Training compute, base-model passes per training token (mean over the recorded seeds): $passes.")
+FIGURE2_2 = block("""
+Figure 2's claim on these runs: at each training step (the same batch in both runs of a seed), LoRA's loss minus the
+    highest of the components' losses (> 0: every component lower), its mean over the steps and per seed, with a
+    moving-block bootstrap over the steps (blocks of Figure 3's window, $resamples resamples) as in Study I.
+
+$table
+""")
+CLIPPING_LOSS = block("""
+The components' training loss under the two clippings: at each step (the same batch in both runs of a seed), the
+    mean of $joint's components' losses minus the mean of $main's (> 0: per-group clipping lower), over $steps steps
+    of seeds $seeds: $interval, per seed $per_seed, p $p (moving-block bootstrap, blocks of $block steps):
+    **$verdict**; lower under per-group clipping at $lower of $steps steps.
+""")
+CLIPPING_LOSS_NOT_MEASURED = block("""
+The components' training loss under the two clippings ($main against $joint): not measured yet (no seed with training
+    steps in both).
+""")
+TRACK_FIGURES = block("""
+Figures 2 and 3 of the runs tagged figures, per seed:
+
+$runs
+""")
+TRACK_NO_FIGURES = "Figures 2 and 3: no run tagged figures is recorded yet."
+TRACK_RUN_FIGURES = block("""
+$label, seed $seed: Figure 2 (training loss of each component$beside) and Figure 3 (share of the steps of each window
+    of $window at which each component had the lowest loss).
+
+![Figure 2, $label, seed $seed]($figure2) ![Figure 3, $label, seed $seed]($figure3)
+""")
+TRACK_NO_FIGURE = block("$label, seed $seed: no figure, `$metrics` is missing.")
+BESIDE_RUNS = block(", beside $runs of the same seed")
+IN_SHORT2 = block("Of the $tested claims tested on $title, $measured.$sentences")
+MEASURED2 = block("$count $are measured: $counts")
+NONE_MEASURED2 = block("none is measured yet ($recorded of $planned runs of its table are recorded)")
+SENTENCE2 = block(" $claim: $verdict$evidence.")

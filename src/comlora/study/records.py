@@ -56,6 +56,18 @@ def answer_habits(result: dict) -> AnswerHabits:
     return AnswerHabits(same, none)
 
 
+def base_passes_per_token(steps: list[dict]) -> float | None:
+    """Training compute independent of the machine's load: sum_t P_t * n_t / sum_t n_t over the optimizer steps
+    of a run's metrics.jsonl, where n_t is the step's target tokens and P_t the number of components that ran the base
+    model on them (len(component_loss) while ComLoRA competes, else 1). LoRA and a decided run: 1 per step. None
+    without steps, or for metrics of older code (no target_tokens)."""
+    if not steps or any("target_tokens" not in s for s in steps):
+        return None
+    tokens = sum(s["target_tokens"] for s in steps)
+    passes = [len(s["component_loss"]) if "component_loss" in s else 1 for s in steps]
+    return sum(p * s["target_tokens"] for p, s in zip(passes, steps)) / tokens if tokens else None
+
+
 class StepSeconds(NamedTuple):
     """Median seconds per optimizer step of one run (None: the run has no such step)."""
 
@@ -114,15 +126,8 @@ class RecordedRun:
         return read_metrics(self.path) if (self.path / "metrics.jsonl").is_file() else []
 
     def base_passes_per_token(self) -> float | None:
-        """Training compute independent of the machine's load: sum_t P_t * n_t / sum_t n_t over the optimizer steps
-        of metrics.jsonl, where n_t is the step's target tokens and P_t the number of components that ran the base
-        model on them (len(component_loss) while ComLoRA competes, else 1). LoRA and a decided run: 1 per step."""
-        steps = self.training_steps
-        if not steps or any("target_tokens" not in s for s in steps):        # metrics of older code
-            return None
-        tokens = sum(s["target_tokens"] for s in steps)
-        passes = [len(s["component_loss"]) if "component_loss" in s else 1 for s in steps]
-        return sum(p * s["target_tokens"] for p, s in zip(passes, steps)) / tokens if tokens else None
+        """base_passes_per_token of its metrics.jsonl."""
+        return base_passes_per_token(self.training_steps)
 
     def median_step_seconds(self) -> StepSeconds:
         """The median of metrics.jsonl's step_seconds over the steps at which ComLoRA's components competed (those

@@ -1,18 +1,21 @@
 """Study II's records, loaded and checked: its tracks (each a subfolder of ``experiments/study2`` holding a base.yaml
 and experiment files, see experiments.py) and the runs ``comlora study`` recorded for them
 (``RESULTS/<experiment>/seed-<s>/``, one results folder for every track), each with its teacher-forced evaluation
-(``eval/<name>/<task>-loglik-<label>.json``, the track's ``--scoring loglik`` evaluation)."""
+(``eval/<name>/<task>-loglik-<label>.json``, the track's ``--scoring loglik`` evaluation; one file per component for
+``components: all``), its generated evaluation if the track has one (ConvAI2's ``generate``:
+``eval/<name>/<task>-<label>.json``, the winner's), winner.json and metrics.jsonl."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from comlora.evaluation.results import parse_component_label
 from comlora.storage import read_json
 from comlora.study.experiments import BASE_FILE, Experiment, load_evaluations, load_experiments, train_config
+from comlora.study.records import base_passes_per_token
 from comlora.study.statistics import PairedDifference, paired_accuracy_difference, paired_nll_difference
 from comlora.training.config import TrainConfig, load_yaml
 
@@ -23,7 +26,8 @@ PILOT = "pilot"                    # the tag of a track's pilot experiments
 
 @dataclass
 class TrackRun:
-    """One recorded (experiment, seed) of a track: run.json, config.yaml and its loglik evaluation."""
+    """One recorded (experiment, seed) of a track: run.json, config.yaml, its loglik evaluation, and what Study II's
+    results read besides: every component's loglik file, the generated evaluation, winner.json, metrics.jsonl."""
 
     experiment: str
     seed: int
@@ -32,32 +36,90 @@ class TrackRun:
     config: dict | None            # config.yaml (None: the base model, nothing trained)
     result: dict                   # the loglik evaluation (the winner's for ComLoRA)
     result_file: Path
+    component_files: dict[int, Path] = field(default_factory=dict)   # component -> its loglik file (ComLoRA)
+    generated: dict | None = None  # the generated evaluation (the winner's; None: the track or run has none)
+    generated_file: Path | None = None
+    winner: dict | None = None     # winner.json (None: no selector)
 
     def hours(self, key: str) -> float | None:
         """run.json's ``train_seconds`` or ``eval_seconds`` in hours (None: not recorded, the base model's training)."""
         seconds = self.record.get(key)
         return None if seconds is None else seconds / 3600
 
+    @property
+    def source(self) -> str:
+        return f"{self.experiment}/seed-{self.seed}"
 
-def loglik_result(folder: Path, task: str) -> Path:
-    """The run's loglik evaluation in ``folder``: the winner's where the files name components, else the one file."""
-    files = sorted(folder.glob(f"{task}-loglik-*.json"))
+    @property
+    def window(self) -> int:
+        """Steps per window of Figure 3 (config.yaml's window, else TrainConfig's default)."""
+        return int((self.config or {}).get("window") or TrainConfig.window)
+
+    @cached_property
+    def training_steps(self) -> list[dict]:
+        """The optimizer steps of metrics.jsonl (none for the base model), read once."""
+        from comlora.plots import read_metrics
+
+        return read_metrics(self.path) if (self.path / "metrics.jsonl").is_file() else []
+
+    def base_passes_per_token(self) -> float | None:
+        """records.base_passes_per_token of its metrics.jsonl."""
+        return base_passes_per_token(self.training_steps)
+
+
+def chosen_result(folder: Path, pattern: str) -> Path:
+    """The run's evaluation among ``folder``'s files matching ``pattern``: the winner's where the files name
+    components, else the one file."""
+    files = sorted(folder.glob(pattern))
     winners = [f for f in files if (c := parse_component_label(f.stem)) is not None and c.winner]
     chosen = winners or files
     if len(chosen) != 1:
-        raise ValueError(f"{folder}: expected one {task}-loglik-*.json of the {'winner' if winners else 'run'}, "
+        raise ValueError(f"{folder}: expected one {pattern} of the {'winner' if winners else 'run'}, "
                          f"found {[f.name for f in files]}")
     return chosen[0]
 
 
-def load_track_run(experiment: str, seed: int, path: Path, evaluation: str, task: str) -> TrackRun:
+def loglik_result(folder: Path, task: str) -> Path:
+    """The run's loglik evaluation in ``folder``: the winner's where the files name components, else the one file."""
+    return chosen_result(folder, f"{task}-loglik-*.json")
+
+
+def load_track_run(experiment: str, seed: int, path: Path, evaluation: str, task: str,
+                   generation: str | None = None) -> TrackRun:
+    """The run's records; ``generation``: the name of the track's generated evaluation (None: it has none)."""
     result_file = loglik_result(path / "eval" / evaluation, task)
     result = read_json(result_file)
     if result.get("settings", {}).get("scoring") != "loglik":
         raise ValueError(f"{result_file}: not a loglik evaluation (settings.scoring is "
                          f"{result.get('settings', {}).get('scoring')!r})")
     config = load_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else None
-    return TrackRun(experiment, seed, path, read_json(path / "run.json"), config, result, result_file)
+    components = {c.component: f for f in sorted((path / "eval" / evaluation).glob(f"{task}-loglik-*.json"))
+                  if (c := parse_component_label(f.stem)) is not None}
+    generated_dir = path / "eval" / generation if generation else None
+    generated_file = (chosen_result(generated_dir, f"{task}-*.json")
+                      if generated_dir is not None and generated_dir.is_dir() else None)
+    generated = read_json(generated_file) if generated_file else None
+    if generated is not None and generated.get("settings", {}).get("scoring", "generate") != "generate":
+        raise ValueError(f"{generated_file}: not a generated evaluation (settings.scoring is "
+                         f"{generated['settings']['scoring']!r})")
+    winner = read_json(path / "winner.json") if (path / "winner.json").is_file() else None
+    return TrackRun(experiment, seed, path, read_json(path / "run.json"), config, result, result_file, components,
+                    generated, generated_file, winner)
+
+
+def flag_value(flags: list[str], flag: str) -> str | None:
+    """The value after ``flag`` in ``comlora eval`` flags (None: not given)."""
+    return flags[flags.index(flag) + 1] if flag in flags[:-1] else None
+
+
+def generation_evaluation(folder: Path, task: str) -> str | None:
+    """The name of the track's evaluation of ``task`` by generation (no --scoring loglik) in base.yaml, None if it has
+    none; two are refused."""
+    found = [name for name, flags in load_evaluations(folder).items()
+             if name is not None and flag_value(flags, "--task") == task and flag_value(flags, "--scoring") != "loglik"]
+    if len(found) > 1:
+        raise ValueError(f"{folder / BASE_FILE}: more than one evaluation of --task {task} by generation: {found}")
+    return found[0] if found else None
 
 
 def loglik_task(folder: Path) -> tuple[str, str]:
@@ -77,6 +139,7 @@ class Track:
     def __init__(self, folder: Path, results: Path):
         self.folder, self.name = folder, folder.name
         self.evaluation, self.task = loglik_task(folder)
+        self.generation = generation_evaluation(folder, self.task)
         self.base, experiments = load_experiments(folder)
         self.experiments: dict[str, Experiment] = {e.name: e for e in experiments}
         self.runs: dict[str, dict[int, TrackRun]] = {name: {} for name in self.experiments}
@@ -84,7 +147,8 @@ class Track:
             for seed in exp.seeds:
                 path = results / name / f"seed-{seed}"
                 if (path / "run.json").is_file():
-                    self.runs[name][seed] = load_track_run(name, seed, path, self.evaluation, self.task)
+                    self.runs[name][seed] = load_track_run(name, seed, path, self.evaluation, self.task,
+                                                           self.generation)
 
     @property
     def title(self) -> str:

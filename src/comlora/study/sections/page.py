@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from comlora.markdown import mean_std
@@ -25,6 +25,7 @@ class Page:
     path: Path                     # the page (its figure links are relative to its folder)
     figures: list[RunFigures]      # drawn before the page is rendered (figures.draw_figures)
     study2: Study2 | None = None   # Study II's records and findings (None: the page has Study I only)
+    track_figures: dict[str, list[RunFigures]] = field(default_factory=dict)   # Study II's, by track name
 
 
 def missing_line(study: Study, names: list[str]) -> str:
