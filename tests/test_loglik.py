@@ -159,6 +159,16 @@ def test_commonsense_loglik_equals_float64_recomputation_item_by_item():
     assert merged == sum(len(items) for items in evaluation.values())    # ':' + newline merge in every item
     for metric in ("acc", "acc_norm", "acc_bytes"):
         assert result[metric] == pytest.approx(sum(t[metric] for t in result["tasks"].values()) / 3)
+    cloze = evaluate_commonsense_loglik(model, tok, evaluation, batch_size=3, prompt="cloze")
+    assert cloze["settings"]["prompt"] == "cloze" and result["settings"]["prompt"] == "options"
+    for task, items in evaluation.items():
+        for item, row in zip(items, cloze["tasks"][task]["items"]):
+            question = parse_options(item["instruction"]).question
+            assert row["prompt"] == format_prompt(dict(item, instruction=question))     # no option in the context
+            assert row["option_loglik"] == pytest.approx(
+                [reference_loglik(model64, tok, row["prompt"], option) for option in row["options"]], abs=2e-4)
+    with pytest.raises(ValueError, match="prompt must be one of options, cloze"):
+        evaluate_commonsense_loglik(model, tok, evaluation, prompt="letters")
     again = evaluate_commonsense_loglik(model, tok, evaluation, limit=1, batch_size=1)
     assert again["tasks"]["piqa"]["items"][0]["option_loglik"] == \
         pytest.approx(result["tasks"]["piqa"]["items"][0]["option_loglik"], abs=1e-4)

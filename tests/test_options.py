@@ -40,6 +40,12 @@ def test_every_item_of_the_real_test_files_parses(task):
             for label, text, end in zip(options.labels, options.texts, ends):
                 after = item["instruction"].rsplit(f"{label.capitalize()}: ", 1)[1].lstrip()
                 assert after.startswith(text) and after[len(text):].lstrip().startswith(end), (i, label)
+        # the cloze question: the instruction up to its options (BoolQ: up to its answer format), no option text
+        assert item["instruction"].startswith(options.question) and options.question == options.question.strip()
+        rest = item["instruction"][len(options.question):]
+        assert rest.lstrip().startswith("Answer format: " if task == "boolq" else
+                                        f"{options.labels[0].capitalize()}: "), i
+        assert "Answer format" not in options.question
         counts[len(options.texts)] = counts.get(len(options.texts), 0) + 1
     expected = {"boolq": {2: 3270}, "piqa": {2: 1838}, "social_i_qa": {3: 1954}, "hellaswag": {4: 10042},
                 "winogrande": {2: 1267}, "ARC-Challenge": {3: 4, 4: 1165, 5: 3}, "ARC-Easy": {3: 7, 4: 2365, 5: 4},
@@ -59,6 +65,17 @@ def test_parse_options_of_each_layout(task, texts):
     assert options.labels[0].startswith({"piqa": "solution", "winogrande": "option", "social_i_qa": "answer",
                                          "hellaswag": "ending"}[task])
     assert parse_options(option_instruction("boolq", "is it?", [])).texts == ("true", "false")
+    assert "Which one? Answer1: not an option here" in options.question             # the question, whole
+    assert not any(t.strip() in options.question for t in texts)                    # and none of the options
+
+
+def test_cloze_question_by_hand():
+    instruction = ("Please choose the correct answer to the question: Which? Answer1: inside the question\n\n"
+                   "Answer1: red Answer2: blue\n\nAnswer format: answer1/answer2")
+    assert parse_options(instruction).question == \
+        "Please choose the correct answer to the question: Which? Answer1: inside the question"
+    boolq = "Please answer the following question with true or false, question: is it?\n\nAnswer format: true/false"
+    assert parse_options(boolq).question == "Please answer the following question with true or false, question: is it?"
 
 
 @pytest.mark.parametrize("instruction, message", [
@@ -100,6 +117,20 @@ def test_text_answer_format_trains_on_the_correct_option(tmp_path):
     assert tok.decode(example["input_ids"][:len(example["input_ids"]) - len(target)]) == format_prompt(item)
 
 
+def test_cloze_answer_format_trains_on_the_option_after_the_question_alone(tmp_path):
+    root = write_commonsense_root(tmp_path / "data", with_options=True)
+    common = dict(data_root=str(root), train_per_task=2, val_size=6, eval_size=4)
+    text_train, text_val = training_items(TrainConfig(answer_format="text", **common))
+    cloze_train, cloze_val = training_items(TrainConfig(answer_format="cloze", **common))
+    assert len(cloze_train) == len(text_train) and len(cloze_val) == len(text_val)
+    for text_item, cloze_item in zip(text_train + text_val, cloze_train + cloze_val):
+        options = parse_options(text_item["instruction"])
+        assert cloze_item["instruction"] == options.question and cloze_item["output"] == text_item["output"]
+        assert "Answer format" not in cloze_item["instruction"] and cloze_item["answer"] == text_item["answer"]
+    with pytest.raises(ValueError, match="answer_format cloze applies to commonsense items"):
+        TrainConfig(data="convai2", answer_format="cloze")
+
+
 def test_text_answer_format_of_a_json_file_and_its_errors(tmp_path):
     path = tmp_path / "items.json"
     path.write_text(json.dumps([{"instruction": option_instruction("piqa", f"q{i}?", [f"s{i}a", f"s{i}b"]),
@@ -110,7 +141,7 @@ def test_text_answer_format_of_a_json_file_and_its_errors(tmp_path):
     path.write_text(json.dumps([{"instruction": "no options here", "output": "x", "answer": "x"}] * 3))
     with pytest.raises(ValueError, match="cannot read its answer options: no 'Answer format:"):
         training_items(TrainConfig(data=str(path), val_size=1, answer_format="text"))
-    with pytest.raises(ValueError, match="answer_format must be one of label, text, got 'letters'"):
+    with pytest.raises(ValueError, match="answer_format must be one of label, text, cloze, got 'letters'"):
         TrainConfig(answer_format="letters")
     for data in ("convai2", "mmlu", "mmlu:test"):
         with pytest.raises(ValueError,

@@ -1,5 +1,7 @@
 """The answer options of LLM-Adapters multiple-choice items as texts, parsed from their instructions, and the
-``text`` answer format (the response is the correct option's text instead of 'the correct answer is answer3').
+``text`` answer format (the response is the correct option's text instead of 'the correct answer is answer3') and
+the ``cloze`` one (the same response after the question alone, the options and the answer format left out, as
+lm-evaluation-harness prompts these tasks).
 
 Every commonsense instruction ends with 'Answer format: L1/L2/...', the answer labels (answer1, solution1,
 option1, ending1, ... or true/false). Option k's text follows its capitalised label ('Answer1: ', 'Solution1: ',
@@ -21,10 +23,12 @@ OPTION_SEPARATOR = r"(?: |\n\n)"
 
 @dataclass(frozen=True)
 class Options:
-    """An item's answer labels (as its 'Answer format:' line lists them) and each label's option text."""
+    """An item's answer labels (as its 'Answer format:' line lists them), each label's option text, and the
+    instruction without its options and 'Answer format:' line (the question a cloze prompt asks)."""
 
     labels: tuple[str, ...]
     texts: tuple[str, ...]
+    question: str
 
     def index(self, answer: str) -> int:
         """The position of the gold label ``answer`` among the labels."""
@@ -40,11 +44,11 @@ def parse_options(instruction: str) -> Options:
     if found is None:
         raise ValueError("no 'Answer format: label1/label2/...' line at the end of the instruction")
     labels = tuple(found.group(1).split("/"))
+    head = instruction[:found.start()]
     if labels == ("true", "false"):
-        return Options(labels, labels)
+        return Options(labels, labels, head.rstrip())
     names = [label[:1].upper() + label[1:] + ":" for label in labels]
     block = OPTION_SEPARATOR.join(re.escape(name) + " (.*?)" for name in names)
-    head = instruction[:found.start()]
     start = head.rfind("\n\n" + names[0] + " ")
     match = re.fullmatch(r"\n\n" + block, head[start:], flags=re.DOTALL) if start >= 0 else None
     if match is None:
@@ -54,7 +58,7 @@ def parse_options(instruction: str) -> Options:
     empty = [label for label, text in zip(labels, texts) if not text]
     if empty:
         raise ValueError(f"option {', '.join(empty)} has no text")
-    return Options(labels, texts)
+    return Options(labels, texts, head[:start].rstrip())
 
 
 def item_options(item: dict) -> tuple[Options, int]:
@@ -72,3 +76,9 @@ def text_answer_item(item: dict) -> dict:
     """The item with the correct option's text as its response (``output``); ``answer`` keeps the gold label."""
     options, answer = item_options(item)
     return dict(item, output=options.texts[answer])
+
+
+def cloze_item(item: dict) -> dict:
+    """``text_answer_item`` with the question alone as its instruction (no options, no answer format)."""
+    options, answer = item_options(item)
+    return dict(item, instruction=options.question, output=options.texts[answer])

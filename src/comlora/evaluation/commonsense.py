@@ -68,13 +68,18 @@ def evaluate_commonsense(model, tokenizer, evaluation: dict[str, list[dict]], li
 
 
 MC_METRICS = ("acc", "acc_norm", "acc_bytes")
+LOGLIK_PROMPTS = ("options", "cloze")
 
 
 def evaluate_commonsense_loglik(model, tokenizer, evaluation: dict[str, list[dict]], limit: int | None = None,
-                                batch_size: int = 8) -> dict:
+                                batch_size: int = 8, prompt: str = "options") -> dict:
     """``acc``, ``acc_norm`` and ``acc_bytes`` (0-100, ``loglik.multiple_choice``) per task and averaged over tasks.
-    Each item's context is its Alpaca prompt (what ``answer_format: text`` trains on), each option's text a
-    continuation split as ``loglik.encode_pair`` does; the items keep both strings and every option's loglik."""
+    Each item's context is its Alpaca prompt (``prompt`` options: the instruction as it is, listing the options,
+    what ``answer_format: text`` trains on; cloze: the question alone, what ``answer_format: cloze`` trains on),
+    each option's text a continuation split as ``loglik.encode_pair`` does; the items keep both strings and every
+    option's loglik."""
+    if prompt not in LOGLIK_PROMPTS:
+        raise ValueError(f"prompt must be one of {', '.join(LOGLIK_PROMPTS)}, got {prompt!r}")
     from comlora.evaluation.loglik import continuation_logliks, encode_pair, multiple_choice, pad_token_id  # torch
     started = time.perf_counter()
     tasks = {task: items[:limit] for task, items in evaluation.items()}
@@ -82,15 +87,16 @@ def evaluate_commonsense_loglik(model, tokenizer, evaluation: dict[str, list[dic
     for task, items in tasks.items():
         for item in items:
             options, answer = item_options(dict(item, task=task))
-            prompt = format_prompt(item)
-            encoded = [encode_pair(tokenizer, prompt, text) for text in options.texts]
+            context = format_prompt(item if prompt == "options" else dict(item, instruction=options.question))
+            encoded = [encode_pair(tokenizer, context, text) for text in options.texts]
             groups.append((encoded[0][0], [continuation for _, continuation in encoded]))
             rows.append({"task": task, "index": item.get("index"), "answer": item["answer"], "answer_index": answer,
-                         "prompt": prompt, "options": list(options.texts),
+                         "prompt": context, "options": list(options.texts),
                          "option_tokens": [len(continuation) for _, continuation in encoded]})
     with tqdm(total=len(groups), desc="evaluate (loglik)", dynamic_ncols=True) as bar:
         logliks = continuation_logliks(model, groups, pad_token_id(tokenizer), batch_size, progress=bar.update)
-    result = {"settings": {"scoring": "loglik", "limit": limit, "batch_size": batch_size}, "tasks": {}}
+    result = {"settings": {"scoring": "loglik", "prompt": prompt, "limit": limit, "batch_size": batch_size},
+              "tasks": {}}
     for row, option_loglik in zip(rows, logliks):
         row["option_loglik"] = option_loglik
         row["prediction"] = multiple_choice(option_loglik, row["options"])
@@ -126,6 +132,10 @@ class Options:
 
     tasks: str | None = option(None, "Comma-separated commonsense tasks (default: all 8).")
     eval_size: int | None = option(None, "Reserved evaluation items per task (default: the run's, else 100).")
+    prompt: str | None = option(None, "--scoring loglik: the context of the options, 'options' (the instruction "
+                                "listing them, what answer_format text trains on) or 'cloze' (the question alone, as "
+                                "lm-evaluation-harness prompts; what answer_format cloze trains on); default: cloze "
+                                "for a run trained with answer_format cloze, else options.", choices=LOGLIK_PROMPTS)
 
 
 def prepare(settings: EvalSettings, options: Options, root: Path):
@@ -143,7 +153,10 @@ def prepare(settings: EvalSettings, options: Options, root: Path):
                          f"{run.split_seed}, eval_size {run.eval_size}): the evaluation items could overlap its "
                          f"training items")
     if settings.scoring == "loglik":
+        prompt = options.prompt or ("cloze" if run is not None and run.answer_format == "cloze" else "options")
         return lambda model, tok: evaluate_commonsense_loglik(model, tok, suite.evaluation, settings.limit,
-                                                              settings.batch_size)
+                                                              settings.batch_size, prompt)
+    if options.prompt is not None:
+        raise ValueError("--prompt applies to --scoring loglik (generation prompts with the instruction as it is)")
     return lambda model, tok: evaluate_commonsense(model, tok, suite.evaluation, settings.limit, settings.batch_size,
                                                    settings.max_new_tokens, settings.effective_num_beams)

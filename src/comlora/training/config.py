@@ -18,7 +18,7 @@ CLIP_GRAD = ("per_group", "joint")
 # Fields added after runs were recorded, with the value those runs trained with: a run's config.yaml without the
 # field means this value, not today's default (runs.run_config, resuming a run).
 EARLIER_RUN_VALUES = {"clip_grad": "joint"}
-ANSWER_FORMATS = ("label", "text")
+ANSWER_FORMATS = ("label", "text", "cloze")
 # ComLoRA's options that TrainConfig held at its top level before they moved to method_options, with the default
 # they had there (recorded config.yaml files and experiment files still load: TrainConfig.from_dict)
 FORMER_TOP_LEVEL_OPTIONS = {"top_n": None, "noise_alpha": 0.1, "anneal": "exponential"}
@@ -66,7 +66,9 @@ class TrainConfig(ConfigDict):
     answer_format: str = field(default="label", metadata={
         "help": "Response of commonsense items (commonsense-mini or LLM-Adapters files): 'label', LLM-Adapters' 'the "
                 "correct answer is answer3'; 'text', the correct option's text parsed from the instruction, what "
-                "`comlora eval --scoring loglik` scores.", "choices": ANSWER_FORMATS})
+                "`comlora eval --scoring loglik` scores; 'cloze', that text after the question alone (no options "
+                "listed, as lm-evaluation-harness prompts), what `--scoring loglik --prompt cloze` scores.",
+        "choices": ANSWER_FORMATS})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training item (prompt + response)."})
     train_on_inputs: bool = field(default=False, metadata={
         "help": "Also train on the prompt tokens (else they are masked with -100)."})
@@ -148,9 +150,9 @@ class TrainConfig(ConfigDict):
         if self.dtype in ("float16", "fp16") and self.mixed_precision not in ("fp16", None):   # None: checked resolved
             raise ValueError("TrainConfig: float16 training needs loss scaling: add --mixed-precision fp16 (CUDA), "
                              "or use bfloat16 or float32")
-        if self.answer_format == "text" and (self.data == "convai2" or self.data.split(":")[0] == "mmlu"):
-            raise ValueError(f"TrainConfig: answer_format text applies to commonsense items with options "
-                             f"(commonsense-mini or LLM-Adapters files), not to data {self.data!r}")
+        if self.answer_format != "label" and (self.data == "convai2" or self.data.split(":")[0] == "mmlu"):
+            raise ValueError(f"TrainConfig: answer_format {self.answer_format} applies to commonsense items with "
+                             f"options (commonsense-mini or LLM-Adapters files), not to data {self.data!r}")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("TrainConfig: choose one of load_in_4bit and load_in_8bit")
         if self.report_to is not None:

@@ -9,7 +9,7 @@ from comlora.data.commonsense import build_commonsense_mini
 from comlora.data.convai2 import CONVAI2_FILE, convai2_training_items, load_convai2, split_dialogues
 from comlora.data.items import IGNORE_INDEX, data_root, load_items, tokenize_item
 from comlora.data.mmlu import mmlu_training_items
-from comlora.data.options import text_answer_item
+from comlora.data.options import cloze_item, text_answer_item
 from comlora.training.config import TrainConfig
 
 ROOT_DATA = ("commonsense-mini", "convai2", "mmlu", "mmlu:dev", "mmlu:test")    # read from the data root
@@ -33,8 +33,11 @@ def training_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
 
 
 def with_answer_format(items: list[dict], cfg: TrainConfig) -> list[dict]:
-    """``items`` as they are (``answer_format`` label) or answered by their correct option's text (text)."""
-    return [text_answer_item(item) for item in items] if cfg.answer_format == "text" else items
+    """``items`` as they are (``answer_format`` label), answered by their correct option's text (text), or by that
+    text after the question alone (cloze)."""
+    if cfg.answer_format == "label":
+        return items
+    return [(text_answer_item if cfg.answer_format == "text" else cloze_item)(item) for item in items]
 
 
 def data_items(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
