@@ -278,6 +278,27 @@ def test_a_track_where_no_size_passes_leaves_the_study_to_the_other(folders):
             "30 h.") in part(text, "## Pilot: the cost of Study II")
 
 
+def test_a_superseded_track_is_named_by_its_folder_and_not_costed(folders):
+    """A second commonsense track, its experiments tagged superseded (a protocol given up, kept as recorded)."""
+    results = folders / "results2"
+    record_pilot(results)
+    old = folders / "study2" / "commonsense-options"
+    write_track(old, "commonsense", [200])
+    for path in old.glob("commonsense-*.yaml"):                # experiment names are unique over the tracks
+        experiment = yaml.safe_load(path.read_text())
+        write_yaml(old / path.name.replace("commonsense-", "old-"), {**experiment, "tables": ["pilot", "superseded"]})
+        path.unlink()
+    write_record(results, "old-pilot-base", "commonsense", commonsense_result(BASE_NORM, BASE_ACC), eval_seconds=180)
+    write_record(results, "old-pilot-lora-r8-n200", "commonsense", commonsense_result(N200_NORM, N200_ACC),
+                 train_seconds=1200, eval_seconds=360, steps=200)
+    text = report(folders)
+    assert "### Commonsense (commonsense-options) (`" in part(text, "## Pilot: each track's training size")
+    assert ("- Commonsense (commonsense-options): superseded (its base.yaml says why), its pilot kept as recorded: "
+            "200 per task (1,600 items) (1.6 paired SEs). Not costed below.") in part(text, "## Pilot: the regime")
+    estimate = part(text, "## Pilot: the cost of Study II")
+    assert "commonsense-options" not in estimate and "### Commonsense at 200 per task" in estimate
+
+
 def test_runs_scored_on_other_items_are_refused(folders):
     results = folders / "results2"
     write_record(results, "convai2-pilot-base", "convai2", convai2_result(BASE_NLL, TOKENS))

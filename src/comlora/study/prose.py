@@ -491,6 +491,9 @@ REGIME_NONE_PASSES = block("""
     runs on the other track.
 """)
 REGIME_NO_SIZE = block("- $track: no LoRA r=8 experiment is tagged pilot.")
+REGIME_SUPERSEDED = block("""
+- $track: superseded (its base.yaml says why), its pilot kept as recorded: $sizes. Not costed below.
+""")
 REGIME_SIZE = block("$size ($ses paired SEs)")
 
 ESTIMATE = block("""

@@ -22,6 +22,7 @@ from comlora.training.config import TrainConfig, load_yaml
 CONVAI2, COMMONSENSE = "convai2", "commonsense"
 TRACK_TASKS = (CONVAI2, COMMONSENSE)
 PILOT = "pilot"                    # the tag of a track's pilot experiments
+SUPERSEDED = "superseded"          # the tag of a given-up track's experiments (kept as recorded, not costed)
 
 
 @dataclass
@@ -152,7 +153,14 @@ class Track:
 
     @property
     def title(self) -> str:
-        return {CONVAI2: "ConvAI2", COMMONSENSE: "Commonsense"}[self.task]
+        """The task's name, and the folder's where it is not the task's (a second track of the task)."""
+        title = {CONVAI2: "ConvAI2", COMMONSENSE: "Commonsense"}[self.task]
+        return title if self.name == self.task else f"{title} ({self.name})"
+
+    @property
+    def superseded(self) -> bool:
+        """Every experiment of the track is tagged superseded: a protocol given up, its runs kept as recorded."""
+        return all(SUPERSEDED in e.tables for e in self.experiments.values())
 
     def tagged(self, tag: str) -> list[str]:
         return [n for n, e in self.experiments.items() if tag in e.tables]

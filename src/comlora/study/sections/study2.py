@@ -186,6 +186,9 @@ def regime_line(track: Track, regime: Regime) -> str:
     title = track.title
     if not regime.sizes:
         return fill(prose.REGIME_NO_SIZE, track=title)
+    if track.superseded:
+        return fill(prose.REGIME_SUPERSEDED, track=title,
+                    sizes=sizes_list([size_ses(s) if s.compared else s.text for s in regime.sizes]))
     if regime.chosen:
         size = regime.chosen
         row = size.rows[0]
@@ -261,14 +264,14 @@ def budget_text(study2: Study2, estimates: dict[str, list[SizeEstimate]]) -> str
     sizes = [fill(prose.BUDGET_SIZE, track=track.title, size=e.size.text, hours=hours(e.train_hours),
                   fits="–" if e.train_hours is None else
                   f"{'within' if e.train_hours <= TRACK_BUDGET_HOURS else 'over'} {TRACK_BUDGET_HOURS} h")
-             for track in study2.tracks for e in estimates[track.name]]
-    running = [t for t in study2.tracks if not study2.regime(t).none_passes]
+             for track in study2.tracks for e in estimates.get(track.name, [])]
+    running = [t for t in study2.tracks if not t.superseded and not study2.regime(t).none_passes]
     chosen = all(study2.regime(t).chosen for t in running)
     first = [estimates[t.name][0] if estimates[t.name] else None for t in running]
     together = ""
     if running and None not in first and None not in [e.train_hours for e in first]:
         total = sum(e.train_hours for e in first)
-        if len(running) == 1 and len(study2.tracks) > 1:
+        if len(running) == 1 and len([t for t in study2.tracks if not t.superseded]) > 1:
             together = fill(prose.BUDGET_ONE_TRACK, track=running[0].title, hours=hours(total),
                             verdict=fits(total, BUDGET_HOURS)) if chosen else ""
         else:
@@ -284,9 +287,10 @@ def estimate(page) -> Estimate | None:
     study2: Study2 | None = page.study2
     if study2 is None:
         return None
-    estimates = {t.name: study2.estimates(t) for t in study2.tracks}
+    costed = [t for t in study2.tracks if not t.superseded]
+    estimates = {t.name: study2.estimates(t) for t in costed}
     blocks = []
-    for track in study2.tracks:
+    for track in costed:
         tables = [fill(prose.ESTIMATE_TRACK, title=fill(prose.ESTIMATE_HEADING, size=f"{track.title} at {e.size.text}",
                                                         train=hours(e.lora.hours("train_seconds")),
                                                         eval=hours(e.lora.hours("eval_seconds")),
