@@ -75,8 +75,32 @@ class StepSeconds(NamedTuple):
     alone: float | None            # one adapter: LoRA, or ComLoRA after its early decision
 
 
+class RunFolder:
+    """What a recorded run's folder gives both studies: needs ``experiment``, ``seed``, ``path`` and ``config``."""
+
+    @property
+    def source(self) -> str:
+        return f"{self.experiment}/seed-{self.seed}"
+
+    @property
+    def window(self) -> int:
+        """Steps per window of Figure 3 (config.yaml's window, else TrainConfig's default)."""
+        return int((self.config or {}).get("window") or TrainConfig.window)
+
+    @cached_property
+    def training_steps(self) -> list[dict]:
+        """The optimizer steps of metrics.jsonl (none for the base model), read once."""
+        from comlora.plots import read_metrics
+
+        return read_metrics(self.path) if (self.path / "metrics.jsonl").is_file() else []
+
+    def base_passes_per_token(self) -> float | None:
+        """base_passes_per_token of its metrics.jsonl."""
+        return base_passes_per_token(self.training_steps)
+
+
 @dataclass
-class RecordedRun:
+class RecordedRun(RunFolder):
     """One recorded (experiment, seed): the files ``comlora study`` wrote for it."""
 
     experiment: str
@@ -100,15 +124,6 @@ class RecordedRun:
         return self.evals[names[0]]
 
     @property
-    def source(self) -> str:
-        return f"{self.experiment}/seed-{self.seed}"
-
-    @property
-    def window(self) -> int:
-        """Steps per window of Figure 3 (config.yaml's window, else TrainConfig's default)."""
-        return int((self.config or {}).get("window") or TrainConfig.window)
-
-    @property
     def max_grad_norm(self) -> float:
         """The clipping norm it trained with (config.yaml's, else TrainConfig's default)."""
         return float((self.config or {}).get("max_grad_norm", TrainConfig.max_grad_norm))
@@ -117,17 +132,6 @@ class RecordedRun:
     def habits(self) -> AnswerHabits:
         """answer_habits of its evaluation."""
         return answer_habits(self.result)
-
-    @cached_property
-    def training_steps(self) -> list[dict]:
-        """The optimizer steps of metrics.jsonl (none for the base model), read once."""
-        from comlora.plots import read_metrics
-
-        return read_metrics(self.path) if (self.path / "metrics.jsonl").is_file() else []
-
-    def base_passes_per_token(self) -> float | None:
-        """base_passes_per_token of its metrics.jsonl."""
-        return base_passes_per_token(self.training_steps)
 
     def median_step_seconds(self) -> StepSeconds:
         """The median of metrics.jsonl's step_seconds over the steps at which ComLoRA's components competed (those

@@ -15,7 +15,7 @@ from pathlib import Path
 from comlora.evaluation.results import parse_component_label
 from comlora.storage import read_json
 from comlora.study.experiments import BASE_FILE, Experiment, load_evaluations, load_experiments, train_config
-from comlora.study.records import base_passes_per_token
+from comlora.study.records import RunFolder
 from comlora.study.statistics import PairedDifference, paired_accuracy_difference, paired_nll_difference
 from comlora.training.config import TrainConfig, load_yaml
 
@@ -26,7 +26,7 @@ SUPERSEDED = "superseded"          # the tag of a given-up track's experiments (
 
 
 @dataclass
-class TrackRun:
+class TrackRun(RunFolder):
     """One recorded (experiment, seed) of a track: run.json, config.yaml, its loglik evaluation, and what Study II's
     results read besides: every component's loglik file, the generated evaluation, winner.json, metrics.jsonl."""
 
@@ -46,26 +46,6 @@ class TrackRun:
         """run.json's ``train_seconds`` or ``eval_seconds`` in hours (None: not recorded, the base model's training)."""
         seconds = self.record.get(key)
         return None if seconds is None else seconds / 3600
-
-    @property
-    def source(self) -> str:
-        return f"{self.experiment}/seed-{self.seed}"
-
-    @property
-    def window(self) -> int:
-        """Steps per window of Figure 3 (config.yaml's window, else TrainConfig's default)."""
-        return int((self.config or {}).get("window") or TrainConfig.window)
-
-    @cached_property
-    def training_steps(self) -> list[dict]:
-        """The optimizer steps of metrics.jsonl (none for the base model), read once."""
-        from comlora.plots import read_metrics
-
-        return read_metrics(self.path) if (self.path / "metrics.jsonl").is_file() else []
-
-    def base_passes_per_token(self) -> float | None:
-        """records.base_passes_per_token of its metrics.jsonl."""
-        return base_passes_per_token(self.training_steps)
 
 
 def chosen_result(folder: Path, pattern: str) -> Path:
