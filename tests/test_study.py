@@ -1,7 +1,9 @@
 """The study runner on a tiny model: records every run completely, skips what is recorded, resumes a killed run."""
 
 import json
+import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -214,6 +216,34 @@ def test_run_command_reports_its_time_while_it_runs_and_when_the_study_is_interr
     assert time.perf_counter() - started < 10 and len(calls) == 3 and calls[2] >= calls[1]   # the time so far kept
     pid = int((tmp_path / "pid").read_text())
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()  # not left behind
+
+
+def test_a_sigterm_to_the_study_ends_its_running_command_keeps_its_time_and_starts_nothing(
+        tmp_path, tiny_model_dir, commonsense_root, monkeypatch):
+    import comlora.study.experiments as runner
+
+    monkeypatch.setattr(runner, "TIMING_INTERVAL", 0.05)
+    fake_python(tmp_path, monkeypatch, f"echo $$ > {tmp_path / 'pid'}; exec sleep 30")
+    study = write_study(tmp_path / "study", tiny_model_dir, commonsense_root)
+    results, work = tmp_path / "results", tmp_path / "work"
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate_the_study_once_training_runs():
+        while not (tmp_path / "pid").exists():
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)               # as `kill <study>` or a scheduler's stop would
+    threading.Thread(target=terminate_the_study_once_training_runs, daemon=True).start()
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as ended:
+        run_study(study, work, results, only=["comlora"])  # seeds 0 and 1, one at a time
+    assert ended.value.code == 128 + signal.SIGTERM and time.perf_counter() - started < 10
+    pid = int((tmp_path / "pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()  # not left behind
+    timing = json.loads((work / "comlora" / "seed-0" / "train_seconds.json").read_text())
+    assert timing["segments"] == 1 and timing["seconds"] >= 0.3                         # its time written at the end
+    assert not (work / "comlora" / "seed-1").exists() and not results.exists()          # nothing more started
+    assert signal.getsignal(signal.SIGTERM) is before                                   # the handler is put back
 
 
 def test_a_killed_training_segment_keeps_its_time_and_the_next_adds_to_it(tmp_path, tiny_model_dir, commonsense_root,

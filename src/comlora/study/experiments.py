@@ -54,6 +54,9 @@ TIMING_INTERVAL = 30              # seconds between the runner's writes of a run
 EVAL_FLAGS = ["--greedy", "--max-new-tokens", "16", "--batch-size", "8"]
 RUN_FILES = ("config.yaml", "metrics.jsonl", "winner.json", "validation.json", "decision.json", "parameters.json")
 WORK_PLACEHOLDER = "<study-work>"
+RUNNING: set[subprocess.Popen] = set()    # the commands running now: a SIGTERM to the study does not reach them itself
+RUNNING_LOCK = threading.Lock()
+ENDING = threading.Event()                # set by a SIGTERM to the study: no command starts after it
 
 
 @dataclass
@@ -163,8 +166,12 @@ def run_command(argv: list[str], log: Path, threads: str | None = None,
     with log.open("a") as f:
         f.write(f"$ comlora {' '.join(argv)}\n")
         f.flush()
-        process = subprocess.Popen([sys.executable, "-m", "comlora", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                   env=env)
+        with RUNNING_LOCK:
+            if ENDING.is_set():
+                raise RuntimeError(f"`comlora {' '.join(argv)}` not started: the study was sent SIGTERM")
+            process = subprocess.Popen([sys.executable, "-m", "comlora", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                       env=env)
+            RUNNING.add(process)
         try:
             while True:
                 try:
@@ -174,6 +181,8 @@ def run_command(argv: list[str], log: Path, threads: str | None = None,
                     if elapsed:
                         elapsed(time.perf_counter() - started)
         finally:
+            with RUNNING_LOCK:
+                RUNNING.discard(process)
             if process.poll() is None:          # the study itself was interrupted: its command goes with it
                 process.kill()
                 process.wait()
@@ -303,11 +312,25 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
     return final
 
 
+def end_on_sigterm(stop: threading.Event) -> Callable[[int, object], None]:
+    """A SIGTERM handler ending the study as Ctrl-C does: nothing more starts, each running command gets SIGTERM
+    (so its runner writes its time and the study's threads end), and the study exits with status 128 + 15."""
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+        with RUNNING_LOCK:
+            ENDING.set()
+            for process in RUNNING:
+                process.terminate()
+        raise SystemExit(128 + signum)
+    return handler
+
+
 def run_study(folder: str | Path, work: str | Path, results: str | Path, only: list[str] | None = None,
               max_runs: int | None = None, jobs: int = 1) -> list[Path]:
     """Every (experiment, seed) not yet recorded in ``results``, by priority, then seed position, then name;
     ``jobs`` of them at a time, each with OMP_NUM_THREADS = CPUs // jobs unless the environment sets it. The
-    first failure stops the study: runs not yet started are not started, the others finish."""
+    first failure stops the study: runs not yet started are not started, the others finish. A SIGTERM stops it
+    at once (``end_on_sigterm``), leaving no command behind."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1 (runs at a time), got {jobs!r}")
     base, experiments = load_experiments(folder)
@@ -344,12 +367,19 @@ def run_study(folder: str | Path, work: str | Path, results: str | Path, only: l
         say(f"study: {exp.name} seed {seed} recorded in {recorded}")
         return recorded
 
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(one, exp, seed) for exp, seed in todo[:max_runs]]
-        try:
-            for future in as_completed(futures):
-                future.result()                  # the first failure raises; leaving the pool waits for the running runs
-        except BaseException:
-            stop.set()
-            raise
+    in_main_thread = threading.current_thread() is threading.main_thread()   # only there can it take signals
+    ENDING.clear()
+    previous = signal.signal(signal.SIGTERM, end_on_sigterm(stop)) if in_main_thread else None
+    try:
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(one, exp, seed) for exp, seed in todo[:max_runs]]
+            try:
+                for future in as_completed(futures):
+                    future.result()              # the first failure raises; leaving the pool waits for the running runs
+            except BaseException:
+                stop.set()
+                raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return [future.result() for future in futures]
