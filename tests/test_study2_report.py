@@ -252,6 +252,13 @@ def test_pilot_table_regime_and_estimate_by_hand(folders):
 def test_a_track_where_no_size_passes_leaves_the_study_to_the_other(folders):
     results = folders / "results2"
     record_pilot(results)
+    write_yaml(folders / "study2" / "commonsense" / "commonsense-lora-r8.yaml",       # a main row, one seed recorded
+               {"label": "LoRA r=8", "tables": ["table3"], "seeds": [0, 1, 2], "train": {"method": "lora", "r": 8}})
+    write_record(results, "commonsense-lora-r8", "commonsense", commonsense_result(N200_NORM, N200_ACC),
+                 train_seconds=1200)
+    text = report(folders)          # convai2: base, 3 sizes; commonsense: base, 2 sizes (800 unrecorded), the main row
+    assert "**6 of 10 planned runs recorded**" in text
+    assert "## Study II on Commonsense: results" in text and "Study II on Commonsense: not run" not in text
     write_record(results, "commonsense-pilot-lora-r8-n800", "commonsense", commonsense_result(N200_NORM, N200_ACC),
                  train_seconds=7200)
     (results / "convai2-pilot-lora-r8-n3000" / "seed-0" / "run.json").unlink()         # not recorded after all
@@ -262,6 +269,14 @@ def test_a_track_where_no_size_passes_leaves_the_study_to_the_other(folders):
     assert ("- Commonsense: **no size passes**: 200 per task (1,600 items) (1.6 paired SEs), 800 per "
             "task (6,400 items) (1.6 paired SEs). As the issue plans, this track's curve is the pilot table above, "
             "and Study II runs on the other track.") in regime
+    assert "**6 of 7 planned runs recorded**" in text                                  # the main row not counted
+    assert "## Study II on Commonsense: results" not in text
+    assert part(text, "## Study II on Commonsense: not run").strip() == (
+        "## Study II on Commonsense: not run\n\nNo pilot size passes the regime check (200 per task (1,600 items) "
+        "(1.6 paired SEs), 800 per task (6,400 items) (1.6 paired SEs); see \"Pilot: the regime chosen\" above). As "
+        "issue 26 plans, this track's result is its pilot curve, and its main rows (the experiments of "
+        f"`{folders / 'study2' / 'commonsense'}` tagged table3, decide or clipping) are not run and not counted among "
+        "the planned runs. Recorded before the pilot's verdict and left out here: `commonsense-lora-r8` seed 0.")
     assert ("- ConvAI2: the choice waits. 6,244 turns passes (41.0 paired SEs), but a cheaper size is not compared "
             "yet: not yet recorded: 3,000 turns.") in regime
     (results / "convai2-pilot-lora-r8-n1000" / "seed-0" / "run.json").unlink()

@@ -177,6 +177,23 @@ class Study2(Study2Records):
         chosen = sizes[passing] if passing is not None and not waiting else None
         return Regime(sizes, chosen, waiting)
 
+    def runs_main_rows(self, track: Track) -> bool:
+        """False when every pilot size is compared and none passes: as issue 26 plans, the track's result is then
+        its pilot curve, and its main rows are not run."""
+        return not self.regime(track).none_passes
+
+    def counted(self, track: Track) -> list[str]:
+        """The track's experiments the study counts: all, or only the pilot's where the pilot found no regime."""
+        return list(track.experiments) if self.runs_main_rows(track) else track.tagged(PILOT)
+
+    @property
+    def planned_runs(self) -> int:
+        return sum(t.planned(self.counted(t)) for t in self.tracks)
+
+    @property
+    def recorded_runs(self) -> int:
+        return sum(len(t.runs[name]) for t in self.tracks for name in self.counted(t))
+
     @cached_property
     def relative_costs(self) -> dict[str, RelativeCost]:
         """Study I's measured training time of each experiment PLANNED_ROWS names, relative to LoRA r=8's."""

@@ -578,6 +578,14 @@ $clipping
 
 $figures
 """)
+RESULTS2_NOT_RUN = block("""
+## Study II on $title: not run
+
+No pilot size passes the regime check ($sizes; see "Pilot: the regime chosen" above). As issue 26 plans, this
+    track's result is its pilot curve, and its main rows (the experiments of `$folder` tagged $main_table, decide or
+    clipping) are not run and not counted among the planned runs.$recorded
+""")
+NOT_RUN_RECORDED = block(" Recorded before the pilot's verdict and left out here: $runs.")
 RESULTS2_GENERATION = block("""
 , and its winner generates replies for the paper's metrics on $turns (evaluation `$evaluation`)
 """)

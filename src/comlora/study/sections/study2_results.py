@@ -26,7 +26,8 @@ from comlora.study.results2 import (
     TrackResults,
 )
 from comlora.study.statistics import ALPHA, BOOTSTRAP_SEED, RESAMPLES
-from comlora.study.tracks import COMMONSENSE, CONVAI2, Track, flag_value
+from comlora.study.sections.study2 import size_ses, sizes_list
+from comlora.study.tracks import COMMONSENSE, CONVAI2, PILOT, Track, flag_value
 
 
 @dataclass
@@ -300,11 +301,30 @@ def in_short(track: Track, results: TrackResults, names: dict[str, str]) -> str:
 
 # ---- the section --------------------------------------------------------------------------------------------------
 
-def track_section(page, task: str) -> TrackResultsSection | None:
+@dataclass
+class TrackNotRunSection:
+    """A track whose pilot found no regime: its result is the pilot's curve, and its main rows are not run."""
+
+    title: str
+    folder: str
+    main_table: str
+    sizes: str
+    recorded: str
+    template: ClassVar[Template] = prose.RESULTS2_NOT_RUN
+
+
+def track_section(page, task: str) -> TrackResultsSection | TrackNotRunSection | None:
     study2 = page.study2
-    track = next((t for t in study2.tracks if t.task == task), None) if study2 is not None else None
+    track = next((t for t in study2.tracks if t.task == task and not t.superseded), None) if study2 is not None else None
     if track is None:
         return None
+    if not study2.runs_main_rows(track):
+        main = [n for n in track.experiments if n not in track.tagged(PILOT)]
+        recorded = [f"`{n}` seed{'s' if len(track.runs[n]) > 1 else ''} {', '.join(map(str, sorted(track.runs[n])))}"
+                    for n in main if track.runs[n]]
+        return TrackNotRunSection(title=track.title, folder=str(track.folder), main_table=MAIN_TABLE[task],
+                                  sizes=sizes_list([size_ses(s) for s in study2.regime(track).sizes]),
+                                  recorded=fill(prose.NOT_RUN_RECORDED, runs="; ".join(recorded)) if recorded else "")
     results = study2.track_results(track)
     names = claim_names(track, results)
     missing = track.missing(results.names)
