@@ -246,6 +246,44 @@ def test_a_sigterm_to_the_study_ends_its_running_command_keeps_its_time_and_star
     assert signal.getsignal(signal.SIGTERM) is before                                   # the handler is put back
 
 
+def test_studies_side_by_side_skip_the_runs_another_claimed_or_recorded(tmp_path, tiny_model_dir, commonsense_root,
+                                                                        monkeypatch, capsys):
+    import fcntl
+
+    import comlora.study.experiments as runner
+
+    study = write_study(tmp_path / "study", tiny_model_dir, commonsense_root)
+    results, work = tmp_path / "results", tmp_path / "work"
+    ran = []
+
+    def record(name, seed):
+        (results / name / f"seed-{seed}").mkdir(parents=True)
+        (results / name / f"seed-{seed}" / "run.json").write_text("{}")
+        return results / name / f"seed-{seed}"
+
+    def run_one(base, exp, seed, work_root, results, threads=None, evaluations=None):
+        ran.append((exp.name, seed, (work_root / exp.name / f"seed-{seed}" / ".study-lock").read_text()))
+        return record(exp.name, seed)
+    monkeypatch.setattr(runner, "run_one", run_one)
+    claim = work / "comlora" / "seed-0"
+    claim.mkdir(parents=True)
+    with (claim / ".study-lock").open("a+") as other:           # another study is running comlora seed 0
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_study(study, work, results, only=["comlora"]) == [None, results / "comlora" / "seed-1"]
+    assert ran == [("comlora", 1, f"{os.getpid()}\n")]                    # the claim names the study that holds it
+    assert "comlora seed 0 skipped: another study is running it" in capsys.readouterr().out
+
+    def run_one_while_another_records_seed_1(base, exp, seed, work_root, results, threads=None, evaluations=None):
+        ran.append((exp.name, seed))
+        record("comlora", 1)                                    # the other study finishes seed 1 meanwhile
+        return record(exp.name, seed)
+    monkeypatch.setattr(runner, "run_one", run_one_while_another_records_seed_1)
+    (results / "comlora").rename(tmp_path / "set-aside")        # neither seed recorded when the study starts
+    ran.clear()
+    assert run_study(study, work, results, only=["comlora"]) == [results / "comlora" / "seed-0", None]
+    assert ran == [("comlora", 0)] and "comlora seed 1 skipped: another study recorded it" in capsys.readouterr().out
+
+
 def test_a_killed_training_segment_keeps_its_time_and_the_next_adds_to_it(tmp_path, tiny_model_dir, commonsense_root,
                                                                          monkeypatch):
     import comlora.study.experiments as runner

@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Folder of experiment YAML files (and base.yaml).")
     p.add_argument("--results", default="experiments/results/study", help="Where each finished run is recorded.")
     p.add_argument("--work", default="runs/study",
-                   help="Working run directories (checkpoints; a killed study resumes).")
+                   help="Working run directories (checkpoints; a killed study resumes). Studies started side by "
+                   "side on the same folders share the work: each skips the runs another is running.")
     p.add_argument("--only", help="Comma-separated experiment names (file stems) to run.")
     p.add_argument("--max-runs", type=int, help="Stop after this many runs.")
     p.add_argument("--jobs", type=int, default=1,

@@ -28,6 +28,7 @@ so a record names no local path.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -37,8 +38,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,6 +314,23 @@ def run_one(base: dict, exp: Experiment, seed: int, work_root: Path, results: Pa
     return final
 
 
+@contextmanager
+def claimed(work: Path) -> Iterator[bool]:
+    """An exclusive claim on a run's work folder while this process runs it (an flock on ``.study-lock``, which the
+    kernel drops when the process ends, killed or not): True, or False when another study holds it."""
+    work.mkdir(parents=True, exist_ok=True)
+    with (work / ".study-lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield True
+
+
 def end_on_sigterm(stop: threading.Event) -> Callable[[int, object], None]:
     """A SIGTERM handler ending the study as Ctrl-C does: nothing more starts, each running command gets SIGTERM
     (so its runner writes its time and the study's threads end), and the study exits with status 128 + 15."""
@@ -330,7 +349,8 @@ def run_study(folder: str | Path, work: str | Path, results: str | Path, only: l
     """Every (experiment, seed) not yet recorded in ``results``, by priority, then seed position, then name;
     ``jobs`` of them at a time, each with OMP_NUM_THREADS = CPUs // jobs unless the environment sets it. The
     first failure stops the study: runs not yet started are not started, the others finish. A SIGTERM stops it
-    at once (``end_on_sigterm``), leaving no command behind."""
+    at once (``end_on_sigterm``), leaving no command behind. Studies started side by side on the same folders share
+    the work: each skips the runs another has claimed (``claimed``) or recorded (None in the returned list)."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1 (runs at a time), got {jobs!r}")
     base, experiments = load_experiments(folder)
@@ -358,12 +378,17 @@ def run_study(folder: str | Path, work: str | Path, results: str | Path, only: l
     def one(exp: Experiment, seed: int) -> Path | None:
         if stop.is_set():
             return None
-        say(f"study: {exp.name} seed {seed} ({exp.label}) started {time.strftime('%H:%M:%S')}")
-        try:
-            recorded = run_one(base, exp, seed, work, results, threads, evaluations)
-        except BaseException:
-            stop.set()
-            raise
+        with claimed(work / exp.name / f"seed-{seed}") as mine:
+            if not mine or (results / exp.name / f"seed-{seed}" / "run.json").is_file():
+                say(f"study: {exp.name} seed {seed} skipped: "
+                    f"{'another study is running it' if not mine else 'another study recorded it'}")
+                return None
+            say(f"study: {exp.name} seed {seed} ({exp.label}) started {time.strftime('%H:%M:%S')}")
+            try:
+                recorded = run_one(base, exp, seed, work, results, threads, evaluations)
+            except BaseException:
+                stop.set()
+                raise
         say(f"study: {exp.name} seed {seed} recorded in {recorded}")
         return recorded
 
