@@ -269,7 +269,9 @@ def test_a_track_where_no_size_passes_leaves_the_study_to_the_other(folders):
     assert ("- Commonsense: **no size passes**: 200 per task (1,600 items) (1.6 paired SEs), 800 per "
             "task (6,400 items) (1.6 paired SEs). As the issue plans, this track's curve is the pilot table above, "
             "and Study II runs on the other track.") in regime
-    assert "**6 of 7 planned runs recorded**" in text                                  # the main row not counted
+    assert ("**6 of 7 planned runs recorded** (7 experiments in "                      # the main row not counted
+            f"`{folders / 'study2'}`, times their seeds; left out, the main rows of a track whose pilot found no "
+            "regime: 1 of Commonsense).") in text
     assert "## Study II on Commonsense: results" not in text
     assert part(text, "## Study II on Commonsense: not run").strip() == (
         "## Study II on Commonsense: not run\n\nNo pilot size passes the regime check (200 per task (1,600 items) "

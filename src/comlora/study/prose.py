@@ -415,11 +415,12 @@ $unplanned
 """)
 STUDY2_RECORDED = block("""
 **$recorded of $planned planned runs recorded** ($experiments experiments in `$experiments_dir`, times their
-    seeds).
+    seeds$left_out).
 """)
+LEFT_OUT = block("; left out, the main rows of a track whose pilot found no regime: $experiments")
 STUDY2_NOTHING = block("""
 **Nothing of Study II is recorded yet**: $planned runs are planned ($experiments experiments in `$experiments_dir`,
-    times their seeds), the pilot first.
+    times their seeds$left_out), the pilot first.
 """)
 CONVAI2_ONLY = block("$row (ConvAI2 only)")
 BASE_SCORED_ONCE = "the base model (scored once: nothing is trained)"

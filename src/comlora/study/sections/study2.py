@@ -63,8 +63,11 @@ def header(page) -> Study2Header | None:
         return None
     rows = [prose.BASE_SCORED_ONCE if row.study1 is None else row.label if len(row.tasks) > 1
             else fill(prose.CONVAI2_ONLY, row=row.label) for row in PLANNED_ROWS]
+    left_out = [f"{len(t.experiments) - len(study2.counted(t))} of {t.title}" for t in study2.tracks
+                if len(study2.counted(t)) < len(t.experiments)]
     counts = dict(recorded=study2.recorded_runs, planned=study2.planned_runs, experiments_dir=study2.experiments_dir,
-                  experiments=sum(len(t.experiments) for t in study2.tracks))
+                  experiments=sum(len(study2.counted(t)) for t in study2.tracks),
+                  left_out=fill(prose.LEFT_OUT, experiments=", ".join(left_out)) if left_out else "")
     recorded = fill(prose.STUDY2_RECORDED if study2.recorded_runs else prose.STUDY2_NOTHING, **counts)
     return Study2Header(results=str(study2.results), experiments_dir=str(study2.experiments_dir),
                         tracks=", ".join(t.name for t in study2.tracks), threshold=REGIME_STANDARD_ERRORS, seeds=SEEDS,
