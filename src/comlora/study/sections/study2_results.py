@@ -25,8 +25,8 @@ from comlora.study.results2 import (
     ResultRow,
     TrackResults,
 )
-from comlora.study.statistics import ALPHA, BOOTSTRAP_SEED, RESAMPLES
 from comlora.study.sections.study2 import size_ses, sizes_list
+from comlora.study.statistics import ALPHA, BOOTSTRAP_SEED, RESAMPLES
 from comlora.study.tracks import COMMONSENSE, CONVAI2, PILOT, Track, flag_value
 
 
@@ -315,7 +315,8 @@ class TrackNotRunSection:
 
 def track_section(page, task: str) -> TrackResultsSection | TrackNotRunSection | None:
     study2 = page.study2
-    track = next((t for t in study2.tracks if t.task == task and not t.superseded), None) if study2 is not None else None
+    tracks = study2.tracks if study2 is not None else []
+    track = next((t for t in tracks if t.task == task and not t.superseded), None)
     if track is None:
         return None
     if not study2.runs_main_rows(track):
