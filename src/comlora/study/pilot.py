@@ -188,6 +188,7 @@ class Study2(Study2Records):
 
     @property
     def planned_runs(self) -> int:
+        """The runs of the counted experiments, times their seeds."""
         return sum(t.planned(self.counted(t)) for t in self.tracks)
 
     @property

@@ -271,11 +271,3 @@ class Study2Records:
         planned = {f"{n}/seed-{s}" for t in self.tracks for n, e in t.experiments.items() for s in e.seeds}
         recorded = sorted(self.results.glob("*/seed-*/run.json")) if self.results.is_dir() else []
         self.unplanned = [name for f in recorded if (name := f"{f.parent.parent.name}/{f.parent.name}") not in planned]
-
-    @property
-    def recorded_runs(self) -> int:
-        return sum(len(seeds) for t in self.tracks for seeds in t.runs.values())
-
-    @property
-    def planned_runs(self) -> int:
-        return sum(t.planned(list(t.experiments)) for t in self.tracks)

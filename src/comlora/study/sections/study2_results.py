@@ -320,7 +320,8 @@ def track_section(page, task: str) -> TrackResultsSection | TrackNotRunSection |
     if track is None:
         return None
     if not study2.runs_main_rows(track):
-        main = [n for n in track.experiments if n not in track.tagged(PILOT)]
+        pilot = track.tagged(PILOT)
+        main = [n for n in track.experiments if n not in pilot]
         recorded = [f"`{n}` seed{'s' if len(track.runs[n]) > 1 else ''} {', '.join(map(str, sorted(track.runs[n])))}"
                     for n in main if track.runs[n]]
         return TrackNotRunSection(title=track.title, folder=str(track.folder), main_table=MAIN_TABLE[task],
