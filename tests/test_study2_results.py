@@ -40,6 +40,9 @@ COMPONENTS = {
     ("convai2-comlora-k2-r8-joint", 1): (0, {1: [9, 10, 7, 6]}),
     ("convai2-comlora-k2-r8-joint", 2): (0, {1: [8, 11, 7, 5]}),
 }
+# winner.json's winner_by_loss (the lowest validation loss) where a run records one: best in seed 1 (component 1), not
+# in seed 0 (0, where 1 is best) nor in (4, 4) seed 0 (3, where 2 is best); (2, 8) seed 2 records none
+LOWEST_LOSS = {("convai2-comlora-k2-r8", 0): 0, ("convai2-comlora-k2-r8", 1): 1, ("convai2-comlora-k4-r4", 0): 3}
 BLEU = {"convai2-comlora-k2-r8": [3.0, 4.0, 5.0], "convai2-lora-r8": [1.0, 2.0, 3.0],
         "convai2-lora-r16": [4.0, 3.0, 6.0]}              # the other metrics: BLEU + 10, 20, 30, 40 (average)
 OFFSETS = {"bleu": 0, "meteor": 10, "rouge_l": 20, "bertscore_f1": 30, "average": 40}
@@ -95,9 +98,10 @@ def write_tracks(folder):
                                                              "components": "all" if "comlora" in name else "winner"})
 
 
-def write_run(results, experiment, seed, task, loglik, generated=None, winner=None, steps=None, train_seconds=None):
+def write_run(results, experiment, seed, task, loglik, generated=None, winner=None, steps=None, train_seconds=None,
+              lowest_loss=None):
     """A recorded run: ``loglik`` {file label: result}, ``generated`` (file label, result), winner.json,
-    metrics.jsonl and config.yaml (a trained run)."""
+    metrics.jsonl and config.yaml (a trained run); ``lowest_loss``: winner.json's winner_by_loss, if recorded."""
     folder = results / experiment / f"seed-{seed}"
     (folder / "eval" / "loglik").mkdir(parents=True)
     for label, result in loglik.items():
@@ -106,7 +110,8 @@ def write_run(results, experiment, seed, task, loglik, generated=None, winner=No
         (folder / "eval" / "generate").mkdir()
         (folder / "eval" / "generate" / f"{task}-{generated[0]}-limit3.json").write_text(json.dumps(generated[1]))
     if winner is not None:
-        (folder / "winner.json").write_text(json.dumps({"winner": winner, "winner_by_similarity": winner}))
+        by_loss = {} if lowest_loss is None else {"winner_by_loss": lowest_loss}
+        (folder / "winner.json").write_text(json.dumps({"winner": winner, "winner_by_similarity": winner, **by_loss}))
     if steps is not None:
         (folder / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     if train_seconds is not None:
@@ -148,7 +153,8 @@ def record_convai2(results, only=None):
             label = "run" if winner is None else f"run-component{winner}-winner"
             generated = (label, generated_result(BLEU[name][seed])) if name in BLEU else None
             write_run(results, name, seed, "convai2", loglik, generated, winner,
-                      training_steps(name) if trained else None, TRAIN_SECONDS[seed] if trained else None)
+                      training_steps(name) if trained else None, TRAIN_SECONDS[seed] if trained else None,
+                      LOWEST_LOSS.get((name, seed)))
 
 
 @pytest.fixture
@@ -255,11 +261,16 @@ def test_convai2_table10_figure2_and_clipping(tmp):
     assert ("in 3 of 4; a component picked at random is best with probability |best| / K in each run (0.50, 0.50, "
             f"0.50, 0.25), so P(at least 3 of 4 by chance) = {7 / 32:.4f}: **not distinguishable at this scale**"
             in section)
+    assert ("the component with the lowest loss on the validation items the selector picks on was the best in 1 of "
+            "the 3 runs that record it." in " ".join(section.split()))
     table10 = rows(section, "| run | test NLL per token per component")
-    assert table10["`convai2-comlora-k2-r8/seed-1`"][1:5] == [f"0: {24 / 14:.4f}, 1: {23 / 14:.4f}", "0", "1", "1"]
-    assert table10["`convai2-comlora-k2-r8/seed-1`"][5].startswith(f"{-1 / 14:.4f} [")
-    assert table10["`convai2-comlora-k2-r8/seed-0`"][5].startswith(f"+{2 / 14:.4f} [")
-    assert table10["`convai2-comlora-k4-r4/seed-0`"][2:5] == ["2", "2", "0"]
+    assert table10["`convai2-comlora-k2-r8/seed-1`"][1:6] == [f"0: {24 / 14:.4f}, 1: {23 / 14:.4f}", "0", "1", "1",
+                                                              "1"]
+    assert table10["`convai2-comlora-k2-r8/seed-1`"][6].startswith(f"{-1 / 14:.4f} [")
+    assert table10["`convai2-comlora-k2-r8/seed-0`"][3] == "0"
+    assert table10["`convai2-comlora-k2-r8/seed-0`"][6].startswith(f"+{2 / 14:.4f} [")
+    assert table10["`convai2-comlora-k2-r8/seed-2`"][3] == "–"        # no winner_by_loss recorded
+    assert table10["`convai2-comlora-k4-r4/seed-0`"][2:6] == ["2", "3", "2", "0"]
     assert "`convai2-comlora-k2-r8-joint/seed-0`" not in table10          # not tagged table10
 
     figure2 = rows(section, "| ComLoRA | LoRA | seeds | steps with every component lower", key=0)
@@ -377,7 +388,8 @@ def test_commonsense_row_comparison_and_table10_by_hand(tmp):
     # Table 10: seed 0's winner (66.7) beats component 1 (33.3); seed 1's components tie (83.3): both best, chance 1
     assert ("in 2 of 2; a component picked at random is best with probability |best| / K in each run (0.50, 1.00), "
             "so P(at least 2 of 2 by chance) = 0.5000: **not distinguishable at this scale**") in section
+    assert "For comparison, the component with the lowest loss" not in section     # no run records winner_by_loss
     table10 = rows(section, "| run | acc_norm per component")
-    assert table10["`commonsense-comlora-k2-r8/seed-1`"][1:5] == ["0: 83.3, 1: 83.3", "1", "0, 1", "0"]
-    assert table10["`commonsense-comlora-k2-r8/seed-1`"][5].startswith("+0.0 [+0.0, +0.0]")
-    assert table10["`commonsense-comlora-k2-r8/seed-0`"][5].startswith(f"+{100 / 3:.1f} [")
+    assert table10["`commonsense-comlora-k2-r8/seed-1`"][1:6] == ["0: 83.3, 1: 83.3", "1", "–", "0, 1", "0"]
+    assert table10["`commonsense-comlora-k2-r8/seed-1`"][6].startswith("+0.0 [+0.0, +0.0]")
+    assert table10["`commonsense-comlora-k2-r8/seed-0`"][6].startswith(f"+{100 / 3:.1f} [")

@@ -654,10 +654,15 @@ $table
 TABLE10_2 = block("""
 $claim, over the $runs runs of the experiments tagged table10 with every component scored: the winner was the best
     (or tied best) component by $metric in $best of $runs; a component picked at random is best with
-    probability |best| / K in each run ($chances), so P(at least $best of $runs by chance) = $p: **$verdict**. Each
-    winner against the best other component of its run, paired on the test items (Δ > 0: the winner better):
+    probability |best| / K in each run ($chances), so P(at least $best of $runs by chance) = $p:
+    **$verdict**.$lowest_loss Each winner against the best other component of its run, paired on the test items (Δ > 0:
+    the winner better):
 
 $table
+""")
+TABLE10_LOWEST_LOSS2 = block("""
+For comparison, the component with the lowest loss on the validation items the selector picks on was the best in
+    $best of the $runs runs that record it.
 """)
 TABLE10_2_NOT_MEASURED = block("""
 $claim: not measured yet (no run of an experiment tagged table10 with its components scored is recorded).

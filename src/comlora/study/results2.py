@@ -189,6 +189,11 @@ class ComponentScores:
         return self.winner in self.best
 
     @property
+    def lowest_loss(self) -> int | None:
+        """The component with the lowest validation loss (winner.json's winner_by_loss; None where not recorded)."""
+        return self.run.winner.get("winner_by_loss")
+
+    @property
     def chance(self) -> float:
         """The probability that a component picked at random is (tied) best: |best| / K."""
         return len(self.best) / len(self.scores)
@@ -200,6 +205,7 @@ class Table10:
 
     checks: list[ComponentScores]
     winners_best: int
+    lowest_loss_best: int          # runs whose lowest-validation-loss component was a best one
     p: float                       # P(at least winners_best by chance), each run's chance |best| / K
     verdict: str
 
@@ -347,7 +353,7 @@ class TrackResults:
             return None
         k = sum(c.winner_is_best for c in checks)
         p = at_least_k_successes(k, [c.chance for c in checks])
-        return Table10(checks, k, p, chance_verdict(p))
+        return Table10(checks, k, sum(c.lowest_loss in c.best for c in checks), p, chance_verdict(p))
 
     def components(self, run: TrackRun) -> ComponentScores:
         """Each component's test metric, the best, and the winner against the best other component."""

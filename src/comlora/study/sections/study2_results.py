@@ -196,14 +196,19 @@ def table10_text(track: Track, results: TrackResults) -> str:
     def row(c: ComponentScores) -> list[str]:
         g = c.against_best_other
         return [f"`{c.run.source}`", ", ".join(f"{k}: {text.value(v)}" for k, v in c.scores.items()), str(c.winner),
-                ", ".join(map(str, c.best)), "–" if c.best_other is None else str(c.best_other),
+                "–" if c.lowest_loss is None else str(c.lowest_loss), ", ".join(map(str, c.best)),
+                "–" if c.best_other is None else str(c.best_other),
                 "–" if g is None else f"{text.interval(g)}, p {p_text(g.p)}"]
 
-    table = markdown.table(["run", f"{text.metric} per component", "winner", "best", "best other",
-                            "winner − best other [95% CI], p"], [row(c) for c in outcome.checks])
+    loss_runs = sum(c.lowest_loss is not None for c in outcome.checks)
+    lowest_loss = (" " + fill(prose.TABLE10_LOWEST_LOSS2, best=outcome.lowest_loss_best, runs=loss_runs)
+                   if loss_runs else "")
+    table = markdown.table(["run", f"{text.metric} per component", "winner", "lowest validation loss", "best",
+                            "best other", "winner − best other [95% CI], p"], [row(c) for c in outcome.checks])
     return fill(prose.TABLE10_2, claim=prose.TABLE10_NAMED2, runs=len(outcome.checks), metric=text.metric,
-                best=outcome.winners_best, chances=", ".join(f"{c.chance:.2f}" for c in outcome.checks),
-                p=p_text(outcome.p), verdict=outcome.verdict, table=table)
+                best=outcome.winners_best, lowest_loss=lowest_loss,
+                chances=", ".join(f"{c.chance:.2f}" for c in outcome.checks), p=p_text(outcome.p),
+                verdict=outcome.verdict, table=table)
 
 
 def costs_text(results: TrackResults) -> str:
