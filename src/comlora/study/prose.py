@@ -635,6 +635,7 @@ CLAIM_CLIPPING_LOSS = block("Clipping: $joint's components train to a higher los
 TABLE10_NAMED2 = "Table 10: the selector's winner is the best component on the test metric"
 CLAIM_LINE = block("- $claim: **$verdict**$detail")
 NOT_MEASURED_DETAIL = block(" (missing: $missing)")
+PROVISIONAL_DETAIL = block("; provisional, on the seeds recorded so far (missing: $missing)")
 ORDER_DETAIL = block("; the order by mean $metric over the recorded seeds: $order")
 PASSES_DETAIL = block("; base-model passes per training token $a against $b")
 DECIDE_NOTE = unwrap("""

@@ -147,12 +147,13 @@ def generated_summary(pairs: list[Pair]) -> tuple[int, int, int]:
 
 
 def claim_detail(track: Track, results: TrackResults, key: str, pairs: list[Pair]) -> str:
-    """What a claim's line adds to its verdict: the missing runs, the observed order, the costs, the generated
-    metrics."""
+    """What a claim's line adds to its verdict: the missing runs (which make a measured verdict provisional), the
+    observed order, the costs, the generated metrics."""
     detail = ""
-    if any(p.comparison is None for p in pairs):
-        missing = [m for p in pairs for m in p.missing]
-        detail += fill(prose.NOT_MEASURED_DETAIL, missing="; ".join(dict.fromkeys(missing)))
+    missing = "; ".join(dict.fromkeys(m for p in pairs for m in p.missing))
+    if missing:
+        measured = all(p.comparison is not None for p in pairs)
+        detail += fill(prose.PROVISIONAL_DETAIL if measured else prose.NOT_MEASURED_DETAIL, missing=missing)
     if key == "main" and track.task == CONVAI2 and any(p.generated for p in pairs):
         higher, compared, every = generated_summary(pairs)
         detail += fill(prose.GENERATED_DETAIL, main=results.label("main"), higher=higher, pairs=compared, every=every)
