@@ -636,6 +636,7 @@ TABLE10_NAMED2 = "Table 10: the selector's winner is the best component on the t
 CLAIM_LINE = block("- $claim: **$verdict**$detail")
 NOT_MEASURED_DETAIL = block(" (missing: $missing)")
 PROVISIONAL_DETAIL = block("; provisional, on the seeds recorded so far (missing: $missing)")
+SEEDS_DISAGREE_DETAIL = block("; the seeds disagree in sign, Δ per seed: $pairs")
 ORDER_DETAIL = block("; the order by mean $metric over the recorded seeds: $order")
 PASSES_DETAIL = block("; base-model passes per training token $a against $b")
 DECIDE_NOTE = unwrap("""

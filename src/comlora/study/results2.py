@@ -111,6 +111,11 @@ class Comparison:
     def verdict(self) -> str:
         return verdict(self.paired.difference, self.p)
 
+    @property
+    def seeds_disagree(self) -> bool:
+        """Some common seed has A better and another B better: the item bootstrap does not cover that variation."""
+        return any(d > 0 for d in self.per_seed) and any(d < 0 for d in self.per_seed)
+
 
 @dataclass
 class GeneratedComparison:

@@ -148,12 +148,18 @@ def generated_summary(pairs: list[Pair]) -> tuple[int, int, int]:
 
 def claim_detail(track: Track, results: TrackResults, key: str, pairs: list[Pair]) -> str:
     """What a claim's line adds to its verdict: the missing runs (which make a measured verdict provisional), the
-    observed order, the costs, the generated metrics."""
+    comparisons whose seeds disagree in sign, the observed order, the costs, the generated metrics."""
     detail = ""
     missing = "; ".join(dict.fromkeys(m for p in pairs for m in p.missing))
     if missing:
         measured = all(p.comparison is not None for p in pairs)
         detail += fill(prose.PROVISIONAL_DETAIL if measured else prose.NOT_MEASURED_DETAIL, missing=missing)
+    split = [p for p in pairs if p.comparison is not None and p.comparison.seeds_disagree]
+    if split:
+        digits = Text(track).digits
+        detail += fill(prose.SEEDS_DISAGREE_DETAIL, pairs="; ".join(
+            f"{results.label(p.a)} against {results.label(p.b)} {per_seed_text(p.comparison.per_seed, digits)}"
+            for p in split))
     if key == "main" and track.task == CONVAI2 and any(p.generated for p in pairs):
         higher, compared, every = generated_summary(pairs)
         detail += fill(prose.GENERATED_DETAIL, main=results.label("main"), higher=higher, pairs=compared, every=every)
