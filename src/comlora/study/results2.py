@@ -210,9 +210,18 @@ class Table10:
 
     checks: list[ComponentScores]
     winners_best: int
-    lowest_loss_best: int          # runs whose lowest-validation-loss component was a best one
     p: float                       # P(at least winners_best by chance), each run's chance |best| / K
     verdict: str
+
+    @property
+    def lowest_loss_runs(self) -> int:
+        """The runs whose winner.json records the lowest-validation-loss component."""
+        return sum(c.lowest_loss is not None for c in self.checks)
+
+    @property
+    def lowest_loss_best(self) -> int:
+        """The runs whose lowest-validation-loss component was a best one."""
+        return sum(c.lowest_loss in c.best for c in self.checks)
 
 
 class TrackResults:
@@ -358,7 +367,7 @@ class TrackResults:
             return None
         k = sum(c.winner_is_best for c in checks)
         p = at_least_k_successes(k, [c.chance for c in checks])
-        return Table10(checks, k, sum(c.lowest_loss in c.best for c in checks), p, chance_verdict(p))
+        return Table10(checks, k, p, chance_verdict(p))
 
     def components(self, run: TrackRun) -> ComponentScores:
         """Each component's test metric, the best, and the winner against the best other component."""

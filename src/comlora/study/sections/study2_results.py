@@ -207,9 +207,8 @@ def table10_text(track: Track, results: TrackResults) -> str:
                 "–" if c.best_other is None else str(c.best_other),
                 "–" if g is None else f"{text.interval(g)}, p {p_text(g.p)}"]
 
-    loss_runs = sum(c.lowest_loss is not None for c in outcome.checks)
-    lowest_loss = (" " + fill(prose.TABLE10_LOWEST_LOSS2, best=outcome.lowest_loss_best, runs=loss_runs)
-                   if loss_runs else "")
+    lowest_loss = (" " + fill(prose.TABLE10_LOWEST_LOSS2, best=outcome.lowest_loss_best,
+                              runs=outcome.lowest_loss_runs) if outcome.lowest_loss_runs else "")
     table = markdown.table(["run", f"{text.metric} per component", "winner", "lowest validation loss", "best",
                             "best other", "winner − best other [95% CI], p"], [row(c) for c in outcome.checks])
     return fill(prose.TABLE10_2, claim=prose.TABLE10_NAMED2, runs=len(outcome.checks), metric=text.metric,
